@@ -1,0 +1,193 @@
+"""Slice step of the flow: a pruning plan and its exact application to a model.
+
+A plan is, per decoder layer, the KEPT head indices, kv-head indices (GQA only) and MLP channel
+indices, in the original model's numbering. It is serialised as ``plan.json``:
+
+    {"arch": "llama", "head_mode": "q-head", "allow_empty": false,
+     "layers": [{"heads": [...], "kv_heads": [...], "channels": [...]}, ...]}
+
+Applying it slices weights and biases physically (`index_select` on rows/columns, see
+`architectures.py` for which) and updates every per-layer attribute the forward pass reads, so
+layers may end with different sizes. A layer left with zero heads or channels is rejected unless
+``allow_empty`` is set; then that sub-block is dropped (it outputs its out-projection bias).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from minillm.architectures import adapter_for
+from minillm.errors import UserError
+
+
+@dataclass
+class LayerPlan:
+    heads: list[int]
+    channels: list[int]
+    kv_heads: list[int] | None = None
+
+
+@dataclass
+class Plan:
+    arch: str
+    layers: list[LayerPlan]
+    head_mode: str = "q-head"
+    allow_empty: bool = False
+    meta: dict = field(default_factory=dict)
+
+    # ---- serialisation
+    def to_json(self) -> dict:
+        out = {"arch": self.arch, "head_mode": self.head_mode, "allow_empty": self.allow_empty, "layers": []}
+        for lp in self.layers:
+            entry = {"heads": list(map(int, lp.heads))}
+            if lp.kv_heads is not None:
+                entry["kv_heads"] = list(map(int, lp.kv_heads))
+            entry["channels"] = list(map(int, lp.channels))
+            out["layers"].append(entry)
+        if self.meta:
+            out["meta"] = self.meta
+        return out
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Plan":
+        layers = [LayerPlan(heads=l["heads"], channels=l["channels"], kv_heads=l.get("kv_heads")) for l in data["layers"]]
+        return cls(arch=data["arch"], layers=layers, head_mode=data.get("head_mode", "q-head"),
+                   allow_empty=data.get("allow_empty", False), meta=data.get("meta", {}))
+
+    @classmethod
+    def load(cls, path: Path) -> "Plan":
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def full_plan(model) -> Plan:
+    """The identity plan: every head, kv head and channel kept."""
+    adapter = adapter_for(model)
+    gqa = _is_gqa(model)
+    layers = []
+    for layer in adapter.layers(model):
+        layers.append(LayerPlan(
+            heads=list(range(adapter.num_heads(layer))),
+            channels=list(range(adapter.num_channels(layer))),
+            kv_heads=list(range(adapter.num_kv_heads(layer))) if gqa else None,
+        ))
+    return Plan(arch=model.config.model_type, layers=layers)
+
+
+def _is_gqa(model) -> bool:
+    adapter = adapter_for(model)
+    layer = adapter.layers(model)[0]
+    return adapter.num_kv_heads(layer) != adapter.num_heads(layer)
+
+
+# --------------------------------------------------------------------------- validation
+def validate(plan: Plan, model) -> None:
+    """Reject plans that do not fit this (unsliced) model or would leave an empty sub-block."""
+    adapter = adapter_for(model)
+    layers = adapter.layers(model)
+    if plan.arch != model.config.model_type:
+        raise UserError(f"plan is for architecture {plan.arch!r}, model is {model.config.model_type!r}")
+    if len(plan.layers) != len(layers):
+        raise UserError(f"plan has {len(plan.layers)} layers, model has {len(layers)}")
+    for i, (lp, layer) in enumerate(zip(plan.layers, layers)):
+        nq, nkv, nch = adapter.num_heads(layer), adapter.num_kv_heads(layer), adapter.num_channels(layer)
+        _check_indices(lp.heads, nq, f"layer {i} heads")
+        _check_indices(lp.channels, nch, f"layer {i} channels")
+        if not plan.allow_empty and (not lp.heads or not lp.channels):
+            what = "heads" if not lp.heads else "channels"
+            raise UserError(f"plan leaves layer {i} with zero {what}; pass allow_empty to drop that sub-block")
+        if nkv != nq:
+            kv = lp.kv_heads if lp.kv_heads is not None else list(range(nkv))
+            _check_indices(kv, nkv, f"layer {i} kv_heads")
+            per = nq // nkv
+            if lp.heads:
+                counts = {j: 0 for j in kv}
+                for h in lp.heads:
+                    if h // per not in counts:
+                        raise UserError(f"layer {i}: q head {h} kept but its kv head {h // per} removed")
+                    counts[h // per] += 1
+                if len(set(counts.values())) != 1:
+                    raise UserError(f"layer {i}: kept kv heads must keep equal numbers of q heads, got {counts}")
+
+
+def _check_indices(idx, n, what):
+    if len(set(idx)) != len(idx) or any(not 0 <= int(j) < n for j in idx) or list(idx) != sorted(idx):
+        raise UserError(f"{what}: expected sorted unique indices in [0, {n}), got {list(idx)[:8]}...")
+
+
+# --------------------------------------------------------------------------- application
+def _expand(groups, width) -> torch.Tensor:
+    """Group indices -> row/column indices, group g owning [g*width, (g+1)*width)."""
+    g = torch.as_tensor(list(groups), dtype=torch.long)
+    return (g[:, None] * width + torch.arange(width)).reshape(-1)
+
+
+def slice_linear(linear: nn.Linear, dim: int, index: torch.Tensor) -> None:
+    """Keep only rows (dim 0; bias too) or columns (dim 1) `index` of `linear`, in place."""
+    with torch.no_grad():
+        weight = linear.weight.index_select(dim, index.to(linear.weight.device)).clone()
+        linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+        if dim == 0 and linear.bias is not None:
+            linear.bias = nn.Parameter(linear.bias.index_select(0, index.to(linear.bias.device)).clone(),
+                                       requires_grad=linear.bias.requires_grad)
+    if dim == 0:
+        linear.out_features = len(index)
+    else:
+        linear.in_features = len(index)
+
+
+def apply_plan(model, plan: Plan):
+    """Slice `model` (unsliced, in place) to `plan`; returns the model. Exact: the sliced model equals
+    the unsliced one with the removed heads/channels zeroed at the input of o_proj/down_proj."""
+    validate(plan, model)
+    adapter = adapter_for(model)
+    for lp, layer in zip(plan.layers, adapter.layers(model)):
+        hd = adapter.head_dim(layer)
+        nq, nkv = adapter.num_heads(layer), adapter.num_kv_heads(layer)
+        kv = lp.kv_heads if lp.kv_heads is not None else (lp.heads if nkv == nq else list(range(nkv)))
+        if list(lp.heads) != list(range(nq)) or list(kv) != list(range(nkv)):
+            for name, dim, unit in adapter.head_members:
+                groups, width = {"q": (lp.heads, hd), "kv": (kv, hd), "qkv": (lp.heads, 3 * hd)}[unit]
+                slice_linear(layer.get_submodule(name), dim, _expand(groups, width))
+            adapter.set_heads(layer, list(lp.heads), list(kv))
+            if not lp.heads:
+                adapter.drop_attention(layer)
+        if list(lp.channels) != list(range(adapter.num_channels(layer))):
+            for name, dim in adapter.channel_members:
+                # zero channels is exact as it is: 0-width Linears output zeros (plus the bias)
+                slice_linear(layer.get_submodule(name), dim, _expand(lp.channels, 1))
+    return model
+
+
+def plan_from_keep(model, keep: dict, head_mode: str = "q-head", allow_empty: bool = False) -> Plan:
+    """Build a plan from kept GROUP indices: keep[(layer, "heads"|"channels")] -> sorted indices.
+
+    In kv-group mode a kept head group is a kv head with its q heads; in q-head mode, q heads.
+    Layers/kinds missing from `keep` are kept whole.
+    """
+    plan = full_plan(model)
+    plan.head_mode, plan.allow_empty = head_mode, allow_empty
+    adapter = adapter_for(model)
+    for i, (lp, layer) in enumerate(zip(plan.layers, adapter.layers(model))):
+        if (i, "channels") in keep:
+            lp.channels = sorted(int(c) for c in keep[(i, "channels")])
+        if (i, "heads") in keep:
+            groups = sorted(int(h) for h in keep[(i, "heads")])
+            nq, nkv = adapter.num_heads(layer), adapter.num_kv_heads(layer)
+            if head_mode == "kv-group" and nkv != nq:
+                per = nq // nkv
+                lp.kv_heads = groups
+                lp.heads = [j * per + k for j in groups for k in range(per)]
+            else:
+                lp.heads = groups
+    return plan
+
+
+def plan_summary(plan: Plan) -> list[dict]:
+    return [{"heads": len(lp.heads), "channels": len(lp.channels)} for lp in plan.layers]

@@ -1,0 +1,80 @@
+"""The contract of a pruning method: score groups, nothing else (Wanda's `lib/prune.py` spirit).
+
+A method is one module (in `baselines/` or `minillm/`) registered in `suite/methods.py`, with:
+
+    NAME        the registry name, e.g. "wanda-sp"
+    OPTIONS     dict of its options and their defaults (every unknown of a paper is one of these)
+    CALIBRATION None (data-free) or {"corpus", "nsamples", "seqlen", "source"}: its paper's defaults
+    SELECTION   {"scope": "layer"|"global", "layers": "all" | [start_frac, end_frac)}: defaults
+    score(model, windows, group_sets, options, seed) -> Scoring
+
+`group_sets` lists every layer's head and channel GroupSets (architectures.py); `windows` is the
+[nsamples, seqlen] calibration batch (None for data-free methods). Selection, slicing, budget and
+saving are shared (select.py, plan.py, saving.py). A method may return `compensate`, run after
+slicing with the plan (FLAP's bias compensation is the only one).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from minillm.errors import UserError
+
+
+@dataclass
+class Scoring:
+    scores: dict  # (layer, "heads"|"channels") -> 1-D tensor, higher = more important
+    compensate: Callable | None = None  # compensate(model, plan) after slicing
+    info: dict = field(default_factory=dict)  # method diagnostics recorded with the result
+
+
+def merge_options(method_name: str, defaults: dict, given: dict | None) -> dict:
+    """Defaults overridden by `given`; unknown keys and ill-typed values are one-line errors.
+
+    Values may come as strings from the CLI (`--opt eps=1e-3`): they are converted to the type of
+    the default.
+    """
+    out = dict(defaults)
+    for key, value in (given or {}).items():
+        if key not in defaults:
+            known = ", ".join(sorted(defaults)) or "none"
+            raise UserError(f"method {method_name!r} has no option {key!r}; options: {known}")
+        try:
+            out[key] = _coerce(defaults[key], value)
+        except (TypeError, ValueError):
+            raise UserError(f"{method_name} option {key}: expected {type(defaults[key]).__name__}, "
+                            f"got {value!r}") from None
+    return out
+
+
+def _coerce(default, value):
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, bool):
+            return value
+        raise ValueError(value)
+    if isinstance(default, int):
+        if isinstance(value, bool):
+            raise ValueError(value)
+        number = float(value) if isinstance(value, str) else value
+        if not isinstance(number, (int, float)) or number != int(number):
+            raise ValueError(value)
+        return int(number)
+    if isinstance(default, float):
+        if isinstance(value, bool):
+            raise ValueError(value)
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return value
+    return value
+
+
+def group_tensor(values: torch.Tensor, gs, member) -> torch.Tensor:
+    """Per-element values laid out like `gs.weight_blocks(member)`: [count, width, other]."""
+    v = values if member.dim == 0 else values.t()
+    return v.reshape(gs.count, member.width, v.shape[1])

@@ -1,0 +1,186 @@
+"""Select step of the flow: group scores + a parameter budget -> a pruning plan.
+
+`ratio` is the fraction of the model's TOTAL parameter count (embeddings included, as LLM-Pruner
+reports) to remove. Two scopes:
+
+- ``layer`` (MINI-LLM Algorithm 1, LLM-Pruner): every prunable layer removes the same fraction p of
+  its heads and of its channels, its lowest-scoring ones; p is solved so the total hits the target.
+  Head counts are integers, so channels absorb the rounding: the achieved count is within one
+  channel's parameters of the target. Optional per-layer weights w_i make layer i remove
+  p_i = min(s·w_i, p_max) (MINI-LLM `layer` space: forward-only sensitivities allocate ratios).
+- ``global`` (FLAP's adaptive structure search, LLM-Pruner's global ranking): heads and channels
+  of all prunable layers compete in one ranking, the lowest-scoring removed first until the
+  removed parameters reach the target (each group weighted by its parameter count). Scores must
+  be comparable across layers (FLAP standardises them).
+
+GQA in ``q-head`` mode removes the same number of q heads from every kv group of a layer (the
+lowest-scoring within each group), so `repeat_kv` stays valid. Each prunable layer keeps at least
+one head group and one channel unless ``allow_empty``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minillm.architectures import adapter_for, all_group_sets
+from minillm.errors import UserError
+from minillm.plan import Plan, plan_from_keep
+
+Scores = dict  # (layer, "heads"|"channels") -> 1-D tensor, one score per group (higher = keep)
+
+
+@dataclass
+class Selection:
+    plan: Plan
+    target_removed: int
+    removed: int
+    total: int
+
+    @property
+    def achieved_ratio(self) -> float:
+        return self.removed / self.total
+
+
+def prunable_layers(n_layers: int, skip_first: int = 0, skip_last: int = 0, layers=None) -> list[int]:
+    """Layer indices that may be pruned: all but the first `skip_first` and last `skip_last`, or `layers`."""
+    if layers is not None:
+        return sorted(set(int(i) for i in layers))
+    return list(range(skip_first, n_layers - skip_last))
+
+
+def _units(gs, head_mode: str, nkv: int) -> int:
+    """Head groups are removed in units of `nkv` q heads in GQA q-head mode (one per kv group)."""
+    return nkv if gs.kind == "heads" and head_mode == "q-head" and nkv != gs.count else 1
+
+
+def _lowest(gs, scores: torch.Tensor, n_remove: int, unit: int) -> list[int]:
+    """Indices of kept groups after removing the `n_remove` lowest-scoring ones (per kv group if unit>1)."""
+    if unit == 1:
+        order = torch.argsort(scores.double(), stable=True)
+        removed = set(order[:n_remove].tolist())
+    else:  # q-head GQA: n_remove//unit lowest q heads within each kv group
+        per, k = gs.count // unit, n_remove // unit
+        removed = set()
+        for j in range(unit):
+            block = scores[j * per:(j + 1) * per].double()
+            removed |= {j * per + int(i) for i in torch.argsort(block, stable=True)[:k]}
+    return [g for g in range(gs.count) if g not in removed]
+
+
+def select(model, scores: Scores, ratio: float, scope: str = "layer", layers=None,
+           head_mode: str = "q-head", layer_weights=None, allow_empty: bool = False) -> Selection:
+    """Build the plan that removes `ratio` of all parameters given per-group `scores`."""
+    if not 0.0 < ratio < 1.0:
+        raise UserError(f"ratio must be in (0, 1), got {ratio}")
+    if scope not in ("layer", "global"):
+        raise UserError(f"unknown selection scope {scope!r}; choose layer or global")
+    adapter = adapter_for(model)
+    n_layers = len(adapter.layers(model))
+    layers = prunable_layers(n_layers) if layers is None else sorted(layers)
+    if not layers or not all(0 <= i < n_layers for i in layers):
+        raise UserError(f"prunable layers must be a non-empty subset of 0..{n_layers - 1}, got {layers}")
+    total = sum(p.numel() for p in model.parameters())
+    target = round(ratio * total)
+    sets = all_group_sets(model, head_mode, layers=set(layers))
+    for gs in sets:
+        s = scores.get((gs.layer, gs.kind))
+        if s is None or s.shape != (gs.count,):
+            raise UserError(f"method gave no scores of shape ({gs.count},) for layer {gs.layer} {gs.kind}")
+    nkv = {i: adapter.num_kv_heads(adapter.layers(model)[i]) for i in layers}
+    pick = _select_global if scope == "global" else _select_layer
+    counts = pick(sets, scores, target, head_mode, nkv, layer_weights, allow_empty)
+    keep, removed = {}, 0
+    for gs in sets:
+        n = counts[(gs.layer, gs.kind)]
+        keep[(gs.layer, gs.kind)] = _lowest(gs, scores[(gs.layer, gs.kind)], n, _units(gs, head_mode, nkv[gs.layer]))
+        removed += n * gs.params_per_group()
+    plan = plan_from_keep(model, keep, head_mode=head_mode, allow_empty=allow_empty)
+    return Selection(plan=plan, target_removed=target, removed=removed, total=total)
+
+
+def _max_removable(gs, allow_empty, unit):
+    return gs.count if allow_empty else gs.count - unit
+
+
+def _select_layer(sets, scores, target, head_mode, nkv, layer_weights, allow_empty):
+    """Per-layer fraction p_i = min(s·w_i, 1): heads rounded, channels fill the remaining budget."""
+    heads = [gs for gs in sets if gs.kind == "heads"]
+    chans = [gs for gs in sets if gs.kind == "channels"]
+    w = {gs.layer: 1.0 for gs in heads}
+    if layer_weights is not None:
+        w = {i: float(layer_weights[i]) for i in w}
+    cap = {gs.layer: _max_removable(gs, allow_empty, 1) / gs.count for gs in chans}
+
+    def frac(s, i):
+        return min(s * w[i], cap[i])
+
+    def cost(s):  # continuous removed parameters at scale s
+        return sum(frac(s, gs.layer) * gs.count * gs.params_per_group() for gs in sets)
+
+    if cost(1e9) < target:
+        raise UserError(f"target of {target:,} parameters is unreachable: the prunable layers hold at most "
+                        f"{round(cost(1e9)):,} removable parameters")
+    lo, hi = 0.0, 1.0
+    while cost(hi) < target:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(mid) < target else (lo, mid)
+    s = hi
+    counts = {}
+    for gs in heads:
+        unit = _units(gs, head_mode, nkv[gs.layer])
+        n = round(frac(s, gs.layer) * gs.count / unit) * unit
+        counts[(gs.layer, "heads")] = min(n, _max_removable(gs, allow_empty, unit))
+    left = target - sum(counts[(gs.layer, "heads")] * gs.params_per_group() for gs in heads)
+    per_channel = chans[0].params_per_group()
+    want = {gs.layer: frac(s, gs.layer) * gs.count for gs in chans}
+    n_total = max(0, round(left / per_channel))
+    # largest-remainder apportionment of n_total channels in proportion to each layer's share
+    share = sum(want.values()) or 1.0
+    exact = {i: n_total * want[i] / share for i in want}
+    alloc = {i: min(int(exact[i]), _max_removable(gs, allow_empty, 1)) for i, gs in zip(want, chans)}
+    rest = n_total - sum(alloc.values())
+    room = {gs.layer: _max_removable(gs, allow_empty, 1) - alloc[gs.layer] for gs in chans}
+    for i in sorted(want, key=lambda i: exact[i] - int(exact[i]), reverse=True) * 2:
+        if rest <= 0:
+            break
+        if room[i] > 0:
+            alloc[i] += 1
+            room[i] -= 1
+            rest -= 1
+    if rest > 0:
+        raise UserError(f"target of {target:,} parameters is unreachable with the given layers")
+    counts.update({(i, "channels"): n for i, n in alloc.items()})
+    return counts
+
+
+def _select_global(sets, scores, target, head_mode, nkv, layer_weights, allow_empty):
+    """One ranking over all groups of all prunable layers, lowest removed first until the target."""
+    entries = []  # (score, params, set index)
+    for k, gs in enumerate(sets):
+        unit = _units(gs, head_mode, nkv[gs.layer])
+        s = scores[(gs.layer, gs.kind)].double()
+        if unit > 1:  # q-head GQA: rank the i-th weakest q head of every kv group together
+            per = gs.count // unit
+            s = torch.sort(s.view(unit, per), dim=1).values.mean(0)
+        else:
+            s = torch.sort(s).values
+        for v in s.tolist():
+            entries.append((v, gs.params_per_group() * unit, k, unit))
+    entries.sort(key=lambda e: e[0])
+    removed_n = [0] * len(sets)
+    removed = 0
+    for v, params, k, unit in entries:
+        if removed >= target:
+            break
+        if removed_n[k] + unit > _max_removable(sets[k], allow_empty, unit):
+            continue
+        if removed + params > target and sets[k].kind == "heads":
+            continue  # a head would overshoot: let finer channels close the gap
+        removed_n[k] += unit
+        removed += params
+    if removed < target - sets[-1].params_per_group():
+        raise UserError(f"target of {target:,} parameters is unreachable in global scope")
+    return {(gs.layer, gs.kind): removed_n[k] for k, gs in enumerate(sets)}

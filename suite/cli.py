@@ -1,0 +1,46 @@
+"""`python -m suite <command>`: each command is one module in `suite/commands/` (a registry, as in lm-eval).
+
+A command module defines `NAME` (the sub-command, e.g. "zo-diagnose"), `HELP`, `add_arguments(parser)`
+and `run(args) -> int`. Adding a command is adding one file. Bad input (`UserError`) prints one line
+`error: ...` on stderr and exits 2: never a traceback wall.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from minillm.errors import UserError
+import suite.commands
+
+
+def _command_modules():
+    for info in sorted(pkgutil.iter_modules(suite.commands.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            yield importlib.import_module(f"suite.commands.{info.name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m suite", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in _command_modules():
+        command = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

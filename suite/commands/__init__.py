@@ -1,0 +1,1 @@
+"""Sub-commands of `python -m suite`: one module each (see suite/cli.py)."""

@@ -1,0 +1,87 @@
+"""`python -m suite prune`: load -> calibrate -> score -> select -> slice -> save one pruned model."""
+from __future__ import annotations
+
+NAME = "prune"
+HELP = "prune a model with one method to a parameter ratio and save it as a directory"
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", required=True, help="model name, directory, .gguf file or hub id")
+    parser.add_argument("--method", required=True, help="pruning method (see suite/methods.py)")
+    parser.add_argument("--ratio", type=float, required=True, help="fraction of ALL parameters to remove, in (0, 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="output directory (written atomically)")
+    parser.add_argument("--calib", default=None, help="calibration corpus (default: the method's, c4)")
+    parser.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: the method's)")
+    parser.add_argument("--seqlen", type=int, default=None, help="calibration window length (default: the method's)")
+    parser.add_argument("--head-mode", default="q-head", choices=["q-head", "kv-group"],
+                        help="GQA head groups: single q heads (equal count per kv group) or whole kv groups")
+    parser.add_argument("--scope", default=None, choices=["layer", "global"],
+                        help="rank groups per layer or across layers (default: the method's)")
+    parser.add_argument("--layers", default=None,
+                        help="prunable layers: all | start:end (indices) | 0.125:0.9375 (fractions of depth)")
+    parser.add_argument("--allow-empty", action="store_true", help="allow dropping a whole attention/MLP block")
+    parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
+    parser.add_argument("--ppl", default=None, help="also report perplexity before/after, e.g. wikitext2")
+    parser.add_argument("--max-tokens", type=int, default=16384, help="token cap for --ppl")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def parse_options(pairs) -> dict:
+    from minillm.errors import UserError
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--opt expects KEY=VALUE, got {pair!r}")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def run(args) -> int:
+    import json
+    from pathlib import Path
+
+    from minillm.errors import UserError
+    from minillm.saving import save_pruned
+    from suite.methods import get_method
+    from suite.models import load_model, load_tokenizer
+    from suite.pipeline import outcome_record, prune
+    from suite.records import provenance
+
+    if not 0.0 < args.ratio < 1.0:
+        raise UserError(f"ratio must be in (0, 1), got {args.ratio}")
+    get_method(args.method)  # fail fast on an unknown method, before loading anything
+    options = parse_options(args.opt)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (out / "plan.json").exists():
+        raise UserError(f"{out} exists and is not a pruned-model directory; refusing to overwrite it")
+    model = load_model(args.model, device=args.device)
+    tokenizer = load_tokenizer(args.model)
+    ppl = {}
+    if args.ppl:
+        from suite.evaluate import perplexity
+
+        ppl["before"] = perplexity(model, tokenizer, args.ppl, max_tokens=args.max_tokens, quiet=args.quiet)
+    calib = {"corpus": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen}
+    outcome = prune(model, tokenizer, args.method, args.ratio, seed=args.seed, options=options, calib=calib,
+                    head_mode=args.head_mode, scope=args.scope, layers=args.layers,
+                    allow_empty=args.allow_empty, device=args.device, quiet=args.quiet)
+    if args.ppl:
+        ppl["after"] = perplexity(model, tokenizer, args.ppl, max_tokens=args.max_tokens, quiet=args.quiet)
+    record = {"model": args.model, "method": args.method, "seed": args.seed, **outcome_record(outcome, args.ratio)}
+    if ppl:
+        record["perplexity"] = {args.ppl: ppl}
+    record["provenance"] = provenance(config=vars(args) | {"_run": None}, seed=args.seed)
+    save_pruned(model, tokenizer, outcome.selection.plan, out, extra=record)
+    sel = outcome.selection
+    print(f"{args.method} on {args.model}: removed {sel.removed:,} of {sel.total:,} parameters "
+          f"({sel.achieved_ratio:.4f}; target {args.ratio}, {sel.target_removed:,})")
+    score = outcome.phases["score"]
+    print(f"scoring: {score['seconds']:.1f} s, peak {score['peak_mb']:.0f} MB ({score['peak_source']})")
+    if ppl:
+        print(f"{args.ppl} perplexity: {ppl['before']:.2f} -> {ppl['after']:.2f}")
+    print(f"saved to {out}")
+    return 0

@@ -1,0 +1,73 @@
+"""Wall time and peak memory of one phase (load, score, prune, evaluate).
+
+On CUDA: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats` — the tensors' peak,
+which is what the pruning papers report for GPU memory.
+
+On CPU: the process's peak resident set size during the phase, read from the kernel's high-water
+mark `VmHWM` after resetting it at the phase start (writing "5" to /proc/self/clear_refs, Linux
+>= 4.0). The kernel updates the mark on every page fault, so unlike a sampling thread it cannot
+miss a short spike, and it costs nothing while the phase runs. We record both the absolute peak
+(`peak_mb`: model weights + activations + gradients + the interpreter and libraries) and the rise
+over the phase's starting RSS (`peak_delta_mb`: what the phase itself allocated — on a shared
+model this is the method's own overhead). Where the reset is not possible (not Linux) the
+lifetime peak is reported with `peak_source: "lifetime"`, which over-states later phases.
+"""
+from __future__ import annotations
+
+import re
+import time
+from contextlib import contextmanager
+
+import torch
+
+MB = 1024 * 1024
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        text = open("/proc/self/status").read()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
+    return int(match.group(1)) if match else None
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _cuda(device) -> bool:
+    return torch.cuda.is_available() and str(device).startswith("cuda")
+
+
+@contextmanager
+def measure(device="cpu"):
+    """`with measure() as m: ...` then m["seconds"], m["peak_mb"], m["peak_delta_mb"], m["peak_source"]."""
+    out: dict = {}
+    if _cuda(device):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start_mem = torch.cuda.memory_allocated()
+    else:
+        source = "vmhwm-reset" if _reset_hwm() else "lifetime"
+        start_mem = (_status_kb("VmRSS") or 0) * 1024
+    start = time.perf_counter()
+    try:
+        yield out
+    finally:
+        if _cuda(device):
+            torch.cuda.synchronize()
+            peak, source = torch.cuda.max_memory_allocated(), "cuda-max-allocated"
+        else:
+            peak = (_status_kb("VmHWM") or 0) * 1024
+        out.update(
+            seconds=round(time.perf_counter() - start, 3),
+            peak_mb=round(peak / MB, 1),
+            peak_delta_mb=round(max(0, peak - start_mem) / MB, 1),
+            peak_source=source,
+        )

@@ -1,0 +1,165 @@
+"""The whole flow in one place: load -> calibrate -> score groups -> select -> slice -> evaluate -> record.
+
+`prune` is what `python -m suite prune` runs; `run_cell` is one cell of an experiment grid (the
+runner calls it in a fresh subprocess). Every phase is timed and its peak memory recorded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from minillm.architectures import adapter_for, all_group_sets
+from minillm.errors import UserError
+from minillm.plan import apply_plan
+from minillm.scoring import Scoring, merge_options
+from minillm.select import Selection, prunable_layers, select
+from suite.measure import measure
+from suite.methods import get_method
+from suite.models import count_parameters
+
+
+@dataclass
+class PruneOutcome:
+    selection: Selection
+    scoring: Scoring
+    options: dict
+    calibration: dict | None
+    layers: list[int]
+    scope: str
+    phases: dict = field(default_factory=dict)
+    params_dense: int = 0
+    params_pruned: int = 0
+
+
+def parse_layers(spec, n_layers: int) -> list[int]:
+    """'all' | [start_frac, end_frac] (proportions of depth, as LLM-Pruner's 4..30 of 32) | 'a:b' | [i, j, ...]."""
+    if spec is None or spec == "all":
+        return list(range(n_layers))
+    if isinstance(spec, str):
+        if ":" not in spec:
+            raise UserError(f"layers must be 'all', 'start:end' or a list, got {spec!r}")
+        a, b = spec.split(":")
+        try:
+            lo, hi = float(a or 0), float(b or n_layers)
+        except ValueError:
+            raise UserError(f"layers must be 'all', 'start:end' or a list, got {spec!r}") from None
+        if lo < 1 and hi <= 1 and ("." in a or "." in b):
+            return prunable_layers(n_layers, round(lo * n_layers), n_layers - round(hi * n_layers))
+        return list(range(int(lo), min(int(hi), n_layers)))
+    spec = list(spec)
+    if len(spec) == 2 and all(isinstance(v, float) for v in spec):
+        return prunable_layers(n_layers, round(spec[0] * n_layers), n_layers - round(spec[1] * n_layers))
+    return sorted(int(i) for i in spec)
+
+
+def calibration_settings(method, calib: dict | None) -> dict | None:
+    """The method's paper defaults, overridden by the user's (corpus, nsamples, seqlen)."""
+    if method.CALIBRATION is None:
+        return None
+    out = {k: method.CALIBRATION[k] for k in ("corpus", "nsamples", "seqlen")}
+    out.update({k: v for k, v in (calib or {}).items() if v is not None})
+    return out
+
+
+def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, options: dict | None = None,
+          calib: dict | None = None, head_mode: str = "q-head", scope: str | None = None, layers=None,
+          allow_empty: bool = False, device: str = "cpu", quiet: bool = False) -> PruneOutcome:
+    """Score, select and slice `model` in place; returns the selection and measured phases."""
+    if not 0.0 < float(ratio) < 1.0:
+        raise UserError(f"ratio must be in (0, 1), got {ratio}")
+    method = get_method(method_name)
+    options = merge_options(method_name, method.OPTIONS, options)
+    n_layers = len(adapter_for(model).layers(model))
+    layers = parse_layers(layers if layers is not None else method.SELECTION.get("layers", "all"), n_layers)
+    scope = scope or method.SELECTION.get("scope", "layer")
+    settings = calibration_settings(method, calib)
+    phases = {}
+    windows = None
+    if settings is not None:
+        from suite.data import calibration_windows
+
+        with measure(device) as phases["calibrate"]:
+            windows = calibration_windows(tokenizer, settings["corpus"], settings["nsamples"],
+                                          settings["seqlen"], seed=seed)
+    dense = count_parameters(model)
+    torch.manual_seed(seed)
+    group_sets = all_group_sets(model, head_mode)
+    with measure(device) as phases["score"]:
+        scoring = method.score(model, windows, group_sets, options, seed)
+    with measure(device) as phases["prune"]:
+        selection = select(model, scoring.scores, ratio, scope=scope, layers=layers, head_mode=head_mode,
+                           layer_weights=scoring.info.get("layer_weights"), allow_empty=allow_empty)
+        apply_plan(model, selection.plan)
+        if scoring.compensate is not None:
+            scoring.compensate(model, selection.plan)
+    pruned = count_parameters(model)
+    if dense - pruned != selection.removed:
+        raise AssertionError(f"budget bookkeeping: removed {dense - pruned} != planned {selection.removed}")
+    return PruneOutcome(selection, scoring, options, settings, layers, scope, phases, dense, pruned)
+
+
+def outcome_record(outcome: PruneOutcome, ratio: float) -> dict:
+    """The pruning part of a result record."""
+    sel = outcome.selection
+    return {
+        "ratio_target": float(ratio),
+        "ratio_achieved": round(sel.removed / sel.total, 6),
+        "params": {"dense": outcome.params_dense, "pruned": outcome.params_pruned},
+        "options": outcome.options,
+        "calibration": outcome.calibration,
+        "selection": {"scope": outcome.scope, "layers": outcome.layers,
+                      "target_removed": sel.target_removed, "removed": sel.removed},
+        "plan_summary": [{"heads": len(l.heads), "channels": len(l.channels)} for l in sel.plan.layers],
+        "method_info": {k: v for k, v in outcome.scoring.info.items() if k != "layer_weights"},
+        "phases": outcome.phases,
+    }
+
+
+def run_cell(cell: dict) -> dict:
+    """One grid cell: load, (prune), evaluate. Returns the record (the runner adds provenance)."""
+    from suite import evaluate
+    from suite.data import eval_windows
+    from suite.models import load_model, load_tokenizer
+
+    device, dtype = cell.get("device", "cpu"), getattr(torch, cell.get("dtype", "float32"))
+    quiet = cell.get("quiet", True)
+    phases = {}
+    with measure(device) as phases["load"]:
+        model = load_model(cell["model"], dtype=dtype, device=device)
+        tokenizer = load_tokenizer(cell["model"])
+    record = {"model": cell["model"], "method": cell["method"], "label": cell.get("label", cell["method"]),
+              "seed": cell.get("seed", 0)}
+    ev = cell.get("evaluation", {})
+    bench = None
+    if ev.get("throughput", True):
+        bench = eval_windows(tokenizer, "wikitext2", ev.get("seqlen", 128), max_tokens=8 * ev.get("seqlen", 128))
+        dense_tps = evaluate.throughput(model, bench)
+    if cell["method"] == "dense":
+        n = count_parameters(model)
+        record.update(ratio_target=0.0, ratio_achieved=0.0, params={"dense": n, "pruned": n}, options={},
+                      calibration=None, phases=phases)
+    else:
+        calib = cell.get("calibration") or {}
+        options = dict(cell.get("options") or {})
+        common = {k: options.pop(k) for k in ("head_mode", "scope", "layers", "allow_empty") if k in options}
+        outcome = prune(model, tokenizer, cell["method"], cell["ratio"], seed=cell.get("seed", 0),
+                        options=options, calib=calib, device=device, quiet=quiet, **common)
+        record.update(outcome_record(outcome, cell["ratio"]))
+        record["phases"] = {**phases, **outcome.phases}
+    with measure(device) as record["phases"]["evaluate"]:
+        record["perplexity"] = {
+            corpus: evaluate.perplexity(model, tokenizer, corpus, seq_len=ev.get("seqlen", 128),
+                                        max_tokens=ev.get("max_tokens"), quiet=quiet)
+            for corpus in ev.get("perplexity", ["wikitext2", "ptb", "c4"])
+        }
+        tasks = ev.get("tasks") or []
+        zs = evaluate.zero_shot(model, tokenizer, tasks, limit=ev.get("limit"),
+                                batch_size=ev.get("batch_size", 1), quiet=quiet) if tasks else {}
+    record["zero_shot"] = {k: v for k, v in zs.items() if not k.startswith("_")}
+    accs = [v["acc"] for v in record["zero_shot"].values() if "acc" in v]
+    record["zero_shot_mean"] = sum(accs) / len(accs) if accs else None
+    if bench is not None:
+        record["throughput"] = {"pruned_tokens_per_s": evaluate.throughput(model, bench),
+                                "dense_tokens_per_s": dense_tps}
+    return record
