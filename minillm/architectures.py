@@ -270,7 +270,9 @@ ADAPTERS = (LlamaAdapter(), OPTAdapter(), BloomAdapter())
 
 
 def adapter_for(model) -> Adapter:
-    model_type = getattr(model.config, "model_type", None)
+    """The adapter of a model (or of a config: anything with `.model_type` or `.config.model_type`)."""
+    config = getattr(model, "config", model)
+    model_type = getattr(config, "model_type", None)
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
             return adapter

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # library chatter is not ours to print; errors still surface
     try:
         return int(args._run(args) or 0)
     except UserError as exc:

@@ -164,6 +164,15 @@ def resolve(name_or_path: str):
     return "hub", spec
 
 
+def _load_config(name_or_path, where):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(where))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
+
+
 def _check_supported(model):
     from minillm.architectures import adapter_for
 
@@ -187,6 +196,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     else:
+        _check_supported(_load_config(name_or_path, where))  # before reading any weights
         try:
             model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype)
         except OSError as exc:
