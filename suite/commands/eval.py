@@ -1,0 +1,91 @@
+"""`python -m suite eval`: perplexity and zero-shot accuracy of one model (dense or pruned directory).
+
+    python -m suite eval --model tiny-llama --ppl wikitext2,ptb,c4 --max-tokens 4096
+    python -m suite eval --model smollm2-135m --ppl none --tasks paper --limit 100 --json out.json
+
+Prints a small table; `--json OUT` writes the metrics atomically (temp file, then os.replace).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from minillm.errors import UserError
+
+NAME = "eval"
+HELP = "perplexity (wikitext2/ptb/c4) and lm-eval zero-shot accuracy of a model"
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip() and v.strip().lower() != "none"]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="model name or directory (see `suite info`)")
+    parser.add_argument("--ppl", type=_csv, default=["wikitext2"],
+                        help="comma-separated corpora for perplexity: wikitext2,ptb,c4 or 'none' (default wikitext2)")
+    parser.add_argument("--seqlen", type=int, default=128, help="perplexity window length (default 128)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="cap on evaluated tokens per corpus")
+    parser.add_argument("--tasks", type=_csv, default=[],
+                        help="comma-separated lm-eval tasks, or 'paper' for the 7 tasks pruning papers report")
+    parser.add_argument("--limit", type=int, default=None, help="lm-eval: documents per task")
+    parser.add_argument("--batch-size", type=int, default=4, help="batch size (default 4)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the metrics as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def run(args) -> int:
+    from suite import data, evaluate
+    from suite.models import load_model, load_tokenizer
+
+    if args.seqlen < 2 or args.batch_size < 1:
+        raise UserError("--seqlen must be >= 2 and --batch-size >= 1")
+    for corpus in args.ppl:
+        data.get_corpus(corpus)  # unknown corpus: fail before loading the model
+    tasks = list(evaluate.PAPER_TASKS) if args.tasks == ["paper"] else args.tasks
+    if not args.ppl and not tasks:
+        raise UserError("nothing to evaluate: give --ppl and/or --tasks")
+
+    model = load_model(args.model, device=args.device)
+    tokenizer = load_tokenizer(args.model)
+    result = {"model": args.model, "seqlen": args.seqlen, "max_tokens": args.max_tokens, "limit": args.limit,
+              "perplexity": {}, "zero_shot": {}}
+    rows = []
+    for corpus in args.ppl:
+        ppl = evaluate.perplexity(model, tokenizer, corpus, seq_len=args.seqlen, max_tokens=args.max_tokens,
+                                  batch_size=args.batch_size, quiet=args.quiet)
+        result["perplexity"][corpus] = ppl
+        rows.append((f"ppl {corpus}", f"{ppl:.3f}", ""))
+    if tasks:
+        zs = evaluate.zero_shot(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
+                                quiet=args.quiet)
+        result["zero_shot"] = {k: v for k, v in zs.items() if not k.startswith("_")}
+        result["zero_shot_mean"] = zs["_mean"]
+        for task, metrics in result["zero_shot"].items():
+            if "skipped" in metrics:
+                rows.append((task, "skipped", metrics["skipped"]))
+            else:
+                rows.append((task, _fmt(metrics.get("acc")), f"acc_norm {_fmt(metrics.get('acc_norm'))}"))
+        rows.append(("mean acc", _fmt(zs["_mean"]), ""))
+
+    width = max(len(r[0]) for r in rows)
+    print(f"{'metric':<{width}}  value")
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {value:<8}  {note}".rstrip())
+    if args.json is not None:
+        write_json_atomic(args.json, result)
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,220 @@
+"""Evaluate step: perplexity (LLM-Pruner ``PPLMetric``), zero-shot accuracy (lm-eval 0.4.13), throughput.
+
+Zero-shot offline: with ``$MINILLM_DATA`` set, every task is redirected to the mirror generically
+(`mirror_task_config`): the task's own resolved YAML with ``dataset_path: json`` and the mirror's
+split files. Nothing is special-cased per task; a task whose files are not in the mirror is
+reported as skipped, and works as soon as its files appear.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from minillm.errors import UserError
+from suite import data
+
+PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+# --------------------------------------------------------------------------- perplexity
+def perplexity(model, tokenizer, corpus: str, seq_len: int = 128, max_tokens: int | None = None,
+               batch_size: int = 4, quiet: bool = False) -> float:
+    """exp(mean next-token NLL) over the non-overlapping `seq_len` windows of `corpus`.
+
+    Reproduces LLM-Pruner's ``PPLMetric`` / ``llama_eval``: each window is scored independently,
+    the loss covers positions 1..L-1 of every window, and the mean is over all predicted tokens.
+    One forward per batch (no KV cache, no hidden states); the loss is computed from the logits in
+    fp32 and summed in fp64.
+    """
+    windows = data.eval_windows(tokenizer, corpus, seqlen=seq_len, max_tokens=max_tokens)
+    device = _device(model)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    disable = quiet or not sys.stderr.isatty()
+    with torch.inference_mode():
+        for batch in tqdm(windows.split(batch_size), desc=f"ppl {corpus}", disable=disable):
+            batch = batch.to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            if logits.dtype != torch.float32:
+                logits = logits.float()
+            # targets shifted left; the last position of each window predicts nothing (ignored),
+            # so the logits are used as a view, without slicing copies
+            targets = torch.full_like(batch, -100)
+            targets[:, :-1] = batch[:, 1:]
+            total += F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
+                                     ignore_index=-100, reduction="sum")
+    count = windows.size(0) * (windows.size(1) - 1)
+    return math.exp(total.item() / count)
+
+
+# --------------------------------------------------------------------------- throughput
+def throughput(model, windows: torch.Tensor, batch_size: int = 4, repeats: int = 3) -> float:
+    """Forward tokens/s on one fixed batch (the first `batch_size` windows), after one warm-up pass."""
+    device = _device(model)
+    batch = windows[:batch_size].to(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with torch.inference_mode():
+        model(input_ids=batch, use_cache=False)
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(input_ids=batch, use_cache=False)
+        sync()
+        elapsed = time.perf_counter() - start
+    return repeats * batch.numel() / elapsed
+
+
+# --------------------------------------------------------------------------- zero-shot
+class TaskUnavailable(Exception):
+    """The task's data cannot be had offline (reported as skipped, not raised to the user)."""
+
+
+@lru_cache(maxsize=4)
+def task_manager(include_path: str | None = None):
+    """lm-eval's TaskManager (indexing all task YAMLs takes seconds: built once per include_path)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
+def mirror_task_config(tm, name: str, root: Path) -> dict:
+    """The task's resolved YAML redirected to the mirror at `root` (raises TaskUnavailable).
+
+    A dict task spec replaces the task's config rather than merging into it, so we start from the
+    task's own YAML (includes resolved, ``!function`` tags imported), drop ``include``, set
+    ``dataset_path: json`` with the mirror's ``<split>.jsonl`` files as ``data_files`` and set to
+    None each split key whose split the mirror lacks.
+    """
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = tm.task_index[name]
+    if entry.kind.name != "TASK" or entry.yaml_path is None:
+        raise TaskUnavailable(f"{entry.kind.name.lower()} {name!r} has no YAML task config to redirect to the mirror")
+    cfg = load_yaml(entry.yaml_path, resolve_func=True)
+    cfg.pop("include", None)
+    cfg["task"] = name
+    where = data.mirror_dir(root, cfg.get("dataset_path", ""), cfg.get("dataset_name"))
+    if not where.is_dir():
+        raise TaskUnavailable(f"not in the offline mirror: {where} not found")
+    files = {}
+    for key in SPLIT_KEYS:
+        split = cfg.get(key)
+        if split is None:
+            continue
+        path = where / f"{split}.jsonl"
+        if path.is_file():
+            files[split] = str(path)
+        else:
+            cfg[key] = None
+    if cfg.get("validation_split") is None and cfg.get("test_split") is None:
+        raise TaskUnavailable(f"no evaluation split of {name!r} in {where}")
+    cfg.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": files})
+    return cfg
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """No hub access: env vars for anything imported later, module constants for what is loaded."""
+    saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    import datasets.config
+
+    patched = [(datasets.config, k, getattr(datasets.config, k)) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+               if hasattr(datasets.config, k)]
+    for module, key, _ in patched:
+        setattr(module, key, True)
+    try:
+        yield
+    finally:
+        for module, key, value in patched:
+            setattr(module, key, value)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _metrics(raw: dict) -> dict:
+    """lm-eval's ``{"acc,none": x, ...}`` -> ``{"acc": x, ...}`` (non-finite / "N/A" -> None)."""
+    out = {}
+    for key, value in raw.items():
+        metric = key.split(",")[0]
+        if metric in METRICS:
+            ok = isinstance(value, (int, float)) and math.isfinite(value)
+            out[metric] = float(value) if ok else None
+    return out
+
+
+def zero_shot(model, tokenizer, tasks=PAPER_TASKS, limit=None, batch_size: int = 1, quiet: bool = False,
+              include_path: str | None = None) -> dict:
+    """Zero-shot accuracy with lm-eval 0.4.13 (``HFLM`` around the in-memory model, ``simple_evaluate``).
+
+    Returns ``{name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"} (those the task reports)
+    or {"skipped": "<one-line reason>"} for each task in order, "_mean": mean "acc" over the
+    evaluated (non-skipped) tasks, None if none}``; keys starting with "_" are not tasks.
+    A task whose data is not available offline (not in the mirror, or loading fails) is skipped,
+    not raised; an unknown task name is a `UserError`.
+    `include_path`: extra lm-eval task YAML directory (``TaskManager(include_path=...)``).
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    tm = task_manager(str(include_path) if include_path else None)
+    unknown = [t for t in tasks if t not in tm.task_index]
+    if unknown:
+        raise UserError(f"unknown lm-eval task(s): {', '.join(unknown)}")
+    groups = [t for t in tasks if tm.task_index[t].kind.name in ("GROUP", "TAG")]
+    if groups:
+        raise UserError(f"{', '.join(groups)}: group/tag names are not accepted; list the single tasks")
+    root = data.mirror_root()
+    results: dict = {}
+    loaded = {}
+    offline = _hub_offline() if root is not None else contextlib.nullcontext()
+    hush = contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
+    level = logging.getLogger("lm_eval").level
+    if quiet:
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    try:
+        with offline, hush:
+            for name in tasks:
+                try:
+                    spec = mirror_task_config(tm, name, root) if root is not None else name
+                    (loaded[name],) = tm.load([spec])["tasks"].values()  # builds the Task: loads its data
+                except TaskUnavailable as exc:
+                    results[name] = {"skipped": str(exc)}
+                except Exception as exc:  # noqa: BLE001 - dataset loading: hub down, bad files, ...
+                    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    results[name] = {"skipped": f"cannot load data: {type(exc).__name__}: {reason}"}
+            if loaded:
+                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(_device(model)))
+                raw = lm_eval.simple_evaluate(model=lm, tasks=list(loaded.values()), task_manager=tm,
+                                              limit=limit, log_samples=False)
+                for name, task in loaded.items():
+                    results[name] = _metrics(raw["results"][task.config.task])
+    finally:
+        logging.getLogger("lm_eval").setLevel(level)
+    accs = [r["acc"] for r in results.values() if r.get("acc") is not None]
+    out = {name: results[name] for name in tasks}
+    out["_mean"] = sum(accs) / len(accs) if accs else None
+    return out
