@@ -1,0 +1,64 @@
+"""`python -m suite cell`: INTERNAL, used by `suite run` (suite/runner.py), not meant to be typed.
+
+Reads one grid cell (JSON) on stdin, runs it with `suite.pipeline.run_cell(cell)` and prints the
+record (JSON) as the last line of stdout; anything the pipeline prints goes to stderr. The runner
+starts one fresh process per cell (as `python -m suite.commands.cell`, which skips importing the
+other commands), so a crash, a leak or an out-of-memory kill costs one cell, not the grid.
+
+Testing hook: `MINILLM_CELL_FN=module:function` replaces `suite.pipeline:run_cell`; the runner's
+tests point it at a fake that sleeps and returns a fixed record (tests/fake_cell.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import sys
+
+from minillm.errors import UserError
+
+NAME = "cell"
+HELP = "(internal, used by `suite run`) run one grid cell: cell JSON on stdin, record JSON on stdout"
+CELL_FN_ENV = "MINILLM_CELL_FN"
+DEFAULT_CELL_FN = "suite.pipeline:run_cell"
+
+
+def add_arguments(parser) -> None:
+    pass
+
+
+def cell_function():
+    spec = os.environ.get(CELL_FN_ENV) or DEFAULT_CELL_FN
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise UserError(f"{CELL_FN_ENV}={spec!r}: expected module:function")
+    return getattr(importlib.import_module(module), name)
+
+
+def _plain(value):
+    """JSON fallback for numpy / torch scalars and arrays."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def run(args=None) -> int:
+    try:
+        cell = json.loads(sys.stdin.read())
+    except ValueError as exc:
+        raise UserError(f"cell: stdin is not a JSON cell ({exc})") from None
+    function = cell_function()
+    with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the record alone
+        record = function(cell)
+    sys.stdout.write("\n" + json.dumps(record, sort_keys=True, default=_plain) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(run())
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

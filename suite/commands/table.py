@@ -1,0 +1,30 @@
+"""`python -m suite table RESULTS.jsonl --format md|latex|csv [--out FILE]`: the paper-style results table."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from minillm.errors import UserError
+
+NAME = "table"
+HELP = "format a results file (JSON Lines from `suite run`) as a Markdown, LaTeX (booktabs) or CSV table."
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("results", help="results file written by `python -m suite run`")
+    parser.add_argument("--format", choices=("md", "latex", "csv"), default="md", help="output format (default: md)")
+    parser.add_argument("--out", help="write the table to this file instead of stdout")
+
+
+def run(args) -> int:
+    from suite.records import read_records
+    from suite.tables import format_table
+
+    if not Path(args.results).exists():
+        raise UserError(f"{args.results}: results file not found")
+    text = format_table(read_records(args.results), args.format)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text, encoding="utf-8")
+    else:
+        print(text, end="")
+    return 0

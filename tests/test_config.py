@@ -1,0 +1,157 @@
+"""Experiment configs: schema errors name the file and the key path; defaults; grid expansion."""
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from minillm.errors import UserError
+from suite import config as config_module
+from suite.config import PAPER_TASKS, expand_cells, load_config
+from suite.records import cell_key
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ALL_METHODS = ["magnitude", "random", "wanda-sp", "flap", "llm-pruner", "minillm"]
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A fake `suite.methods` whose methods take `eps` (float), `steps` (int) and `mode` (str)."""
+    module = types.ModuleType("fake_method")
+    module.OPTIONS = {"eps": 1e-3, "steps": 4, "mode": "fo", "flag": False}
+    fake = types.ModuleType("suite.methods")
+    fake.METHODS = {name: module for name in ALL_METHODS}
+    monkeypatch.setitem(sys.modules, "suite.methods", fake)
+    return fake
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+MINIMAL = "name: t\nmodels: [tiny-llama]\nmethods: [random]\nratios: [0.2]\n"
+
+
+def test_minimal_config_gets_every_default(tmp_path, registry):
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config["seeds"] == [0]
+    assert config["calibration"] == {"corpus": "c4", "nsamples": None, "seqlen": None}  # None: the method's own
+    assert config["evaluation"] == {"perplexity": ["wikitext2", "ptb", "c4"], "seqlen": 128, "max_tokens": None,
+                                    "tasks": PAPER_TASKS, "limit": None, "batch_size": 1, "throughput": True}
+    assert PAPER_TASKS == ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+    assert (config["device"], config["dtype"], config["dense"]) == ("cpu", "float32", True)
+    assert config["methods"] == [{"name": "random", "label": "random", "options": {}}]
+
+
+@pytest.mark.parametrize("name,cells", [("smoke", 6), ("demo", 13), ("paper", 39)])
+def test_shipped_configs_load(name, cells, registry):
+    config = load_config(CONFIGS / f"{name}.yaml")
+    assert config["name"] == name
+    assert len(expand_cells(config)) == cells
+    if name == "smoke":
+        assert config["evaluation"]["max_tokens"] == 2048 and config["evaluation"]["tasks"] == ["piqa"]
+    if name == "paper":
+        assert (config["device"], config["dtype"]) == ("cuda", "float16")
+        assert config["evaluation"]["tasks"] == PAPER_TASKS and config["evaluation"]["limit"] is None
+
+
+def test_expand_cells_order_and_independence(tmp_path, registry):
+    config = load_config(write(tmp_path, """
+name: t
+models: [a, b]
+methods: [random, {name: minillm, label: minillm-fo, options: {eps: 0.01}}]
+ratios: [0.2, 0.5]
+seeds: [0, 1]
+"""))
+    cells = expand_cells(config)
+    assert len(cells) == 2 * (1 + 2 * 2 * 2)
+    assert [(c["model"], c["label"], c["ratio"], c["seed"]) for c in cells[:6]] == [
+        ("a", "dense", 0.0, 0), ("a", "random", 0.2, 0), ("a", "random", 0.2, 1),
+        ("a", "random", 0.5, 0), ("a", "random", 0.5, 1), ("a", "minillm-fo", 0.2, 0)]
+    assert cells[9]["model"] == "b" and cells[9]["method"] == "dense"
+    assert set(cells[0]) == {"model", "method", "label", "options", "ratio", "seed", "calibration",
+                             "evaluation", "device", "dtype"}
+    assert cells[5]["options"] == {"eps": 0.01}
+    assert len({cell_key(c) for c in cells}) == len(cells)
+    cells[5]["options"]["eps"] = 9.0
+    cells[0]["evaluation"]["tasks"].append("x")
+    assert cells[6]["options"] == {"eps": 0.01} and "x" not in cells[1]["evaluation"]["tasks"]
+
+
+def test_exponent_numbers_are_numbers(tmp_path, registry):
+    """PyYAML reads `1e-3` (no dot) as a string; a number field takes it as the number it means."""
+    config = load_config(write(tmp_path, MINIMAL.replace("[random]", "[{name: minillm, options: {eps: 1e-3}}]")
+                               .replace("[0.2]", "[2e-1]")))
+    assert config["methods"][0]["options"] == {"eps": 0.001} and config["ratios"] == [0.2]
+
+
+def test_no_dense_row_when_disabled(tmp_path, registry):
+    cells = expand_cells(load_config(write(tmp_path, MINIMAL + "dense: false\n")))
+    assert [c["method"] for c in cells] == ["random"]
+
+
+@pytest.mark.parametrize("text,message", [
+    (MINIMAL + "nme: x\n", "config.yaml: nme: unknown key (did you mean 'name'?)"),
+    (MINIMAL + "evaluation: {tsks: [piqa]}\n", "config.yaml: evaluation.tsks: unknown key (did you mean 'tasks'?)"),
+    (MINIMAL + "calibration: {nsamples: abc}\n", "config.yaml: calibration.nsamples: expected integer, got 'abc'"),
+    (MINIMAL + "calibration: {nsamples: 0}\n", "calibration.nsamples: expected a positive integer, got 0"),
+    (MINIMAL + "seeds: [true]\n", "config.yaml: seeds[0]: expected integer, got True"),
+    (MINIMAL + "evaluation: {throughput: 1}\n", "evaluation.throughput: expected boolean, got 1"),
+    (MINIMAL + "evaluation: {limit: 1.5}\n", "evaluation.limit: expected integer, got 1.5"),
+    (MINIMAL + "dtype: float64\n", "dtype: expected one of float32, bfloat16, float16, got 'float64'"),
+    (MINIMAL + "evaluation: 3\n", "config.yaml: evaluation: expected mapping, got 3"),
+    (MINIMAL.replace("[0.2]", "[0.2, 1.5]"), "config.yaml: ratios[1]: expected a pruning ratio in (0, 1), got 1.5"),
+    (MINIMAL.replace("[0.2]", "[0]"), "ratios[0]: expected a pruning ratio in (0, 1), got 0.0"),
+    (MINIMAL.replace("[0.2]", "[x]"), "ratios[0]: expected number, got 'x'"),
+    (MINIMAL.replace("[0.2]", "[0.2, 0.2]"), "ratios[1]: duplicate entry 0.2"),
+    (MINIMAL.replace("ratios: [0.2]\n", ""), "config.yaml: ratios: missing required key"),
+    (MINIMAL.replace("[tiny-llama]", "[]"), "models: expected a non-empty list"),
+    (MINIMAL.replace("name: t", "name: a/b"), "name: expected a name made of letters"),
+    (MINIMAL.replace("[random]", "[random, {name: magnitude, lable: m}]"),
+     "config.yaml: methods[1].lable: unknown key (did you mean 'label'?)"),
+    (MINIMAL.replace("[random]", "[random, random]"),
+     "methods[1]: duplicate label (give each entry its own `label`) 'random'"),
+    (MINIMAL.replace("[random]", "[random, {name: random, label: r2}]"),
+     "methods[1]: same method and options as methods[0]"),
+    (MINIMAL.replace("[random]", "[{name: random, label: dense}]"), "methods[0]: the label 'dense' is reserved"),
+    (MINIMAL.replace("[random]", "[random, magnitude, {name: minillm, options: {eps: abc}}]"),
+     "config.yaml: methods[2].options.eps: expected number, got 'abc'"),
+    (MINIMAL.replace("[random]", "[{name: minillm, options: {steps: 2.5}}]"),
+     "methods[0].options.steps: expected integer, got 2.5"),
+    (MINIMAL.replace("[random]", "[{name: minillm, options: {epz: 1}}]"),
+     "methods[0].options.epz: unknown option of minillm (known: eps, steps, mode, flag, head_mode"),
+    (MINIMAL.replace("[random]", "[random, sparsegpt]"),
+     "config.yaml: methods[1].name: unknown method 'sparsegpt' (known: flap"),
+    (MINIMAL.replace("[random]", "[dense]"), "methods[0].name: 'dense' is not a pruning method"),
+    ("- a\n- b\n", "config.yaml: expected a mapping at the top level, got list"),
+    (MINIMAL + "models: [\n", "config.yaml:6: invalid YAML"),
+])
+def test_errors_name_the_file_and_the_key(tmp_path, registry, text, message):
+    with pytest.raises(UserError) as err:
+        load_config(write(tmp_path, text))
+    assert message in str(err.value)
+    assert str(err.value).startswith(str(tmp_path / "config.yaml"))
+    assert "\n" not in str(err.value)
+
+
+def test_options_checked_against_the_real_registry_names(tmp_path):
+    """With the project's own suite.methods (it exists): an unknown method is refused."""
+    pytest.importorskip("suite.methods")
+    with pytest.raises(UserError, match=r"methods\[0\]\.name: unknown method 'no-such-method'"):
+        load_config(write(tmp_path, MINIMAL.replace("[random]", "[no-such-method]")))
+
+
+def test_method_names_unchecked_without_registry(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "suite.methods", None)  # as if suite/methods.py did not exist
+    assert config_module._method_registry() is None
+    config = load_config(write(tmp_path, MINIMAL.replace("[random]", "[anything, {name: x, options: {k: 1}}]")))
+    assert [m["name"] for m in config["methods"]] == ["anything", "x"]
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,115 @@
+"""Tables (golden Markdown and LaTeX outputs) and the results figure, from a hand-made results file.
+
+tests/data/results_small.jsonl: two models; dense rows; minillm (label `minillm_fo`, escaped in LaTeX)
+listed before magnitude (the table reorders); a failed cell (random @ 50%); a cell with two seeds
+(averaged); a cell whose error was followed by a successful rerun (the rerun wins); a skipped task.
+To refresh the golden files after an intended change:
+    python -m suite table tests/data/results_small.jsonl --format md --out tests/data/results_small.md
+    python -m suite table tests/data/results_small.jsonl --format latex --out tests/data/results_small.tex
+"""
+from __future__ import annotations
+
+import io
+import math
+import struct
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from suite.cli import main
+from suite.plots import FIGSIZE, DPI, make_figure
+from suite.records import read_records
+from suite.tables import latest, results_frame, to_csv, to_latex, to_markdown
+
+DATA = Path(__file__).resolve().parent / "data"
+RESULTS = DATA / "results_small.jsonl"
+
+
+@pytest.fixture(scope="module")
+def records():
+    return read_records(RESULTS)
+
+
+def test_markdown_matches_golden(records):
+    assert to_markdown(records) == (DATA / "results_small.md").read_text()
+
+
+def test_latex_matches_golden(records):
+    text = to_latex(records)
+    assert text == (DATA / "results_small.tex").read_text()
+    assert "\\toprule" in text and "\\bottomrule" in text and "minillm\\_fo" in text and "20\\%" in text
+
+
+def test_rows_grouped_dense_first_best_in_bold(records):
+    frame = results_frame(records)
+    llama = frame[frame["Model"] == "tiny-llama"]
+    assert list(zip(llama["Method"], llama["Ratio"])) == [
+        ("dense", 0.0), ("magnitude", 0.2), ("random", 0.2), ("minillm_fo", 0.2),
+        ("magnitude", 0.5), ("random", 0.5), ("minillm_fo", 0.5)]
+    opt_random = frame[(frame["Model"] == "tiny-opt") & (frame["Method"] == "random")].iloc[0]
+    assert (opt_random["WikiText-2"], opt_random["PTB"], opt_random["PIQA"]) == (155.0, 225.0, 53.0)  # seed mean
+    md = to_markdown(records).splitlines()
+    assert "minillm_fo" in md[5] and "**130.00**" in md[5] and "**62.00**" in md[5]  # lowest ppl, best BoolQ
+    assert md[10].count("**155.00**") == 1 and md[11].count("**155.00**") == 1  # a tie: both bold
+    assert "**" not in md[2] and "**" not in md[9]  # dense rows are alone in their group
+
+
+def test_failed_cell_is_a_row_with_a_note_and_reruns_win(records):
+    frame = results_frame(records)
+    failed = frame[frame["_failed"]]
+    assert list(failed["Method"]) == ["random"] and math.isnan(failed.iloc[0]["WikiText-2"])
+    md = to_markdown(records)
+    assert "random (failed)" in md and "- Failed: tiny-llama / random @ 50%: seed 0: RuntimeError: boom" in md
+    assert "MemoryError" not in md  # tiny-opt magnitude failed once, then its rerun succeeded
+    error, ok = {"model": "m", "label": "x", "status": "error"}, {"model": "m", "label": "x", "status": "ok"}
+    assert latest([error, ok]) == [ok] and latest([ok, error]) == [ok] and latest([error]) == [error]
+
+
+def test_csv_holds_raw_numbers(records):
+    frame = pd.read_csv(io.StringIO(to_csv(records)))
+    assert len(frame) == 10
+    assert list(frame.columns)[:5] == ["Model", "Method", "Ratio", "Params", "WikiText-2"]
+    row = frame[(frame["Model"] == "tiny-llama") & (frame["Method"] == "magnitude") & (frame["Ratio"] == 0.2)].iloc[0]
+    assert (row["WikiText-2"], row["Score time (s)"], row["Params"]) == (140.5, 1.234, 800000)
+    assert frame["Error"].fillna("").str.contains("boom").sum() == 1
+
+
+def test_empty_results():
+    assert to_markdown([]) == "(no results)\n"
+
+
+def test_table_command(tmp_path, capsys):
+    out = tmp_path / "t.tex"
+    assert main(["table", str(RESULTS), "--format", "latex", "--out", str(out)]) == 0
+    assert out.read_text() == (DATA / "results_small.tex").read_text()
+    assert main(["table", str(RESULTS)]) == 0
+    assert capsys.readouterr().out == (DATA / "results_small.md").read_text()
+    assert main(["table", str(tmp_path / "missing.jsonl")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'missing.jsonl'}: results file not found"
+
+
+# --------------------------------------------------------------------------- plots
+def test_figure_lines_match_records(records):
+    fig, (ax_ppl, ax_mem) = make_figure(records)
+    lines = {line.get_label(): line for line in ax_ppl.get_lines()}
+    assert ax_ppl.get_yscale() == "log"
+    assert list(lines["minillm_fo (tiny-llama)"].get_xdata()) == [0.2, 0.5]
+    assert list(lines["minillm_fo (tiny-llama)"].get_ydata()) == [130.0, 400.0]
+    assert list(lines["random (tiny-llama)"].get_ydata()) == [180.123]  # the 50% cell failed
+    assert list(lines["random (tiny-opt)"].get_ydata()) == [155.0]  # mean of two seeds
+    dense = lines["dense (tiny-opt)"]
+    assert set(dense.get_ydata()) == {90.0} and dense.get_linestyle() != "-"
+    assert len(lines) == 7
+    bars = {tick.get_text(): patch.get_height() for tick, patch in zip(ax_mem.get_xticklabels(), ax_mem.patches)}
+    assert bars == {"magnitude (tiny-llama)": 120.5, "random (tiny-llama)": 80.0, "minillm_fo (tiny-llama)": 200.5,
+                    "magnitude (tiny-opt)": 121.0, "random (tiny-opt)": 82.0}
+
+
+def test_plot_command_writes_png(tmp_path):
+    out = tmp_path / "fig.png"
+    assert main(["plot", str(RESULTS), "--out", str(out)]) == 0
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    width, height = struct.unpack(">II", data[16:24])  # IHDR
+    assert (width, height) == (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)
