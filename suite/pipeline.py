@@ -91,11 +91,12 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
         selection = select(model, scoring.scores, ratio, scope=scope, layers=layers, head_mode=head_mode,
                            layer_weights=scoring.info.get("layer_weights"), allow_empty=allow_empty)
         apply_plan(model, selection.plan)
-        if scoring.compensate is not None:
+        if dense - count_parameters(model) != selection.removed:
+            raise AssertionError(f"budget bookkeeping: removed {dense - count_parameters(model)} "
+                                 f"!= planned {selection.removed}")
+        if scoring.compensate is not None:  # may add parameters (FLAP creates biases on LLaMA)
             scoring.compensate(model, selection.plan)
     pruned = count_parameters(model)
-    if dense - pruned != selection.removed:
-        raise AssertionError(f"budget bookkeeping: removed {dense - pruned} != planned {selection.removed}")
     return PruneOutcome(selection, scoring, options, settings, layers, scope, phases, dense, pruned)
 
 
@@ -104,7 +105,7 @@ def outcome_record(outcome: PruneOutcome, ratio: float) -> dict:
     sel = outcome.selection
     return {
         "ratio_target": float(ratio),
-        "ratio_achieved": round(sel.removed / sel.total, 6),
+        "ratio_achieved": round(1 - outcome.params_pruned / outcome.params_dense, 6),
         "params": {"dense": outcome.params_dense, "pruned": outcome.params_pruned},
         "options": outcome.options,
         "calibration": outcome.calibration,

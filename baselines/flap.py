@@ -1,0 +1,145 @@
+"""`flap`: FLuctuation-based Adaptive structured Pruning (An et al., AAAI 2024), retraining-free.
+
+Three parts, each as in the paper and its code (github CASIA-IVA-Lab/FLAP, `lib/prune.py::prune_flap`
+with the defaults of `main.py`: metric WIFV, structure AL-AM):
+
+1. Fluctuation metric (FLAP "WIFV", the paper's Eq. 4): for input column j of a block's output
+   projection W (o_proj / out_proj / dense for heads, down_proj / fc2 / dense_4h_to_h for MLP
+   channels), with X_{n,j} its input over the N calibration tokens,
+
+       S_j = [ 1/(N-1) · sum_n (X_{n,j} - mean_n X_{n,j})^2 ] · ||W_{:,j}||_2^2
+
+   i.e. the sample variance of the feature (how far the output moves from what a constant could
+   replace) times the squared column norm. FLAP's code squares the attention columns' metric once
+   more before standardising (`metrics[...] ** 2` for self_attn.o_proj only); option `head_power`
+   (default 2, as the code) keeps that. FLAP's streaming estimate (`BiasGPT.add_batch`) is the same
+   token variance up to per-module constant factors and a first-window quirk that standardisation
+   and ranking do not see; here it is the exact unbiased variance (`InputStats.var`).
+
+2. Standardisation and adaptive global structure (Eq. 5; structure "AL-AM"): each module's column
+   scores are standardised, Ŝ = (S - mean(S)) / std(S) (mean and unbiased std over that module's
+   columns, per layer), a head's score is the MEAN of its columns' standardised scores
+   (`reshape(L, -1, 128).mean(dim=2)`), and heads and channels of all layers compete in ONE ranking
+   whose budget counts each group's parameters (FLAP weights a head 512/3 channels for LLaMA-7B,
+   which is its parameter ratio): SELECTION scope "global".
+
+3. Baseline bias compensation (Eq. 6): removing columns R of W changes the output by W_{:,R} x_R;
+   replacing x_R by its calibration mean x̄_R gives the bias B = W_{:,R} x̄_R, added to the
+   projection's bias (created for LLaMA, which has none), so the pruned block outputs the same as
+   the dense one whenever the removed features sit at their mean. It runs after slicing
+   (`Scoring.compensate`) from the calibration means kept from scoring and a reference to the
+   pre-slicing output-projection weight (slicing replaces the Parameter, it does not edit it; the
+   kept columns are checked against the sliced weight). Option `compensate=false` gives
+   uncompensated FLAP.
+
+   The created bias is a real Parameter: it is counted in the pruned model's parameters (the
+   pipeline reports the count after compensation), saved in the checkpoint, and recreated by
+   `load_pruned`. The added entries are reported in `info["bias_entries_added"]`.
+
+Calibration: FLAP's scripts use 1024 WikiText-2 windows of 128 tokens (`--nsamples 1024`,
+model.seqlen 128). C4 replaces WikiText-2 here (calibrating on WikiText-2 and reporting WikiText-2
+perplexity leaks, FLAP issue #13) and the default is 128 windows of 128 tokens (the FLAP repo's
+wanda_sp setting) to keep the forward pass short on a 2-core CPU; `--nsamples 1024` restores FLAP's.
+Option `batch_size` (default 1, as FLAP feeds one sample at a time): windows per statistics pass.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minillm.activations import input_stats
+from minillm.architectures import GroupSet, adapter_for
+from minillm.errors import UserError
+from minillm.scoring import Scoring
+
+NAME = "flap"
+OPTIONS = {"compensate": True, "head_power": 2.0, "batch_size": 1}
+CALIBRATION = {
+    "corpus": "c4", "nsamples": 128, "seqlen": 128,
+    "source": "FLAP scripts/llama_7b.sh: 1024 x 128-token WikiText-2 windows; here C4 (FLAP issue #13 "
+              "leak) and 128 windows (2-core CPU budget; --nsamples 1024 restores FLAP's)",
+}
+SELECTION = {"scope": "global", "layers": "all"}
+
+
+def _output_only(group_sets) -> list[GroupSet]:
+    return [GroupSet(gs.layer, gs.kind, gs.count, (gs.output,), gs.module) for gs in group_sets]
+
+
+def standardise(x: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std over one module's columns (unbiased std, as torch.std in FLAP)."""
+    std = x.std()
+    if not torch.isfinite(std) or std == 0:
+        return torch.zeros_like(x)
+    return (x - x.mean()) / std
+
+
+def score(model, windows, group_sets, options, seed) -> Scoring:
+    batch_size = max(1, int(options["batch_size"]))
+    stats = input_stats(model, windows, _output_only(group_sets), batch_size=batch_size)
+    adapter = adapter_for(model)
+    scores, saved = {}, []
+    with torch.no_grad():
+        for gs in group_sets:
+            out = gs.output
+            linear = gs.linear(out)
+            st = stats[(gs.layer, out.name)]
+            col_sq = linear.weight.double().pow(2).sum(dim=0).cpu()          # ||W_{:,j}||^2
+            metric = st.var.cpu() * col_sq                                  # fluctuation metric
+            if gs.kind == "heads":
+                metric = metric.pow(float(options["head_power"]))
+            z = standardise(metric).view(gs.count, out.width).mean(dim=1)
+            scores[(gs.layer, gs.kind)] = z
+            if options["compensate"]:
+                saved.append({
+                    "layer": gs.layer, "kind": gs.kind, "linear": linear,
+                    "weight": linear.weight,                 # the pre-slicing Parameter (not a copy)
+                    "mean": st.mean,                         # float64 [in_features]
+                    "column_width": adapter.head_dim(gs.module) if gs.kind == "heads" else 1,
+                })
+    info = {"tokens": int(windows.numel()), "compensate": bool(options["compensate"])}
+    compensate = _compensator(saved, info) if options["compensate"] else None
+    return Scoring(scores, compensate=compensate, info=info)
+
+
+def _columns(groups, width) -> torch.Tensor:
+    g = torch.as_tensor(list(groups), dtype=torch.long)
+    return (g[:, None] * width + torch.arange(width)).reshape(-1)
+
+
+def _compensator(saved: list, info: dict):
+    def compensate(model, plan) -> None:
+        added, modules = 0, 0
+        try:
+            for entry in saved:
+                lp = plan.layers[entry["layer"]]
+                kept_groups = lp.heads if entry["kind"] == "heads" else lp.channels
+                full = entry["weight"]
+                width = entry["column_width"]
+                kept = _columns(kept_groups, width)
+                removed_mask = torch.ones(full.shape[1], dtype=torch.bool)
+                removed_mask[kept] = False
+                if not removed_mask.any():
+                    continue
+                linear: nn.Linear = entry["linear"]
+                current = linear.weight
+                if current is full or current.shape[1] != len(kept) or not torch.equal(
+                        full.detach()[:, kept.to(full.device)], current.detach()):
+                    raise UserError(f"flap compensation: layer {entry['layer']} {entry['kind']} output "
+                                    "projection was not sliced to the plan's kept columns")
+                removed = removed_mask.nonzero().view(-1).to(full.device)
+                mean = entry["mean"].to(full.device)[removed]
+                delta = (full.detach()[:, removed].double() @ mean).to(current.dtype)   # B = W_{:,R} x̄_R
+                with torch.no_grad():
+                    if linear.bias is None:
+                        linear.bias = nn.Parameter(delta.clone(), requires_grad=False)
+                        added += delta.numel()
+                    else:
+                        linear.bias.add_(delta.to(linear.bias.device))
+                modules += 1
+        finally:
+            saved.clear()  # drop the references to the pre-slicing weights
+        info["compensated_modules"] = modules
+        info["bias_entries_added"] = added
+
+    return compensate

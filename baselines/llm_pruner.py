@@ -1,0 +1,165 @@
+"""`llm-pruner`: LLM-Pruner's Taylor group importance (Ma et al., NeurIPS 2023), from real backprop.
+
+The loss is the causal-LM cross-entropy on the calibration windows, L = model(x, labels=x).loss
+(mean over all predicted tokens), and g = dL/dW comes from an ordinary `loss.backward()` with
+requires_grad switched on for EVERY parameter, as `hf_prune.py` does: the memory is that of real
+backprop (a .grad buffer per parameter and the full activations of the batch). Afterwards every
+.grad is set to None and each parameter's requires_grad flag is restored.
+
+Importance of one weight vector W_k of a coupled group (one row of q/k/v/gate/up, one column of
+o/down), LLM-Pruner §3.2 (Eqs. 3-5) as implemented in
+`LLMPruner/pruner/hf_llama_pruner.py::TaylorImportance`:
+
+  - ``vector`` (vector-wise, Eq. 3: the first-order Taylor term of |L(W) - L(W_k = 0)|;
+    `--taylor vectorize`):            I(W_k) = |sum_{w in W_k} w · dL/dw|
+  - ``element1`` (element-wise, Eq. 4, first order; `--taylor param_first`), the DEFAULT: the
+    setting of the repo's scripts/llama_prune.sh and of the paper's headline LLaMA-7B rows
+    (hf_prune.py's argparse default is param_mix = element2):
+                                       I(W_k) = sum_{w in W_k} |w · dL/dw|
+  - ``element2`` (Eq. 4 with the Hessian diagonal approximated by the Fisher, Eq. 5;
+    `--taylor param_mix`):  I(W_k) = sum_{w in W_k} |w · dL/dw - 1/2 · w · F_ww · w|,
+    F_ww = (1/N) sum_n (dL_n/dw)^2 accumulated over N single-window backward passes (hf_prune.py's
+    `acc_grad`: grad * grad / num_examples per example), dL/dw from the batch pass.
+
+Group importance (the aggregation after Eq. 5, `--grouping_strategy`): the per-vector importances of
+the group's coupled Linears are aligned index by index (head_dim positions for heads, LLM-Pruner's
+consecutive groups; a member with a wider share, e.g. BLOOM's fused q/k/v or a GQA kv group's q
+rows, is folded onto the narrowest as LLM-Pruner aligns them: view(-1, min).sum(0)), reduced ACROSS
+the coupled Linears by ``aggregation`` (sum default, mean, max, prod), then summed over the head's
+positions (MetaPruner: imp.view(-1, head_dim).sum(1)). Biases are not scored (the reference scores
+weights only).
+
+Defaults as in LLM-Pruner's README/scripts: 10 calibration samples (`--num_examples 10`), length
+128 (`get_examples`' default and the paper; hf_prune.py itself passes seq_len=64: `--seqlen 64`
+reproduces it), block-wise pruning of layers 4..30 of LLaMA-7B's 32 (`--block_*_layer_start 4
+--block_*_layer_end 30`), expressed as fractions of depth [0.125, 0.9375), ranked per layer
+(global_pruning off). The corpus is C4 instead of BookCorpus (not in the offline mirror; LLM-Pruner's
+`get_examples` offers 'c4' too).
+"""
+from __future__ import annotations
+
+import torch
+
+from minillm.errors import UserError
+from minillm.scoring import Scoring, group_tensor
+
+NAME = "llm-pruner"
+OPTIONS = {"importance": "element1", "aggregation": "sum", "batch_size": 0}
+CALIBRATION = {
+    "corpus": "c4", "nsamples": 10, "seqlen": 128,
+    "source": "LLM-Pruner hf_prune.py get_examples(..., num_examples=10); paper: 10 samples of 128 "
+              "tokens from BookCorpus (C4 here: BookCorpus is not mirrored)",
+}
+SELECTION = {"scope": "layer", "layers": [0.125, 0.9375]}
+
+IMPORTANCES = ("element1", "element2", "vector")
+AGGREGATIONS = ("sum", "mean", "max", "prod")
+
+
+def _check(options):
+    if options["importance"] not in IMPORTANCES:
+        raise UserError(f"llm-pruner option importance must be one of {', '.join(IMPORTANCES)}, "
+                        f"got {options['importance']!r}")
+    if options["aggregation"] not in AGGREGATIONS:
+        raise UserError(f"llm-pruner option aggregation must be one of {', '.join(AGGREGATIONS)}, "
+                        f"got {options['aggregation']!r}")
+
+
+def _lm_loss(model, ids):
+    return model(ids, labels=ids, use_cache=False).loss
+
+
+def backprop(model, windows: torch.Tensor, batch_size: int = 0, fisher: bool = False) -> dict:
+    """Fill every parameter's .grad with dL/dW of the mean LM loss over `windows` (real backprop).
+
+    `batch_size` 0 = all windows in one batch (hf_prune.py). With `fisher`, first accumulate
+    F = (1/N) sum_n (dL_n/dW)^2 over single-window passes; returns {id(parameter): F} (else {}).
+    The caller owns clearing .grad and restoring requires_grad.
+    """
+    device = next(model.parameters()).device
+    windows = windows.to(device)
+    n = len(windows)
+    params = [p for p in model.parameters() if p.requires_grad]
+    fisher_acc = {}
+    if fisher:
+        for j in range(n):
+            _lm_loss(model, windows[j:j + 1]).backward()
+            with torch.no_grad():
+                for p in params:
+                    if p.grad is None:
+                        continue
+                    sq = p.grad.pow(2).div_(n)
+                    if id(p) in fisher_acc:
+                        fisher_acc[id(p)] += sq
+                    else:
+                        fisher_acc[id(p)] = sq
+                    p.grad = None
+    step = n if batch_size <= 0 else batch_size
+    for start in range(0, n, step):
+        chunk = windows[start:start + step]
+        # equal-length windows: the batch mean loss is the chunk means weighted by their sizes
+        (_lm_loss(model, chunk) * (len(chunk) / n)).backward()
+    return fisher_acc
+
+
+def _member_importance(weight, grad, fisher, gs, member, importance) -> torch.Tensor:
+    """[count, width]: importance of each coupled weight vector (row or column) of one member."""
+    w = weight.detach().double()
+    salience = w * grad.double()
+    if importance == "element2":
+        salience = salience - 0.5 * w * fisher.double() * w
+    blocks = group_tensor(salience, gs, member)            # [count, width, other]
+    if importance == "vector":
+        return blocks.sum(dim=2).abs()
+    return blocks.abs().sum(dim=2)
+
+
+def _aggregate(per_member: list, how: str) -> torch.Tensor:
+    """Align members index by index (fold wider shares onto the narrowest), reduce, sum positions."""
+    count = per_member[0].shape[0]
+    w0 = min(v.shape[1] for v in per_member)
+    aligned = []
+    for v in per_member:
+        if v.shape[1] % w0:
+            raise UserError(f"llm-pruner cannot align member widths {v.shape[1]} and {w0}")
+        aligned.append(v.view(count, v.shape[1] // w0, w0).sum(dim=1))
+    stacked = torch.stack(aligned)                           # [members, count, w0]
+    if how == "sum":
+        reduced = stacked.sum(0)
+    elif how == "mean":
+        reduced = stacked.mean(0)
+    elif how == "max":
+        reduced = stacked.max(0).values
+    else:
+        reduced = stacked.prod(0)
+    return reduced.sum(dim=1)
+
+
+def score(model, windows, group_sets, options, seed) -> Scoring:
+    _check(options)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.grad = None
+        p.requires_grad_(True)                               # hf_prune.py: every parameter
+    importance = options["importance"]
+    try:
+        with torch.enable_grad():
+            fisher = backprop(model, windows, int(options["batch_size"]), fisher=importance == "element2")
+        scores = {}
+        with torch.no_grad():
+            for gs in group_sets:
+                per_member = []
+                for member in gs.members:
+                    weight = gs.linear(member).weight
+                    if weight.grad is None:
+                        raise UserError(f"llm-pruner: no gradient reached layer {gs.layer} {member.name}")
+                    per_member.append(_member_importance(weight, weight.grad, fisher.get(id(weight)), gs, member,
+                                                         importance))
+                scores[(gs.layer, gs.kind)] = _aggregate(per_member, options["aggregation"]).cpu()
+        fisher.clear()
+    finally:
+        for p, flag in flags.items():
+            p.grad = None
+            p.requires_grad_(flag)
+    return Scoring(scores, info={"importance": importance, "aggregation": options["aggregation"],
+                                 "tokens": int(windows.numel())})

@@ -1,0 +1,55 @@
+"""`magnitude`: data-free group norm of weights (FLAP repository's `mag_sp`, LLM-Pruner's `l1`/`l2`).
+
+Default (FLAP `lib/prune.py::prune_magnitude_sp`, the "magnitude" row of FLAP's and MINI-LLM's
+tables): the score of input column j of the output projection (o_proj / out_proj / dense for heads,
+down_proj / fc2 / dense_4h_to_h for channels) is its norm
+
+    s_j = ||W_out[:, j]||_p                    (p = 2 by default, FLAP's torch.norm(W, dim=0))
+
+and a head's score is the SUM of the scores of its head_dim columns (FLAP: reshape(-1, 128).sum(1));
+a channel is one column. Groups are then ranked per layer (FLAP's uniform "UL-UM" structure).
+
+Options:
+  norm     "l2" (default, FLAP mag_sp) or "l1".
+  weights  "output" (default, FLAP mag_sp: output-projection columns only) or "group": every weight
+           of the coupled group (q/k/v rows + o_proj columns; gate/up rows + down column), scored
+           as the group's p-norm (sum_{w in group} |w|^p)^(1/p) (LLM-Pruner's MagnitudeImportance
+           sums |w|^p over the group, a monotone transform of the same ranking).
+Biases are not weights of the norm (neither reference includes them).
+"""
+from __future__ import annotations
+
+import torch
+
+from minillm.errors import UserError
+from minillm.scoring import Scoring
+
+NAME = "magnitude"
+OPTIONS = {"norm": "l2", "weights": "output"}
+CALIBRATION = None
+SELECTION = {"scope": "layer", "layers": "all"}
+
+_P = {"l1": 1, "l2": 2}
+
+
+def score(model, windows, group_sets, options, seed) -> Scoring:
+    if options["norm"] not in _P:
+        raise UserError(f"magnitude option norm must be l1 or l2, got {options['norm']!r}")
+    if options["weights"] not in ("output", "group"):
+        raise UserError(f"magnitude option weights must be output or group, got {options['weights']!r}")
+    p = _P[options["norm"]]
+    scores = {}
+    with torch.no_grad():
+        for gs in group_sets:
+            if options["weights"] == "output":
+                # [count, width, out_features]: one norm per column, summed over the group's columns
+                blocks = gs.weight_blocks(gs.output).double()
+                scores[(gs.layer, gs.kind)] = torch.linalg.vector_norm(blocks, ord=p, dim=2).sum(1)
+            else:
+                total = torch.zeros(gs.count, dtype=torch.float64, device=gs.linear(gs.output).weight.device)
+                for member in gs.members:
+                    blocks = gs.weight_blocks(member).double()
+                    total += blocks.abs().pow(p).sum(dim=(1, 2))
+                scores[(gs.layer, gs.kind)] = total.pow(1.0 / p)
+    return Scoring({k: v.cpu() for k, v in scores.items()},
+                   info={"norm": options["norm"], "weights": options["weights"]})

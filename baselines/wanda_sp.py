@@ -1,0 +1,60 @@
+"""`wanda-sp`: Wanda's |W|·||X||_2 applied to structures, as the FLAP repository's `wanda_sp` does.
+
+Wanda (Sun et al. 2023, Eq. 1) scores weight W_ij by S_ij = |W_ij| · ||X_j||_2, where ||X_j||_2 is
+the l2 norm of input feature j over all N·L calibration tokens. The structured variant
+(An et al. 2024, FLAP `lib/prune.py::prune_wanda_sp`) scores the INPUT COLUMNS of each block's
+output projection (o_proj / out_proj / dense for heads, down_proj / fc2 / dense_4h_to_h for MLP
+channels) by averaging over the output rows,
+
+    s_j = (1/d_out) · sum_i |W_ij| · ||X_j||_2                     (FLAP: W_metric.mean(axis=0))
+
+and a head's score is the SUM of its head_dim column scores (FLAP: reshape(-1, 128).sum(dim=1));
+an MLP channel is one column. Groups are ranked per layer (FLAP prunes wanda-sp uniformly).
+
+Differences from the FLAP script, all documented:
+  - FLAP's `scaler_row` is sum_tokens x_j^2 / nsamples, i.e. ||X_j||_2^2 / N; the constant 1/sqrt(N)
+    does not change any ranking, so ||X_j||_2 is used as in Wanda's Eq. 1.
+  - FLAP prunes layer by layer and feeds the PRUNED layer's output to the next layer's statistics;
+    the method contract here scores all layers first (the selection ratio is not known to `score`),
+    so every layer's statistics come from the dense model (one-shot, like FLAP's own `flap`).
+  - Calibration: FLAP's wanda_sp draws 128 C4 samples of model.seqlen = 128 tokens (FLAP sets
+    seqlen 128 in `get_llm`); that is the default here (Wanda's paper used 128 x 2048 for
+    unstructured sparsity; 2048-token windows are out of reach on the 2-core CPU this suite targets).
+
+Option `batch_size` (default 1): windows per forward pass while collecting ||X_j||; FLAP's script
+feeds the calibration samples one at a time. Larger batches change nothing but the peak memory.
+"""
+from __future__ import annotations
+
+import torch
+
+from minillm.activations import input_stats
+from minillm.architectures import GroupSet
+from minillm.scoring import Scoring
+
+NAME = "wanda-sp"
+OPTIONS = {"batch_size": 1}
+CALIBRATION = {
+    "corpus": "c4", "nsamples": 128, "seqlen": 128,
+    "source": "FLAP repo lib/prune.py prune_wanda_sp: get_loaders('c4', nsamples=128, seqlen=model.seqlen=128)",
+}
+SELECTION = {"scope": "layer", "layers": "all"}
+
+
+def output_only(group_sets) -> list[GroupSet]:
+    """The same group sets restricted to their output-projection member (only its input is hooked)."""
+    return [GroupSet(gs.layer, gs.kind, gs.count, (gs.output,), gs.module) for gs in group_sets]
+
+
+def score(model, windows, group_sets, options, seed) -> Scoring:
+    batch_size = max(1, int(options["batch_size"]))
+    stats = input_stats(model, windows, output_only(group_sets), batch_size=batch_size)
+    scores = {}
+    with torch.no_grad():
+        for gs in group_sets:
+            out = gs.output
+            weight = gs.linear(out).weight
+            norm = stats[(gs.layer, out.name)].l2.to(weight.device)          # ||X_j||_2, [in_features]
+            column = weight.double().abs().mean(dim=0) * norm                # s_j
+            scores[(gs.layer, gs.kind)] = column.view(gs.count, out.width).sum(1).cpu()
+    return Scoring(scores, info={"tokens": int(windows.numel())})
