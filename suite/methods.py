@@ -10,6 +10,11 @@ from minillm.errors import UserError
 
 METHODS = {
     "random": "baselines.seeded_random",
+    "magnitude": "baselines.magnitude",
+    "wanda-sp": "baselines.wanda_sp",
+    "flap": "baselines.flap",
+    "llm-pruner": "baselines.llm_pruner",
+    "minillm": "minillm.method",
 }
 
 

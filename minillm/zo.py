@@ -1,0 +1,434 @@
+"""Forward-only (zeroth-order) gradient estimates: two-sided SPSA, in place and seed-regenerated.
+
+This is the estimator of MINI-LLM (Cheng, Zhang, Shi 2024, arXiv 2407.11681, Sec. 3.2), which takes
+it from MeZO (Malladi et al. 2023, `large_models/trainer.py`: `zo_perturb_parameters`,
+`zo_forward`, `zo_step`). For each of q directions k with seed s_k and z_k ~ N(0, I):
+
+    θ += ε z_k ; L₊ = L(θ)
+    θ −= 2ε z_k; L₋ = L(θ)
+    θ += ε z_k                              (back to θ, up to rounding: see below)
+    c_k = (L₊ − L₋) / 2ε                   (the projected gradient, ≈ gᵀ z_k)
+    ĝ = (1/q) Σ_k c_k z_k                   (E[ĝ] = ∇L + O(ε²): unbiased for the smoothed loss)
+
+Memory, as in MeZO: z is never stored. Every perturbed tensor i draws its share of z_k from its own
+`torch.Generator` seeded by `tensor_seed(s_k, i)` (splitmix64 of the pair), so any one tensor's
+share can be regenerated alone, bitwise identically, long after the forward passes. The estimate
+is therefore only the list of (s_k, c_k) pairs (`Estimate`); `Estimate.gradient(i)` rebuilds ĝ for
+tensor i alone (one tensor-sized buffer + one for z), which the scorer reduces to group scores at
+once and drops. No parameter `.grad`, no copy of the weights, never two tensors' ĝ at a time.
+(MeZO reseeds the global RNG and draws all parameters in sequence; per-tensor generators are this
+project's change: they make a single tensor's z regenerable without drawing all earlier ones.)
+
+Restoring the weights. In floating point W + εz − 2εz + εz is not W bitwise: each of the three
+in-place additions rounds its result. The error of one addition is at most half an ulp of its
+result plus half an ulp of the rounded product εz (the products themselves cancel exactly: 2ε is a
+power-of-two multiple of ε), so after q directions every element satisfies
+
+    |ΔW| ≤ Σ_k 3·½·(ulp(M_k) + ulp(2ε·max|z_k|)),   M_k = max|W| + 2ε·max|z_k| + drift so far,
+
+which `spsa` accumulates per tensor (`Estimate.drift_bound`); typically ~1e-7 for fp32 weights of
+magnitude ≤ 1 at q = 64 (the measured drift is a random walk, well below the bound).
+`restore_from_checkpoint` then makes the weights exact again where the model was loaded from a
+safetensors directory (`model.name_or_path`): it reads the perturbed tensors back one at a time,
+checks each against the bound (a file that is not the model's source is refused, tensor by tensor)
+and copies it in. Models without such a directory (built in code, sliced by a plan) keep the
+bounded drift, and the record says so.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_MASK64 = (1 << 64) - 1
+
+
+# --------------------------------------------------------------------------- seeds and directions
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def tensor_seed(seed: int, index: int) -> int:
+    """Seed of tensor `index`'s share of the direction with seed `seed` (63-bit, well mixed)."""
+    return _splitmix64(_splitmix64(int(seed) & _MASK64) ^ (int(index) & _MASK64)) >> 1
+
+
+def direction_seeds(seed: int, q: int, stream: int = 0) -> list[int]:
+    """The q direction seeds of one estimate; `stream` separates independent estimates (layers)."""
+    base = tensor_seed(seed, stream + (1 << 40))
+    return [tensor_seed(base, k) for k in range(q)]
+
+
+def direction(seed: int, index: int, shape, device="cpu") -> torch.Tensor:
+    """z ~ N(0, I) in float32 for tensor `index` of direction `seed`: regenerated bitwise identically.
+
+    Drawn on `device` (a CUDA generator draws different numbers than the CPU one: estimates are
+    reproducible per device type).
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(tensor_seed(seed, index))
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32, device=device)
+
+
+def ulp(x: float, dtype: torch.dtype = torch.float32) -> float:
+    """Unit in the last place of a positive number x in `dtype` (an upper bound for subnormals too)."""
+    info = torch.finfo(dtype)
+    x = max(float(x), info.tiny)
+    return info.eps * 2.0 ** math.floor(math.log2(x))
+
+
+# --------------------------------------------------------------------------- the estimate
+@dataclass
+class Estimate:
+    """A two-sided SPSA estimate stored as seeds and projected gradients (no tensor is kept).
+
+    names/shapes: the perturbed tensors in order (tensor i's z share uses index i).
+    seeds, coeffs: s_k and c_k = (L₊ − L₋)/2ε per direction k.
+    drift_bound: per tensor, the bound on max |ΔW| the in-place round trips can have left.
+    """
+
+    names: list[str]
+    shapes: list[tuple]
+    seeds: list[int]
+    coeffs: list[float]
+    eps: float
+    losses: list[tuple[float, float]] = field(default_factory=list)
+    drift_bound: list[float] = field(default_factory=list)
+    device: str = "cpu"
+
+    @property
+    def q(self) -> int:
+        return len(self.seeds)
+
+    def index(self, name: str) -> int:
+        return self.names.index(name)
+
+    def z(self, k: int, i: int) -> torch.Tensor:
+        return direction(self.seeds[k], i, self.shapes[i], self.device)
+
+    def gradient(self, i: int, q: int | None = None) -> torch.Tensor:
+        """ĝ of tensor i from the first q directions, rebuilt from the seeds (float32)."""
+        q = self.q if q is None else q
+        if not 0 < q <= self.q:
+            raise ValueError(f"q must be in 1..{self.q}, got {q}")
+        out = torch.zeros(self.shapes[i], dtype=torch.float32, device=self.device)
+        for k in range(q):
+            out.add_(self.z(k, i), alpha=self.coeffs[k])
+        return out.div_(q)
+
+    def prefix_gradients(self, i: int, qs: Sequence[int]):
+        """Yield (q, ĝ_q) for the increasing prefixes `qs` of tensor i, drawing each z once."""
+        qs = sorted(set(int(q) for q in qs))
+        acc = torch.zeros(self.shapes[i], dtype=torch.float32, device=self.device)
+        done = 0
+        for q in qs:
+            for k in range(done, q):
+                acc.add_(self.z(k, i), alpha=self.coeffs[k])
+            done = q
+            yield q, acc / q
+
+    def summary(self) -> dict:
+        c = torch.tensor(self.coeffs, dtype=torch.float64) if self.coeffs else torch.zeros(1, dtype=torch.float64)
+        return {
+            "q": self.q, "eps": self.eps, "tensors": len(self.names),
+            "dims": int(sum(math.prod(s) for s in self.shapes)),
+            "coeff_mean": float(c.mean()), "coeff_rms": float(c.pow(2).mean().sqrt()),
+            "drift_bound": max(self.drift_bound) if self.drift_bound else 0.0,
+        }
+
+
+@torch.no_grad()
+def _perturb(tensors, seed: int, scale: float, device, want_max: bool = False) -> list[float]:
+    zmax = []
+    for i, t in enumerate(tensors):
+        z = direction(seed, i, t.shape, device)
+        if want_max:
+            zmax.append(float(z.abs().max()) if z.numel() else 0.0)
+        t.add_(z.to(t.dtype), alpha=scale)
+        del z
+    return zmax
+
+
+def spsa(loss_fn: Callable[[], float], named_tensors: Sequence[tuple[str, torch.Tensor]], eps: float,
+         directions: int, seed: int, stream: int = 0, progress=None) -> Estimate:
+    """Two-sided SPSA of `loss_fn` w.r.t. `named_tensors`, perturbed in place and put back.
+
+    `loss_fn()` evaluates the loss at the current (perturbed) values and returns a float. The same
+    calibration batch is used for L₊ and L₋ (MeZO). If anything raises mid-direction the pending
+    perturbation is undone before the exception propagates.
+    """
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if directions < 1:
+        raise ValueError(f"directions must be >= 1, got {directions}")
+    names = [n for n, _ in named_tensors]
+    tensors = [t for _, t in named_tensors]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    est = Estimate(names, [tuple(t.shape) for t in tensors], direction_seeds(seed, directions, stream), [],
+                   float(eps), device=str(device.type if device.type != "cuda" else device))
+    with torch.no_grad():
+        amax = [float(t.abs().max()) if t.numel() else 0.0 for t in tensors]
+    drift = [0.0] * len(tensors)
+    steps = range(directions)
+    for k in (progress(steps) if progress else steps):
+        s = est.seeds[k]
+        offset = 0.0  # how far from θ the tensors are, in units of ε·z_k
+        try:
+            zmax = _perturb(tensors, s, eps, device, want_max=True)
+            offset = 1.0
+            lp = float(loss_fn())
+            _perturb(tensors, s, -2 * eps, device)
+            offset = -1.0
+            lm = float(loss_fn())
+            _perturb(tensors, s, eps, device)
+            offset = 0.0
+        finally:
+            if offset:
+                _perturb(tensors, s, -offset * eps, device)
+        est.coeffs.append((lp - lm) / (2 * eps))
+        est.losses.append((lp, lm))
+        for i, t in enumerate(tensors):
+            step = 2 * eps * zmax[i]
+            big = amax[i] + drift[i] + step
+            drift[i] += 1.5 * (ulp(big, t.dtype) + ulp(step, t.dtype)) if big > 0 else 0.0
+    est.drift_bound = drift
+    return est
+
+
+@dataclass
+class CoordinateEstimate:
+    """Central differences along every coordinate: ĝ_j = (L(θ + ε e_j) − L(θ − ε e_j)) / 2ε.
+
+    Forward-only like SPSA but deterministic and exact up to O(ε²); it costs 2 forwards per
+    coordinate, so it only suits small spaces (a layer's head gates, the per-sub-block gates),
+    where it beats SPSA at equal cost once q ≳ d/2. This project's addition, not the paper's.
+    """
+
+    names: list[str]
+    grads: list[torch.Tensor]
+    eps: float
+    forwards: int
+
+    @property
+    def q(self) -> int:
+        return self.forwards // 2
+
+    def gradient(self, i: int, q: int | None = None) -> torch.Tensor:
+        return self.grads[i].clone()
+
+    def summary(self) -> dict:
+        return {"estimator": "coordinate", "eps": self.eps, "tensors": len(self.names),
+                "dims": int(sum(g.numel() for g in self.grads)), "drift_bound": 0.0}
+
+
+def coordinate(loss_fn: Callable[[], float], named_tensors: Sequence[tuple[str, torch.Tensor]], eps: float,
+               progress=None) -> CoordinateEstimate:
+    """Central-difference gradient of `loss_fn` w.r.t. every element of `named_tensors` (restored exactly)."""
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    grads, forwards = [], 0
+    coords = [(i, j) for i, (_, t) in enumerate(named_tensors) for j in range(t.numel())]
+    out = [torch.zeros(t.numel(), dtype=torch.float64) for _, t in named_tensors]
+    for i, j in (progress(coords) if progress else coords):
+        flat = named_tensors[i][1].view(-1)
+        with torch.no_grad():
+            saved = flat[j].clone()
+            try:
+                flat[j] = saved + eps
+                lp = float(loss_fn())
+                flat[j] = saved - eps
+                lm = float(loss_fn())
+            finally:
+                flat[j] = saved  # the saved scalar: exact
+        out[i][j] = (lp - lm) / (2 * eps)
+        forwards += 2
+    for (_, t), g in zip(named_tensors, out):
+        grads.append(g.float().view(t.shape).to(t.device))
+    return CoordinateEstimate([n for n, _ in named_tensors], grads, float(eps), forwards)
+
+
+# --------------------------------------------------------------------------- restoring weights
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _safetensors_index(path: Path) -> dict:
+    """name -> (path, dtype, shape, start, end) from a .safetensors header (nothing else is read)."""
+    import json
+    import struct
+
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+    base = 8 + length
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__" or entry.get("dtype") not in _SAFETENSORS_DTYPES:
+            continue
+        start, end = entry["data_offsets"]
+        out[name] = (path, _SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), base + start, base + end)
+    return out
+
+
+def _read_tensor(where) -> torch.Tensor:
+    """One tensor read into its own buffer (no mmap: the file's pages do not stay in the RSS)."""
+    path, dtype, shape, start, end = where
+    buf = bytearray(end - start)
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        fh.readinto(buf)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape) if buf else torch.empty(shape, dtype=dtype)
+
+
+def restore_from_checkpoint(model, named_tensors, bounds) -> dict:
+    """Copy the perturbed tensors back from the safetensors the model was loaded from, one at a time.
+
+    A tensor is restored only if the file's value is within its drift bound of the current one
+    (so a file that is not this model's source is never copied in). Tensors are read one at a time
+    into a fresh buffer (not memory-mapped), so the peak is one tensor. Returns a summary:
+    {"restore": "checkpoint"|"partial"|"arithmetic", "restored", "tensors", "drift_bound", "source"}.
+    """
+    summary = {"restore": "arithmetic", "restored": 0, "tensors": len(named_tensors),
+               "drift_bound": max(bounds) if bounds else 0.0, "source": None}
+    source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    folder = Path(str(source)) if source else None
+    if not named_tensors or folder is None or not folder.is_dir():
+        return summary
+    index = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            index.update(_safetensors_index(path))
+        except (OSError, ValueError, KeyError):
+            continue
+    if not index:
+        return summary
+    summary["source"] = str(folder)
+    restored = 0
+    with torch.no_grad():
+        for (name, tensor), bound in zip(named_tensors, bounds):
+            where = index.get(name)
+            if where is None or where[2] != tuple(tensor.shape):
+                continue
+            saved = _read_tensor(where).to(device=tensor.device, dtype=tensor.dtype)
+            if float((saved - tensor).abs().max()) <= bound * (1 + 1e-6):
+                tensor.copy_(saved)
+                restored += 1
+            del saved
+    summary["restored"] = restored
+    if restored:
+        summary["restore"] = "checkpoint" if restored == len(named_tensors) else "partial"
+    return summary
+
+
+# --------------------------------------------------------------------------- losses
+def _hidden(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _lm_loss_sum(model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy of one batch (fp32 logits) and its token count."""
+    logits = model(input_ids=batch, use_cache=False).logits
+    logits = logits[:, :-1].float()
+    targets = batch[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+    return loss, targets.numel()
+
+
+def calibration_loss(model, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean next-token cross-entropy of the causal LM on the calibration windows (no grad)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in windows.split(batch_size):
+            loss, n = _lm_loss_sum(model, batch.to(device))
+            total += float(loss.double())
+            count += n
+    return total / count
+
+
+def backprop_loss(model, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """The same loss with autograd: accumulates d(mean loss)/dθ into `.grad` of what requires grad."""
+    device = next(model.parameters()).device
+    count = windows[:, 1:].numel()
+    total = 0.0
+    with torch.enable_grad():
+        for batch in windows.split(batch_size):
+            loss, _ = _lm_loss_sum(model, batch.to(device))
+            (loss / count).backward()
+            total += float(loss.detach().double())
+    return total / count
+
+
+# --------------------------------------------------------------------------- block-wise runs
+def _layer_container(model, layers: list[nn.Module]) -> tuple[nn.Module, str]:
+    """(parent module, attribute) of the ModuleList holding the decoder layers."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == len(layers) and module[0] is layers[0]:
+            parent_name, _, attr = name.rpartition(".")
+            return model.get_submodule(parent_name) if parent_name else model, attr
+    raise RuntimeError("cannot find the ModuleList holding the decoder layers")
+
+
+class LayerRunner:
+    """The calibration loss evaluated from decoder layer i on, with layer i's input cached.
+
+    One clean pass caches the hidden states entering every decoder layer (nsamples × seqlen ×
+    hidden per layer). `loss_from(i)` then swaps the model's layer list for layers[i:] and feeds
+    layer i its cached input (a forward pre-hook replaces the hidden states), so a perturbation of
+    layer i's gates costs a forward of layers ≥ i only. Embeddings, masks and rotary/ALiBi tables
+    are recomputed by the model itself (cheap), which keeps this architecture-agnostic.
+    This block-wise scheme is this project's addition, not the paper's.
+    """
+
+    def __init__(self, model, windows: torch.Tensor, layers: list[nn.Module], batch_size: int = 4):
+        self.model, self.windows, self.layers, self.batch_size = model, windows, list(layers), batch_size
+        self.device = next(model.parameters()).device
+        self.container, self.attr = _layer_container(model, self.layers)
+        self.inputs: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        handles = []
+        for j, layer in enumerate(self.layers):
+            def grab(module, args, kwargs, j=j):
+                h = args[0] if args else kwargs["hidden_states"]
+                self.inputs[j].append(h.detach())
+            handles.append(layer.register_forward_pre_hook(grab, with_kwargs=True))
+        try:
+            self.clean_loss = calibration_loss(model, windows, batch_size)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def loss_from(self, i: int) -> float:
+        if i == 0:
+            return calibration_loss(self.model, self.windows, self.batch_size)
+        original = self.container._modules[self.attr]
+        state = {"batch": 0}
+
+        def feed(module, args, kwargs):
+            h = self.inputs[i][state["batch"]]
+            if args:
+                args = (h,) + tuple(args[1:])
+            else:
+                kwargs["hidden_states"] = h
+            return args, kwargs
+
+        handle = self.layers[i].register_forward_pre_hook(feed, with_kwargs=True)
+        self.container._modules[self.attr] = nn.ModuleList(self.layers[i:])
+        total, count = 0.0, 0
+        try:
+            with torch.no_grad():
+                for b, batch in enumerate(self.windows.split(self.batch_size)):
+                    state["batch"] = b
+                    loss, n = _lm_loss_sum(self.model, batch.to(self.device))
+                    total += float(loss.double())
+                    count += n
+        finally:
+            self.container._modules[self.attr] = original
+            handle.remove()
+        return total / count

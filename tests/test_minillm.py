@@ -1,0 +1,389 @@
+"""MINI-LLM: the forward-only estimator (minillm/zo.py), the method (minillm/method.py), the diagnosis.
+
+Tiny models only (no data needed: calibration windows are torch.randint), < 90 s in all.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from minillm import zo
+from minillm.architectures import adapter_for, all_group_sets
+from minillm.errors import UserError
+from minillm.gates import gated
+from minillm.method import OPTIONS, check_options, member_weights, score
+from minillm.select import select
+from suite.models import load_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread (with 2 threads on a shared 2-core machine, small ops spin-wait)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def windows(n=2, seqlen=16, seed=0, vocab=259):
+    return torch.randint(3, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def micro_llama():
+    """A very small LLaMA (GQA) whose forward takes milliseconds: for many-direction convergence."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    config._attn_implementation = "eager"
+    state = torch.random.get_rng_state()
+    torch.manual_seed(7)
+    try:
+        model = AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight.normal_(0.0, module.in_features ** -0.5)
+    finally:
+        torch.random.set_rng_state(state)
+    return model
+
+
+def cosine(a, b):
+    return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
+
+
+def opts(**kw):
+    return {**OPTIONS, "batch_size": 2, **kw}
+
+
+# --------------------------------------------------------------------------- seeds
+def test_directions_regenerate_bitwise_and_differ_across_tensors_and_seeds():
+    a = zo.direction(123, 4, (5, 7))
+    assert torch.equal(a, zo.direction(123, 4, (5, 7)))
+    assert not torch.equal(a, zo.direction(123, 5, (5, 7)))
+    assert not torch.equal(a, zo.direction(124, 4, (5, 7)))
+    s1, s2 = zo.direction_seeds(0, 8), zo.direction_seeds(0, 8, stream=1)
+    assert s1 == zo.direction_seeds(0, 8) and len(set(s1 + s2)) == 16
+    # a tensor's share does not depend on what else is drawn (per-tensor generators)
+    torch.manual_seed(0)
+    torch.randn(100)
+    assert torch.equal(a, zo.direction(123, 4, (5, 7)))
+
+
+def test_estimate_rebuilds_the_same_gradient_from_seeds():
+    x = torch.zeros(6)
+    target = torch.arange(6.0)
+    est = zo.spsa(lambda: float(((x - target) ** 2).sum()), [("x", x)], 1e-2, 5, seed=3)
+    manual = sum(c * zo.direction(s, 0, (6,)) for s, c in zip(est.seeds, est.coeffs)) / 5
+    assert torch.allclose(est.gradient(0), manual, atol=1e-6)
+    assert torch.equal(est.gradient(0), est.gradient(0))
+    prefixes = dict(est.prefix_gradients(0, [2, 5]))
+    assert torch.allclose(prefixes[2], est.gradient(0, 2), atol=1e-6)
+    assert torch.allclose(prefixes[5], est.gradient(0), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- unbiased and converging
+def test_spsa_is_unbiased_on_a_quadratic():
+    """E[ĝ] = g exactly for a quadratic (two-sided differences have no O(ε²) bias there)."""
+    d = 12
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(d, d, generator=gen)
+    a = a @ a.t() / d
+    b = torch.randn(d, generator=gen)
+    x = torch.randn(d, generator=gen)
+    x0 = x.clone()
+    loss = lambda: float(0.5 * x.double() @ a.double() @ x.double() + b.double() @ x.double())
+    true = a @ x0 + b
+    est = zo.spsa(loss, [("x", x)], 1e-3, 4000, seed=1)
+    assert cosine(est.gradient(0), true) >= 0.99
+    assert (est.gradient(0) - true).norm() / true.norm() < 0.2  # ≈ sqrt(d/q)
+    assert torch.allclose(x, x0, atol=max(est.drift_bound) * 1.0001)
+
+
+def test_spsa_converges_to_autograd_on_head_gates():
+    """Many directions over a small space (8 head gates of a real LLaMA): cosine(ĝ, g) >= 0.9."""
+    model = micro_llama()
+    w = windows(2, 16, vocab=64)
+    sets = [gs for gs in all_group_sets(model) if gs.kind == "heads"]
+    gates = [torch.ones(gs.count, requires_grad=True) for gs in sets]
+    with gated(sets, gates):
+        zo.backprop_loss(model, w)
+    true = torch.cat([g.grad for g in gates])
+    model.zero_grad(set_to_none=True)
+    gates = [torch.ones(gs.count) for gs in sets]
+    with gated(sets, gates):
+        est = zo.spsa(lambda: zo.calibration_loss(model, w), [(str(i), g) for i, g in enumerate(gates)],
+                      1e-2, 300, seed=0)
+    ghat = torch.cat([est.gradient(i) for i in range(len(gates))])
+    assert cosine(ghat, true) >= 0.9
+    assert cosine(torch.cat([est.gradient(i, 10) for i in range(len(gates))]), true) < cosine(ghat, true)
+
+
+def test_coordinate_differences_match_autograd_and_restore_exactly():
+    model = micro_llama()
+    w = windows(2, 16, vocab=64)
+    sets = [gs for gs in all_group_sets(model) if gs.kind == "heads"]
+    gates = [torch.ones(gs.count, requires_grad=True) for gs in sets]
+    with gated(sets, gates):
+        zo.backprop_loss(model, w)
+    true = torch.cat([g.grad for g in gates])
+    model.zero_grad(set_to_none=True)
+    gates = [torch.ones(gs.count) for gs in sets]
+    with gated(sets, gates):
+        est = zo.coordinate(lambda: zo.calibration_loss(model, w), [(str(i), g) for i, g in enumerate(gates)], 1e-2)
+    assert est.forwards == 2 * true.numel()
+    assert cosine(torch.cat([est.gradient(i) for i in range(len(gates))]), true) >= 0.999
+    assert all(torch.equal(g, torch.ones_like(g)) for g in gates)
+
+
+def test_spsa_converges_to_autograd_on_a_small_weight():
+    """Weights perturbed in place (a 32-vector: the final norm) converge to the backprop gradient."""
+    model = micro_llama()
+    w = windows(2, 16, vocab=64)
+    p = model.model.norm.weight
+    for q in model.parameters():
+        q.requires_grad_(q is p)
+    zo.backprop_loss(model, w)
+    true = p.grad.clone()
+    p.grad = None
+    est = zo.spsa(lambda: zo.calibration_loss(model, w), [("norm", p)], 1e-3, 400, seed=0)
+    assert cosine(est.gradient(0), true) >= 0.9
+
+
+# --------------------------------------------------------------------------- restoring the weights
+def test_weights_after_scoring_are_within_the_stated_bound():
+    model = load_model("tiny-llama-gqa")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = score(model, windows(), all_group_sets(model), opts(directions=3), seed=0)
+    info = result.info["weight"]
+    assert info["restore"] == "arithmetic"  # built in code: no checkpoint to restore from
+    bound = info["drift_bound"]
+    assert 0 < bound < 1e-5  # O(q·ulp(W))
+    drift = max(float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters())
+    assert drift <= bound
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_weights_are_restored_exactly_from_the_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    load_model("tiny-llama").save_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = score(model, windows(), all_group_sets(model), opts(directions=2), seed=0)
+    assert result.info["weight"]["restore"] == "checkpoint"
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_a_checkpoint_that_is_not_the_source_is_refused(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    load_model("tiny-llama").save_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(2.0)  # no longer what the file holds
+    named = member_weights(model, all_group_sets(model))
+    est = zo.spsa(lambda: zo.calibration_loss(model, windows()), named, 1e-3, 1, seed=0)
+    summary = zo.restore_from_checkpoint(model, named, est.drift_bound)
+    assert summary["restore"] == "partial" and summary["restored"] == len(named) - 1
+
+
+def test_an_interrupted_direction_is_undone():
+    x = torch.ones(5)
+    calls = {"n": 0}
+
+    def loss():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return float(x.sum())
+
+    with pytest.raises(KeyboardInterrupt):
+        zo.spsa(loss, [("x", x)], 0.5, 3, seed=0)
+    assert torch.allclose(x, torch.ones(5), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- determinism
+@pytest.mark.parametrize("space", ["weight", "mask", "layer"])
+def test_same_seed_same_kept_groups(space):
+    w = windows()
+    plans = []
+    for _ in range(2):
+        model = load_model("tiny-llama-gqa")
+        o = opts(space=space, directions=2, blockwise=space == "mask")
+        result = score(model, w, all_group_sets(model), o, seed=5)
+        sel = select(model, result.scores, 0.3, layer_weights=result.info.get("layer_weights"))
+        plans.append(sel.plan.to_json())
+    assert plans[0] == plans[1]
+
+
+# --------------------------------------------------------------------------- FMS against an independent computation
+def _independent_fms(model, w, kind):
+    """FMS = Σ over a group's weights of |W·ĝ·‖X‖₂|, written out per head / channel with explicit slices."""
+    layers = adapter_for(model).layers(model)
+    linears = {}
+    for i, layer in enumerate(layers):
+        for name, mod in layer.named_modules():
+            if isinstance(mod, nn.Linear):
+                linears[(i, name)] = mod
+    sq = {k: 0.0 for k in linears}
+    hooks = [mod.register_forward_pre_hook(lambda m, a, k=k: sq.__setitem__(k, sq[k] + a[0].double().pow(2).reshape(-1, a[0].shape[-1]).sum(0)))
+             for k, mod in linears.items()]
+    with torch.no_grad():
+        for b in w.split(2):
+            model(input_ids=b)
+    for h in hooks:
+        h.remove()
+    xnorm = {k: v.sqrt().float() for k, v in sq.items()}
+    grads = {}
+    if kind == "backprop":
+        params = [mod.weight for mod in linears.values()]
+        logits = model(input_ids=w).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))
+        for k, g in zip(linears, torch.autograd.grad(loss, params)):
+            grads[k] = g
+    out = {}
+    cfg = model.config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    for i in range(len(layers)):
+        def s(name):
+            wt = linears[(i, name)].weight.detach()
+            g = grads.get((i, name), torch.ones_like(wt))
+            return (wt * g * xnorm[(i, name)][None, :]).abs()
+
+        q, o = s("self_attn.q_proj"), s("self_attn.o_proj")
+        out[(i, "heads")] = torch.tensor([float(q[h * hd:(h + 1) * hd].sum() + o[:, h * hd:(h + 1) * hd].sum())
+                                          for h in range(cfg.num_attention_heads)])
+        gp, up, dn = s("mlp.gate_proj"), s("mlp.up_proj"), s("mlp.down_proj")
+        out[(i, "channels")] = gp.sum(1) + up.sum(1) + dn.sum(0)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["none", "backprop"])
+def test_fms_matches_an_independent_computation(kind):
+    model = load_model("tiny-llama-gqa")  # q-head mode: k/v are shared, not part of a head group
+    w = windows(4, 16)
+    expected = _independent_fms(model, w, kind)
+    model.zero_grad(set_to_none=True)
+    sets = all_group_sets(model)
+    got = score(model, w, sets, opts(gradient=kind), seed=0).scores
+    per_group = {(gs.layer, gs.kind): gs.params_per_group() for gs in sets}  # scores are per parameter
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key].double() * per_group[key], value.double(), rtol=1e-5, atol=1e-8)
+
+
+def test_backprop_mask_scores_are_the_gate_gradients():
+    model = load_model("tiny-opt")
+    w = windows()
+    sets = all_group_sets(model)
+    gates = [torch.ones(gs.count, requires_grad=True) for gs in sets]
+    with gated(sets, gates):
+        zo.backprop_loss(model, w, 2)
+    model.zero_grad(set_to_none=True)
+    got = score(model, w, sets, opts(space="mask", gradient="backprop"), seed=0).scores
+    for gs, g in zip(sets, gates):
+        torch.testing.assert_close(got[(gs.layer, gs.kind)] * gs.params_per_group(), g.grad.abs(),
+                                   rtol=1e-5, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- block-wise runs and spaces
+@pytest.mark.parametrize("name", ["tiny-llama-gqa", "tiny-opt", "tiny-bloom"])
+def test_loss_from_a_cached_layer_input_equals_the_full_loss(name):
+    model = load_model(name)
+    w = windows(3, 12)
+    runner = zo.LayerRunner(model, w, adapter_for(model).layers(model), batch_size=2)
+    full = zo.calibration_loss(model, w, 2)
+    for i in range(len(runner.layers)):
+        assert math.isclose(runner.loss_from(i), full, rel_tol=1e-6)
+    # the model's layer list is back in place
+    assert len(adapter_for(model).layers(model)) == len(runner.layers)
+
+
+def test_layer_space_returns_layer_weights_and_heads_mask_uses_fms_for_channels():
+    model = load_model("tiny-llama")
+    w = windows()
+    res = score(model, w, all_group_sets(model), opts(space="layer", directions=2, fms_gradient="none"), seed=0)
+    weights = res.info["layer_weights"]
+    assert sorted(weights) == [0, 1, 2, 3]
+    assert math.isclose(min(weights.values()), 1 - OPTIONS["layer_lambda"])
+    assert math.isclose(max(weights.values()), 1 + OPTIONS["layer_lambda"])
+    res = score(model, w, all_group_sets(model), opts(space="mask", mask_groups="heads", fms_gradient="none",
+                                                      directions=2), seed=0)
+    assert "mask" in res.info and res.info["fms"]["gradient"] == "none"
+    assert all(v.shape == (gs.count,) for gs in all_group_sets(model) for k, v in res.scores.items()
+               if k == (gs.layer, gs.kind))
+
+
+def test_bad_options_are_one_line_errors():
+    with pytest.raises(UserError, match="space"):
+        check_options(opts(space="weights"))
+    with pytest.raises(UserError, match="nothing to score"):
+        check_options(opts(space="mask", gradient="none"))
+    with pytest.raises(UserError, match="coordinate"):
+        check_options(opts(space="weight", estimator="coordinate"))
+
+
+# --------------------------------------------------------------------------- CLI
+def test_zo_diagnose_cli_writes_a_record(tmp_path, capsys):
+    data = Path(os.environ.get("MINILLM_DATA", ""))  # tests/conftest.py points it at the mirror
+    if not (data / "hf" / "ptb_text_only").is_dir():
+        pytest.skip("no dataset mirror")
+    from suite.cli import main
+
+    out = tmp_path / "zo.json"
+    rc = main(["zo-diagnose", "--model", "tiny-llama-gqa", "--space", "mask,layer", "--directions", "2,4",
+               "--calib", "ptb", "--nsamples", "2", "--seqlen", "16", "--json", str(out)])
+    assert rc == 0
+    record = json.loads(out.read_text())
+    assert set(record["spaces"]) == {"mask", "layer"}
+    assert set(record["spaces"]["mask"]["q"]) == {"2", "4"}
+    assert "cosine" in capsys.readouterr().out
+
+
+def test_prune_cli_runs_minillm_and_records_the_score_phase(tmp_path):
+    data = Path(os.environ.get("MINILLM_DATA", ""))
+    if not (data / "hf" / "allenai" / "c4").is_dir():
+        pytest.skip("no dataset mirror")
+    from suite.cli import main
+
+    out = tmp_path / "pruned"
+    rc = main(["prune", "--model", "tiny-llama-gqa", "--method", "minillm", "--ratio", "0.2", "--out", str(out),
+               "--nsamples", "2", "--seqlen", "16", "--opt", "space=mask", "--opt", "directions=2",
+               "--opt", "mask_groups=heads", "--opt", "blockwise=true", "--quiet"])
+    assert rc == 0
+    record = json.loads((out / "pruning.json").read_text())
+    assert record["options"]["space"] == "mask" and record["options"]["directions"] == 2
+    assert record["phases"]["score"]["seconds"] > 0 and record["phases"]["score"]["peak_mb"] > 0
+    assert record["method_info"]["mask"]["blockwise"] is True
+
+
+def test_mean_compensation_adds_the_removed_columns_mean_contribution():
+    from minillm.activations import input_stats
+    from minillm.plan import apply_plan
+
+    model = load_model("tiny-llama")
+    w = windows(4, 16)
+    sets = all_group_sets(model)
+    down = model.model.layers[1].mlp.down_proj
+    full = down.weight.detach().clone()
+    mean = input_stats(model, w, sets, batch_size=2)[(1, "mlp.down_proj")].mean
+    result = score(model, w, sets, opts(gradient="none", compensate=True), seed=0)
+    sel = select(model, result.scores, 0.3)
+    n_before = sum(p.numel() for p in model.parameters())
+    apply_plan(model, sel.plan)
+    result.compensate(model, sel.plan)
+    kept = torch.tensor(sel.plan.layers[1].channels)
+    removed = torch.ones(full.shape[1], dtype=torch.bool)
+    removed[kept] = False
+    expected = full[:, removed].double() @ mean[removed]
+    torch.testing.assert_close(down.bias.double(), expected, rtol=1e-5, atol=1e-6)
+    assert n_before - sum(p.numel() for p in model.parameters()) == sel.removed  # a buffer, not a parameter
+    assert result.info["compensated_modules"] == 8
