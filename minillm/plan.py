@@ -14,7 +14,7 @@ layers may end with different sizes. A layer left with zero heads or channels is
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
