@@ -80,7 +80,7 @@ OPTIONS = {
     "gate_eps": 1e-2,         # SPSA step for gates (mask and layer spaces)
     "directions": 16,         # q
     "perturb": "prunable",    # prunable | all
-    "activation": "l2",       # l2 | mean_abs
+    "activation": "l2",       # l2 | mean_abs | std
     "aggregate": "sum",       # sum | mean | max
     "abs": "element",         # element | group
     "members": "all",         # all (the group's every weight, paper) | output (only the out-projection columns)
@@ -88,7 +88,7 @@ OPTIONS = {
     "estimator": "spsa",      # gate spaces: spsa (paper/MeZO) | coordinate (central differences, 2 forwards/gate)
     "blockwise": False,       # mask space: one layer's gates at a time from its cached input
     "mask_groups": "all",     # mask space: all | heads (channels then by FMS)
-    "layer_lambda": 0.3,      # layer space: weights rank-linear in [1-λ, 1+λ]
+    "layer_lambda": 0.3,      # layer space: weights rank-linear in [1-λ, 1+λ] (≤ 0.4 at ratio 0.5 on SmolLM2, see notes)
     "normalize": "param",     # param (per parameter) | standard (z-score per layer and kind) | unit (FLAP Eq. 5)
     "compensate": False,      # FLAP's baseline bias compensation after slicing (not in the paper)
     "restore": "auto",        # auto (checkpoint if verifiable, else bounded drift) | arithmetic
