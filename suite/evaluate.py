@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
 import os
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from minillm.errors import UserError
-from suite import data
+from suite import data, models
 
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
@@ -90,11 +91,60 @@ class TaskUnavailable(Exception):
 
 
 @lru_cache(maxsize=4)
-def task_manager(include_path: str | None = None):
-    """lm-eval's TaskManager (indexing all task YAMLs takes seconds: built once per include_path)."""
+def _full_task_manager(include_path: str | None = None):
+    """lm-eval's TaskManager over every bundled task YAML (indexing ~14k names takes ~7 s)."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=include_path)
+
+
+def _task_dirs_file() -> Path:
+    import lm_eval
+
+    version = getattr(lm_eval, "__version__", "unknown")
+    return models.cache_root() / f"lm-eval-{version}-task-dirs.json"
+
+
+def _bundled_task_dirs() -> dict:
+    """{task name: directory of its YAML} for lm-eval's bundled tasks, cached per lm-eval version.
+
+    Built once from the full index and written atomically under ``$MINILLM_CACHE``; each later
+    process indexes only the directories of the tasks it evaluates (milliseconds, not seconds).
+    """
+    import lm_eval.tasks
+
+    path = _task_dirs_file()
+    bundled = str(Path(lm_eval.tasks.__file__).parent)
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("root") == bundled:
+            return cached["dirs"]
+    except (OSError, ValueError, KeyError):
+        pass
+    tm = _full_task_manager(None)
+    dirs = {name: str(Path(e.yaml_path).parent) for name, e in tm.task_index.items()
+            if e.kind.name == "TASK" and e.yaml_path is not None}
+    with contextlib.suppress(OSError):  # a read-only cache only costs the speed-up
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"root": bundled, "dirs": dirs}))
+        os.replace(tmp, path)
+    return dirs
+
+
+def task_manager(include_path: str | None = None, tasks=None):
+    """A TaskManager that knows `tasks` (every bundled task plus `include_path` when `tasks` is None).
+
+    With `tasks` given and all of them bundled YAML tasks, only their directories are indexed
+    (``include_defaults=False``): the same Task objects as the full index, without its ~7 s scan.
+    """
+    from lm_eval.tasks import TaskManager
+
+    if include_path is None and tasks is not None:
+        dirs = _bundled_task_dirs()
+        if all(t in dirs for t in tasks):
+            return TaskManager(include_defaults=False, include_path=sorted({dirs[t] for t in tasks}))
+    return _full_task_manager(include_path)
 
 
 def mirror_task_config(tm, name: str, root: Path) -> dict:
@@ -180,7 +230,7 @@ def zero_shot(model, tokenizer, tasks=PAPER_TASKS, limit=None, batch_size: int =
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    tm = task_manager(str(include_path) if include_path else None)
+    tm = task_manager(str(include_path) if include_path else None, tasks=tuple(tasks))
     unknown = [t for t in tasks if t not in tm.task_index]
     if unknown:
         raise UserError(f"unknown lm-eval task(s): {', '.join(unknown)}")

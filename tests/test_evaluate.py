@@ -204,6 +204,24 @@ def test_mirror_config_is_the_tasks_yaml_redirected(zero_shot_run):
     assert cfg["training_split"] is None and cfg["validation_split"] is None and cfg["test_split"] == "test"
 
 
+def test_task_index_cache_indexes_only_the_requested_tasks(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINILLM_CACHE", str(tmp_path))
+    tasks = ("piqa", "arc_easy", "arc_challenge", "boolq")
+    full = evaluate._full_task_manager(None)
+    small = evaluate.task_manager(None, tasks=tasks)  # first call writes the cache
+    cached = json.loads(evaluate._task_dirs_file().read_text())
+    assert evaluate._task_dirs_file().parent == tmp_path
+    assert cached["dirs"]["arc_easy"] == str(Path(full.task_index["arc_easy"].yaml_path).parent)
+    again = evaluate.task_manager(None, tasks=tasks)  # read back from the cache
+    for tm in (small, again):
+        assert len(tm.task_index) < 100 < len(full.task_index)
+        for name in tasks:
+            assert tm.task_index[name].yaml_path == full.task_index[name].yaml_path
+            assert tm.task_index[name].cfg == full.task_index[name].cfg
+    # a name the cache does not hold (a tag, an unknown name) falls back to the full index
+    assert evaluate.task_manager(None, tasks=("ai2_arc",)) is full
+
+
 def test_unknown_task_is_a_user_error(tiny, zero_shot_run):
     model, tok = tiny
     with pytest.raises(UserError, match="no_such_task"):
