@@ -41,6 +41,13 @@ class InputStats:
         return self.sum_abs / self.n
 
 
+def _decoder(model):
+    """The decoder stack without the output embedding: no prunable Linear reads the logits, so the
+    [batch, seq, vocab] tensor (the largest of the pass) is never made."""
+    base = getattr(model, "base_model", None)
+    return base if base is not None and model.get_output_embeddings() is not None else model
+
+
 def input_stats(model, windows: torch.Tensor, group_sets: list[GroupSet], batch_size: int = 1,
                 progress=None) -> dict:
     """Stats keyed by (layer, member name) for every member Linear of `group_sets`."""
@@ -65,11 +72,12 @@ def input_stats(model, windows: torch.Tensor, group_sets: list[GroupSet], batch_
 
             handles.append(linear.register_forward_pre_hook(hook))
     device = next(model.parameters()).device
+    decoder = _decoder(model)
     try:
         with torch.inference_mode():
             starts = range(0, len(windows), batch_size)
             for start in (progress(starts) if progress else starts):
-                model(windows[start:start + batch_size].to(device), use_cache=False)
+                decoder(windows[start:start + batch_size].to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()

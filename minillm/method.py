@@ -54,6 +54,11 @@ The paper's unknowns are options; defaults and why:
                   takes its scope from SELECTION or --scope (see the notes for the core change).
   layers          all layers (SELECTION); the paper's skipped layers are unknown: use --layers.
   perturb         `prunable` (the weights FMS scores) or `all` parameters.
+  batch_size = 4  windows per forward. The loss never builds the [batch, seq, vocab] logits
+                  (`zo._lm_loss_sum` applies the output embedding a few rows at a time) and the
+                  statistics pass stops before the output embedding, so the forward-only method
+                  peaks near inference memory at any batch (SmolLM2, q = 2: 993 MB at 4 windows,
+                  1002 MB at 1; wanda-sp 935 MB; llm-pruner 3302 MB).
   restore=auto    after SPSA the weights are read back from the model's safetensors when they can
                   be verified against the drift bound (exact); otherwise the bounded drift stays.
 """
@@ -92,7 +97,7 @@ OPTIONS = {
     "normalize": "param",     # param (per parameter) | standard (z-score per layer and kind) | unit (FLAP Eq. 5)
     "compensate": False,      # FLAP's baseline bias compensation after slicing (not in the paper)
     "restore": "auto",        # auto (checkpoint if verifiable, else bounded drift) | arithmetic
-    "batch_size": 4,          # calibration micro-batch of each forward (memory only)
+    "batch_size": 4,          # calibration windows per forward (speed; memory barely depends on it, see below)
     "seed": -1,               # ZO direction seed; -1: the run's --seed
 }
 CALIBRATION = {"corpus": "c4", "nsamples": 16, "seqlen": 128,

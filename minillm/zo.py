@@ -332,12 +332,43 @@ def _hidden(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+LOSS_CHUNK_ELEMENTS = 1 << 22  # logits of at most 4M entries (16 MB in fp32) exist at once
+
+
+def decoder_and_head(model):
+    """(decoder stack, output embedding) of a causal LM whose logits are ``head(decoder(x)[0])``.
+
+    True of the LLaMA, OPT and BLOOM classes this suite prunes (their final norm / projection
+    lives in the decoder); (None, None) for anything else, which then computes full logits.
+    """
+    base, head = getattr(model, "base_model", None), model.get_output_embeddings()
+    if base is None or base is model or head is None:
+        return None, None
+    return base, head
+
+
 def _lm_loss_sum(model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy of one batch (fp32 logits) and its token count."""
-    logits = model(input_ids=batch, use_cache=False).logits
-    logits = logits[:, :-1].float()
-    targets = batch[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+    """Summed next-token cross-entropy of one batch (fp32 logits) and its token count.
+
+    The output embedding is applied to the decoder's last hidden states a few rows at a time, so
+    the [batch, seq, vocab] logits never exist at once (4 x 128 tokens x 49k vocabulary would be
+    100 MB, with as much again for log-softmax): a forward-only loss then peaks at the decoder's
+    own activations, whatever the micro-batch. Same value as ``cross_entropy(model(x).logits)``
+    up to fp32 summation order (tests/test_minillm.py).
+    """
+    targets = batch[:, 1:].reshape(-1)
+    base, head = decoder_and_head(model)
+    if base is None:
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets, reduction="sum")
+        return loss, targets.numel()
+    hidden = base(input_ids=batch, use_cache=False)[0][:, :-1]
+    hidden = hidden.reshape(-1, hidden.size(-1))
+    rows = max(1, LOSS_CHUNK_ELEMENTS // head.out_features)
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.size(0), rows):
+        logits = head(hidden[start:start + rows]).float()
+        loss = loss + F.cross_entropy(logits, targets[start:start + rows], reduction="sum")
     return loss, targets.numel()
 
 

@@ -31,14 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
-
 def main(argv=None) -> int:
+    from suite.measure import steady_allocator
+
+    steady_allocator()  # peak-memory records track live tensors (suite/measure.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # library chatter is not ours to print; errors still surface
+    if getattr(args, "quiet", False):
+        hf_logging.disable_progress_bar()  # transformers' own bars (weight loading, shard writing)
     try:
         return int(args._run(args) or 0)
     except UserError as exc:

@@ -67,6 +67,14 @@ def _total_ram_mb() -> float | None:
         return None
 
 
+def _torch_threads() -> int | None:
+    try:
+        import torch
+        return torch.get_num_threads()
+    except ImportError:
+        return None
+
+
 def _cuda_device() -> str | None:
     try:
         import torch
@@ -86,6 +94,7 @@ def _static_provenance() -> dict:
         "hardware": {
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
+            "torch_threads": _torch_threads(),  # timings depend on it (OMP_NUM_THREADS)
             "ram_mb": _total_ram_mb(),
             "cuda_device": _cuda_device(),
         },

@@ -90,6 +90,49 @@ def test_estimate_rebuilds_the_same_gradient_from_seeds():
     assert torch.allclose(prefixes[5], est.gradient(0), atol=1e-6)
 
 
+# --------------------------------------------------------------------------- the loss without full logits
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-bloom"])
+@pytest.mark.parametrize("chunk", [zo.LOSS_CHUNK_ELEMENTS, 3 * 512 + 5])  # default; uneven small chunks
+def test_chunked_loss_equals_cross_entropy_of_the_full_logits(name, chunk, monkeypatch):
+    model = load_model(name)
+    monkeypatch.setattr(zo, "LOSS_CHUNK_ELEMENTS", chunk)
+    batch = windows(n=3, seqlen=24, seed=5)
+    assert zo.decoder_and_head(model)[0] is not None
+    with torch.no_grad():
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].double()
+        expected = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum")
+        loss, count = zo._lm_loss_sum(model, batch)
+    assert count == 3 * 23
+    assert abs(float(loss) - float(expected)) <= 1e-5 * float(expected)
+
+
+def test_statistics_pass_skips_the_logits_but_sees_the_same_inputs():
+    from minillm.activations import input_stats
+
+    model = load_model("tiny-opt")
+    sets = all_group_sets(model)
+    batch = windows(n=2, seqlen=16, seed=3)
+    seen = {}
+    handles = [gs.linear(gs.output).register_forward_pre_hook(
+        lambda mod, args, key=(gs.layer, gs.kind): seen.__setitem__(key, args[0].reshape(-1, args[0].shape[-1])))
+        for gs in sets]
+    head_calls = []
+    handles.append(model.get_output_embeddings().register_forward_hook(lambda *a: head_calls.append(1)))
+    with torch.no_grad():
+        model(input_ids=batch, use_cache=False)  # the full model, for the reference inputs
+    assert head_calls == [1]
+    stats = input_stats(model, batch, sets, batch_size=2)
+    for h in handles:
+        h.remove()
+    assert head_calls == [1]  # the statistics pass never ran the output embedding
+    for gs in sets:
+        x = seen[(gs.layer, gs.kind)].double()
+        st = stats[(gs.layer, gs.output.name)]
+        assert st.n == x.shape[0]
+        assert torch.allclose(st.sum_sq, (x * x).sum(0), rtol=1e-6)
+
+
 # --------------------------------------------------------------------------- unbiased and converging
 def test_spsa_is_unbiased_on_a_quadratic():
     """E[ĝ] = g exactly for a quadratic (two-sided differences have no O(ε²) bias there)."""

@@ -102,7 +102,7 @@ def test_provenance_fields():
     assert p["seed"] == 3
     assert set(p["versions"]) == {"python", "torch", "transformers", "lm_eval", "datasets", "numpy", "safetensors"}
     assert p["versions"]["torch"]
-    assert {"platform", "cpu_count", "ram_mb", "cuda_device"} <= set(p["hardware"])
+    assert {"platform", "cpu_count", "torch_threads", "ram_mb", "cuda_device"} <= set(p["hardware"])
     assert p["timestamp_utc"].endswith("+00:00")
     assert isinstance(p["command"], list) and p["command"]
     assert isinstance(p["git_commit"], str)

@@ -57,6 +57,9 @@ def run(args=None) -> int:
 
 
 if __name__ == "__main__":
+    from suite.measure import steady_allocator
+
+    steady_allocator()  # before anything is allocated: the cell's peak memory tracks live tensors
     try:
         sys.exit(run())
     except UserError as exc:
