@@ -41,20 +41,19 @@ def fmt(x):
 
 def ppl_table():
     dense = load("dense")["ppl"]
-    print("| method | 0.2: WikiText-2 | PTB | score s | peak MB (Δ) | 0.5: WikiText-2 | PTB | score s | peak MB (Δ) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| dense | {fmt(dense['wikitext2'])} | {fmt(dense['ptb'])} | | | | | | |")
+    print("| method | 0.2: WikiText-2 | PTB | score s | 0.5: WikiText-2 | PTB | score s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| dense | {fmt(dense['wikitext2'])} | {fmt(dense['ptb'])} | | | | |")
     for name, label in ROWS:
         cells = []
         for ratio in ("0.2", "0.5"):
             r = load(f"{name}-{ratio}")
             if r is None:
-                cells += ["–"] * 4
+                cells += ["–"] * 3
                 continue
             s = r.get("score")
             cells += [fmt(r["ppl"]["wikitext2"]), fmt(r["ppl"]["ptb"]),
-                      f"{s['seconds']:.1f}" if s else "–",
-                      f"{s['peak_mb']:.0f} ({s['peak_delta_mb']:.0f})" if s else "–"]
+                      f"{s['seconds']:.1f}" if s else "–"]
         if any(c != "–" for c in cells):
             print(f"| {label} | " + " | ".join(cells) + " |")
 
