@@ -19,8 +19,8 @@ stay resident when freed: on SmolLM2 a statistics pass at 4 windows per batch th
 of freed memory in the RSS (see results/notes/minillm.md). `steady_allocator()` pins the threshold
 at 1 MB (`mallopt(M_MMAP_THRESHOLD)`): every tensor >= 1 MB is its own mapping, returned to the
 system when freed, so VmHWM follows the live tensors, as `max_memory_allocated` does on CUDA. The
-CLI and every grid cell call it first; it costs no measurable speed (perplexity 4096 tokens:
-24-26 s either way).
+CLI and every grid cell call it first; it costs no measurable speed (perplexity of 4096 tokens:
+22-27 s with or without it, run to run noise).
 """
 from __future__ import annotations
 
