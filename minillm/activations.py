@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minillm.architectures import GroupSet
+from minillm.architectures import GroupSet, decoder_and_head
 
 
 @dataclass
@@ -41,13 +41,6 @@ class InputStats:
         return self.sum_abs / self.n
 
 
-def _decoder(model):
-    """The decoder stack without the output embedding: no prunable Linear reads the logits, so the
-    [batch, seq, vocab] tensor (the largest of the pass) is never made."""
-    base = getattr(model, "base_model", None)
-    return base if base is not None and model.get_output_embeddings() is not None else model
-
-
 def input_stats(model, windows: torch.Tensor, group_sets: list[GroupSet], batch_size: int = 1,
                 progress=None) -> dict:
     """Stats keyed by (layer, member name) for every member Linear of `group_sets`."""
@@ -72,7 +65,9 @@ def input_stats(model, windows: torch.Tensor, group_sets: list[GroupSet], batch_
 
             handles.append(linear.register_forward_pre_hook(hook))
     device = next(model.parameters()).device
-    decoder = _decoder(model)
+    # no prunable Linear reads the logits: run the decoder only, never the [batch, seq, vocab] tensor
+    base, _ = decoder_and_head(model)
+    decoder = model if base is None else base
     try:
         with torch.inference_mode():
             starts = range(0, len(windows), batch_size)

@@ -290,3 +290,15 @@ def all_group_sets(model, head_mode: str = "q-head", layers=None) -> list[GroupS
         out.append(adapter.head_groups(i, layer, head_mode))
         out.append(adapter.channel_groups(i, layer))
     return out
+
+
+def decoder_and_head(model):
+    """(decoder stack, output embedding) of a causal LM whose logits are ``head(decoder(x)[0])``.
+
+    True of the LLaMA, OPT and BLOOM classes this suite prunes (their final norm / projection
+    lives in the decoder); (None, None) for anything else, which then computes full logits.
+    """
+    base, head = getattr(model, "base_model", None), model.get_output_embeddings()
+    if base is None or base is model or head is None:
+        return None, None
+    return base, head

@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minillm.architectures import decoder_and_head
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -333,18 +335,6 @@ def _hidden(out):
 
 
 LOSS_CHUNK_ELEMENTS = 1 << 22  # logits of at most 4M entries (16 MB in fp32) exist at once
-
-
-def decoder_and_head(model):
-    """(decoder stack, output embedding) of a causal LM whose logits are ``head(decoder(x)[0])``.
-
-    True of the LLaMA, OPT and BLOOM classes this suite prunes (their final norm / projection
-    lives in the decoder); (None, None) for anything else, which then computes full logits.
-    """
-    base, head = getattr(model, "base_model", None), model.get_output_embeddings()
-    if base is None or base is model or head is None:
-        return None, None
-    return base, head
 
 
 def _lm_loss_sum(model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:

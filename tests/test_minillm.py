@@ -151,16 +151,21 @@ def test_spsa_is_unbiased_on_a_quadratic():
     assert torch.allclose(x, x0, atol=max(est.drift_bound) * 1.0001)
 
 
-def test_spsa_converges_to_autograd_on_head_gates():
-    """Many directions over a small space (8 head gates of a real LLaMA): cosine(ĝ, g) >= 0.9."""
+def head_gates_with_autograd_gradient():
+    """micro_llama, its calibration windows, its head group sets and ∂L/∂gate by autograd (gates at 1)."""
     model = micro_llama()
     w = windows(2, 16, vocab=64)
     sets = [gs for gs in all_group_sets(model) if gs.kind == "heads"]
     gates = [torch.ones(gs.count, requires_grad=True) for gs in sets]
     with gated(sets, gates):
         zo.backprop_loss(model, w)
-    true = torch.cat([g.grad for g in gates])
     model.zero_grad(set_to_none=True)
+    return model, w, sets, torch.cat([g.grad for g in gates])
+
+
+def test_spsa_converges_to_autograd_on_head_gates():
+    """Many directions over a small space (8 head gates of a real LLaMA): cosine(ĝ, g) >= 0.9."""
+    model, w, sets, true = head_gates_with_autograd_gradient()
     gates = [torch.ones(gs.count) for gs in sets]
     with gated(sets, gates):
         est = zo.spsa(lambda: zo.calibration_loss(model, w), [(str(i), g) for i, g in enumerate(gates)],
@@ -171,14 +176,7 @@ def test_spsa_converges_to_autograd_on_head_gates():
 
 
 def test_coordinate_differences_match_autograd_and_restore_exactly():
-    model = micro_llama()
-    w = windows(2, 16, vocab=64)
-    sets = [gs for gs in all_group_sets(model) if gs.kind == "heads"]
-    gates = [torch.ones(gs.count, requires_grad=True) for gs in sets]
-    with gated(sets, gates):
-        zo.backprop_loss(model, w)
-    true = torch.cat([g.grad for g in gates])
-    model.zero_grad(set_to_none=True)
+    model, w, sets, true = head_gates_with_autograd_gradient()
     gates = [torch.ones(gs.count) for gs in sets]
     with gated(sets, gates):
         est = zo.coordinate(lambda: zo.calibration_loss(model, w), [(str(i), g) for i, g in enumerate(gates)], 1e-2)
