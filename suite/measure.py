@@ -19,8 +19,14 @@ stay resident when freed: on SmolLM2 a statistics pass at 4 windows per batch th
 of freed memory in the RSS (see results/notes/minillm.md). `steady_allocator()` pins the threshold
 at 1 MB (`mallopt(M_MMAP_THRESHOLD)`): every tensor >= 1 MB is its own mapping, returned to the
 system when freed, so VmHWM follows the live tensors, as `max_memory_allocated` does on CUDA. The
-CLI and every grid cell call it first; it costs no measurable speed (perplexity of 4096 tokens:
-22-27 s with or without it, run to run noise).
+CLI and every grid cell call it first.
+
+Why 1 MB (results/notes/harness.md §1b, `results/runs/allocator_bench.py`): MINI-LLM's score-phase (q = 2)
+peak on SmolLM2 read 982 MB at 1 MB, but 1,283 MB at 4 MB, 1,059-1,550 MB at 8 MB and 1,438 MB
+with glibc's default (wanda-sp: 922 MB at 1 MB, 1,267 MB default); a higher threshold lets the
+ZO loop's 1-8 MB activations fragment the heap again. The price is speed: fresh mappings are
+page-faulted and zeroed, and the SPSA loop runs ~30 % slower than with the default (perplexity
+and lm-eval ~10 %).
 """
 from __future__ import annotations
 
