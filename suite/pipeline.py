@@ -163,4 +163,5 @@ def run_cell(cell: dict) -> dict:
     if bench is not None:
         record["throughput"] = {"pruned_tokens_per_s": evaluate.throughput(model, bench),
                                 "dense_tokens_per_s": dense_tps}
+    record["torch_threads"] = torch.get_num_threads()  # the runner moves it into the provenance
     return record

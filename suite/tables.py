@@ -50,6 +50,18 @@ def _columns(records: list[dict]) -> tuple[list[str], list[str]]:
     return order(PERPLEXITY, corpora), order(TASKS, tasks)
 
 
+def _grid_order(names, records: list[dict], name_of) -> dict:
+    """{name: sort key}: first by the smallest `cell_index` (the cell's place in its config's grid,
+    recorded by `suite run`, so concurrent cells finishing out of order change nothing), then by
+    order of appearance."""
+    first = {}
+    for record in records:
+        if record.get("cell_index") is not None:
+            name = name_of(record)
+            first[name] = min(first.get(name, math.inf), record["cell_index"])
+    return {name: (first.get(name, math.inf), i) for i, name in enumerate(dict.fromkeys(names))}
+
+
 def results_frame(records: list[dict]) -> pd.DataFrame:
     """The table as numbers: one row per (model, label, ratio), seeds averaged, in display order."""
     records = latest(records)
@@ -78,10 +90,10 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    models = list(dict.fromkeys(frame["Model"]))
-    labels = list(dict.fromkeys(frame["Method"]))
+    models = _grid_order(frame["Model"], records, lambda r: r.get("model"))
+    labels = _grid_order(frame["Method"], records, lambda r: _identity(r)[1])
     rank = lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)
-    frame["_order"] = [(models.index(model), ratio, rank(method), labels.index(label)) for model, ratio, method, label
+    frame["_order"] = [(models[model], ratio, rank(method), labels[label]) for model, ratio, method, label
                        in zip(frame["Model"], frame["Ratio"], frame["_method"], frame["Method"])]
     frame = frame.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
     frame.attrs["lower_is_better"] = [PERPLEXITY.get(c, c) for c in corpora]

@@ -72,10 +72,12 @@ def test_default_out_is_results_name_jsonl(tmp_path, fake_env, monkeypatch):
     assert len(read_records(tmp_path / "results" / "grid.jsonl")) == 5
 
 
-def test_kill_9_then_rerun_gives_every_cell_exactly_once(tmp_path, fake_env, monkeypatch):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_kill_9_then_rerun_gives_every_cell_exactly_once(tmp_path, fake_env, monkeypatch, jobs):
     config, out = grid(tmp_path), tmp_path / "r.jsonl"
     env = {**os.environ, "FAKE_CELL_SLEEP": "0.5"}
-    proc = subprocess.Popen([sys.executable, "-m", "suite", "run", str(config), "--out", str(out), "--quiet"],
+    proc = subprocess.Popen([sys.executable, "-m", "suite", "run", str(config), "--out", str(out), "--quiet",
+                             "--jobs", str(jobs)],
                             cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -95,6 +97,87 @@ def test_kill_9_then_rerun_gives_every_cell_exactly_once(tmp_path, fake_env, mon
     after = read_records(out)
     assert after[: len(before)] == before  # finished records are kept as they were
     assert Counter(r["cell_key"] for r in after) == Counter(keys_of(config))  # each cell exactly once
+
+
+def test_jobs_run_cells_side_by_side_with_shared_cores(tmp_path, fake_env, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_CELL_SLEEP", "1.0")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    config = grid(tmp_path, models="tiny-llama")
+    assert main(["run", str(config), "--out", str(tmp_path / "one.jsonl"), "--quiet"]) == 0
+    table_one = capsys.readouterr().out
+    out = tmp_path / "two.jsonl"
+    assert main(["run", str(config), "--out", str(out), "--quiet", "--jobs", "2"]) == 0
+    records = read_records(out)
+    assert Counter(r["cell_key"] for r in records) == Counter(keys_of(config))  # each cell once
+    assert sorted(r["cell_index"] for r in records) == list(range(5))
+    intervals = sorted(r["fake_interval"] for r in records)
+    overlaps = sum(later[0] < earlier[1] for earlier, later in zip(intervals, intervals[1:]))
+    assert overlaps >= 2  # 5 cells, 2 at a time: at least two pairs ran side by side
+    for r in records:
+        assert r["provenance"]["concurrent_cells"] == 2
+        assert r["provenance"]["hardware"]["torch_threads"] == max(1, os.cpu_count() // 2)
+        assert "torch_threads" not in r and "fake_interval" in r
+    assert capsys.readouterr().out == table_one  # grid order, whatever order the cells finished in
+
+
+def test_table_rows_follow_the_grid_not_the_finishing_order(tmp_path, fake_env, capsys):
+    config, out = grid(tmp_path, models="tiny-llama"), tmp_path / "r.jsonl"
+    assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+    table = capsys.readouterr().out
+    lines = out.read_text().splitlines()
+    shuffled = tmp_path / "shuffled.jsonl"
+    shuffled.write_text("\n".join(lines[::-1]) + "\n")  # random-global's cells now come first
+    assert main(["table", str(shuffled)]) == 0
+    assert capsys.readouterr().out.strip() == table.strip()
+    assert table.index("| random ") < table.index("| random-global")
+
+
+def test_jobs_must_be_positive(tmp_path, fake_env, capsys):
+    assert main(["run", str(grid(tmp_path)), "--out", str(tmp_path / "r.jsonl"), "--jobs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --jobs must be at least 1, got 0\n"
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # field 4 of /proc/PID/stat: the parent's pid
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_cell_dies_with_its_runner(tmp_path, fake_env):
+    config, out = grid(tmp_path, models="tiny-llama"), tmp_path / "r.jsonl"
+    env = {**os.environ, "FAKE_CELL_SLEEP": "30"}
+    runner = subprocess.Popen([sys.executable, "-m", "suite", "run", str(config), "--out", str(out), "--quiet"],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (cells := _children(runner.pid)):
+            assert runner.poll() is None and time.monotonic() < deadline, "no cell process started"
+            time.sleep(0.05)
+        time.sleep(1.0)  # the cell is past its start-up, sleeping in the fake pipeline
+    finally:
+        runner.kill()  # the runner alone, not its process group
+        runner.wait()
+    deadline = time.monotonic() + 10
+    while _alive(cells[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(cells[0])  # not left sleeping 30 s as an orphan
+    assert not out.exists()
 
 
 def test_truncated_last_line_is_reported_then_repaired(tmp_path, fake_env, capsys):

@@ -56,9 +56,24 @@ def run(args=None) -> int:
     return 0
 
 
+def exit_with_the_runner() -> None:
+    """Linux: have the kernel SIGKILL this cell when the runner dies (a kill -9 included), so a
+    killed grid leaves no orphan cell using the cores; the rerun redoes that cell."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the runner died before the prctl
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     from suite.measure import steady_allocator
 
+    exit_with_the_runner()
     steady_allocator()  # before anything is allocated: the cell's peak memory tracks live tensors
     try:
         sys.exit(run())

@@ -1,4 +1,4 @@
-"""`python -m suite run CONFIG [--out FILE] [--force] [--quiet] [--repair]`: run an experiment grid."""
+"""`python -m suite run CONFIG [--out FILE] [--force] [--quiet] [--repair] [--jobs N]`: run an experiment grid."""
 from __future__ import annotations
 
 NAME = "run"
@@ -13,9 +13,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--repair", action="store_true",
                         help="move a damaged last line of the results file to <file>.corrupt, then run")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="cells run at once, each with cpu_count/JOBS torch threads (default 1: timings "
+                             "undisturbed by a neighbour)")
 
 
 def run(args) -> int:
     from suite.runner import run_grid
 
-    return run_grid(args.config, out=args.out, force=args.force, quiet=args.quiet, repair=args.repair)
+    from minillm.errors import UserError
+
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
+    return run_grid(args.config, out=args.out, force=args.force, quiet=args.quiet, repair=args.repair,
+                    jobs=args.jobs)
