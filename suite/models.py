@@ -135,10 +135,24 @@ def _dequantise_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
 
 def embedded_model_dir() -> Path:
+    """The cached safetensors copy of the embedded model, made on first use.
+
+    Concurrent first uses (`suite run --jobs 2` on an empty cache) convert once: the others wait on
+    an exclusive lock beside the cache, then find the copy made.
+    """
     out = cache_root() / "smollm2-135m-instruct-f32"
-    if not (out / "config.json").is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _dequantise_gguf(embedded_gguf_path(), out)
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "a") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        except ImportError:  # not POSIX: no concurrent grids there
+            pass
+        if not (out / "config.json").is_file():
+            _dequantise_gguf(embedded_gguf_path(), out)
     return out
 
 
