@@ -21,12 +21,14 @@ at 1 MB (`mallopt(M_MMAP_THRESHOLD)`): every tensor >= 1 MB is its own mapping, 
 system when freed, so VmHWM follows the live tensors, as `max_memory_allocated` does on CUDA. The
 CLI and every grid cell call it first.
 
-Why 1 MB (results/notes/harness.md §1b, `results/runs/allocator_bench.py`): MINI-LLM's score-phase (q = 2)
-peak on SmolLM2 read 982 MB at 1 MB, but 1,283 MB at 4 MB, 1,059-1,550 MB at 8 MB and 1,438 MB
-with glibc's default (wanda-sp: 922 MB at 1 MB, 1,267 MB default); a higher threshold lets the
-ZO loop's 1-8 MB activations fragment the heap again. The price is speed: fresh mappings are
-page-faulted and zeroed, and the SPSA loop runs ~30 % slower than with the default (perplexity
-and lm-eval ~10 %).
+Why 1 MB (results/notes/harness.md §1b, `results/runs/allocator_bench.py`, SmolLM2-135M, each
+setting in separate processes): only the 1 MB pin reads the same score-phase peak run after run
+(MINI-LLM at q = 2: 982-1,008 MB over three runs; wanda-sp 920-928 MB). At 4 MB, 8 MB or glibc's
+default the same command read up to 600 MB more in one run than in another (MINI-LLM 993-1,283,
+1,061-1,550 and 998-1,603 MB): the ZO loop's 1-8 MB activations fragment the heap differently
+each time. `malloc_trim` at phase start does not help (the fragmentation is within the phase). The
+price is speed: fresh mappings are page-faulted and zeroed, and SPSA runs ~30 % slower than with
+the default (39-41 s vs 29-30 s at q = 2).
 """
 from __future__ import annotations
 

@@ -106,7 +106,9 @@ def run_grid(config_path, out=None, force: bool = False, quiet: bool = False, re
     jobs = max(1, min(int(jobs), len(todo) or 1))
     threads = threads_per_cell(jobs)
     if not quiet:
-        at_once = f", {jobs} at a time" + (f" with {threads} threads each" if threads else "") if jobs > 1 else ""
+        at_once = ""
+        if jobs > 1:
+            at_once = f", {jobs} at a time" + (f" with {threads} torch thread(s) each" if threads else "")
         print(f"{config['name']}: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run{at_once} "
               f"-> {out}", file=sys.stderr)
     failed = 0
