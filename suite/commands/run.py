@@ -19,9 +19,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from suite.runner import run_grid
-
     from minillm.errors import UserError
+    from suite.runner import run_grid
 
     if args.jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {args.jobs}")
