@@ -63,13 +63,13 @@ M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
 MMAP_THRESHOLD_BYTES = 1 << 20
 
 
-def steady_allocator() -> bool:
+def steady_allocator(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> bool:
     """Pin glibc's mmap threshold so that freed large blocks leave the RSS (False where not glibc)."""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)))
     except (OSError, AttributeError):
         return False
 

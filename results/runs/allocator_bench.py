@@ -12,14 +12,14 @@ import ctypes
 import json
 import sys
 
+import suite.measure
+
 mode, method = sys.argv[1], sys.argv[2]
 directions = int(sys.argv[3]) if len(sys.argv) > 3 else 2
 libc = ctypes.CDLL(None)
 for part in mode.split("+"):
-    if part.startswith("T"):
-        assert libc.mallopt(-3, int(part[1:]))  # M_MMAP_THRESHOLD, before anything large is allocated
-
-import suite.measure  # noqa: E402
+    if part.startswith("T"):  # before anything large is allocated
+        assert suite.measure.steady_allocator(int(part[1:]))
 
 if "trim" in mode:
     reset = suite.measure._reset_hwm
@@ -38,5 +38,5 @@ model, tokenizer = load_model("smollm2-135m"), load_tokenizer("smollm2-135m")
 options = {"directions": directions} if method == "minillm" else {}
 outcome = prune(model, tokenizer, method, 0.2, options=options, quiet=True)
 print(json.dumps({"mode": mode, "method": method, "options": options, "score": outcome.phases["score"],
-                  "calibrate_peak_mb": outcome.phases["calibrate"]["peak_mb"],
+                  "calibrate_peak_mb": outcome.phases.get("calibrate", {}).get("peak_mb"),  # None: data-free
                   "provenance": provenance({"mode": mode, "method": method}, 0)}))

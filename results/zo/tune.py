@@ -1,9 +1,10 @@
 """Tuning helper (not part of the suite): score once, select+slice at several ratios, PTB/C4 ppl.
 
 python results/zo/tune.py LABEL RATIOS KEY=VALUE ...   (minillm options; calib nsamples=.. seqlen=.. via n=, L=)
-Appends one JSON line per ratio to /work/main/results/zo/tune.jsonl. Never evaluates WikiText-2.
+Appends one JSON line per ratio to results/zo/tune.jsonl (beside this file). Never evaluates WikiText-2.
 """
 import copy, json, sys, time
+from pathlib import Path
 import torch
 from minillm.architectures import all_group_sets
 from minillm.plan import apply_plan
@@ -61,6 +62,6 @@ for (lam, lw), r in [(v, float(x)) for v in variants for x in ratios.split(",")]
         out[c] = round(perplexity(m, tok, c, seq_len=128, max_tokens=tokens, quiet=True), 3)
     out["heads"] = [len(l.heads) for l in sel.plan.layers]
     print(json.dumps(out), flush=True)
-    with open("/work/main/results/zo/tune.jsonl", "a") as f:
+    with open(Path(__file__).with_name("tune.jsonl"), "a") as f:
         f.write(json.dumps(out) + "\n")
     del m
