@@ -46,12 +46,12 @@ The paper's unknowns are options; defaults and why:
   aggregate=sum   the paper sums element sensitivities of a group (LLM-Pruner's element-wise sum);
                   `mean` and `max` are alternatives. abs=element: |·| per weight before the sum
                   (`group`: |Σ| of the signed products). members=all: every weight of the group.
-  rank=layer      Algorithm 1 prunes the same fraction of every layer; `global` ranks all groups of
+  scope=layer     (a selection option: SELECTION, `--scope`, or `scope:` in a grid's method options)
+                  Algorithm 1 prunes the same fraction of every layer; `global` ranks all groups of
                   all layers together. The normalisation (`normalize=param` by default: score per
                   parameter of the group) is monotone within a layer and kind, so Algorithm 1's
                   per-layer ranking is unchanged, and `--scope global` compares heads and
-                  channels of all layers. The option is recorded as `info["scope"]`; the pipeline
-                  takes its scope from SELECTION or --scope (see the notes for the core change).
+                  channels of all layers. The record's `selection.scope` says which ran.
   layers          all layers (SELECTION); the paper's skipped layers are unknown: use --layers.
   perturb         `prunable` (the weights FMS scores) or `all` parameters.
   batch_size = 4  windows per forward. The loss never builds the [batch, seq, vocab] logits
@@ -89,7 +89,6 @@ OPTIONS = {
     "aggregate": "sum",       # sum | mean | max
     "abs": "element",         # element | group
     "members": "all",         # all (the group's every weight, paper) | output (only the out-projection columns)
-    "rank": "layer",          # layer | global
     "estimator": "spsa",      # gate spaces: spsa (paper/MeZO) | coordinate (central differences, 2 forwards/gate)
     "blockwise": False,       # mask space: one layer's gates at a time from its cached input
     "mask_groups": "all",     # mask space: all | heads (channels then by FMS)
@@ -113,7 +112,6 @@ CHOICES = {
     "aggregate": ("sum", "mean", "max"),
     "abs": ("element", "group"),
     "members": ("all", "output"),
-    "rank": ("layer", "global"),
     "mask_groups": ("all", "heads"),
     "estimator": ("spsa", "coordinate"),
     "restore": ("auto", "arithmetic"),
@@ -476,7 +474,7 @@ def score(model, windows, group_sets, options, seed) -> Scoring:
     seed = int(o["seed"]) if o["seed"] >= 0 else int(seed)
     space, kind = o["space"], o["gradient"]
     fms_kind = kind if o["fms_gradient"] == "same" else o["fms_gradient"]
-    info = {"space": space, "gradient": kind, "seed": seed, "scope": o["rank"]}
+    info = {"space": space, "gradient": kind, "seed": seed}
     t0 = time.perf_counter()
     needs_stats = o["compensate"] or space != "mask" or o["mask_groups"] == "heads"
     # statistics first, on the unperturbed model (one forward pass over the calibration windows)

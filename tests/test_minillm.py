@@ -18,6 +18,7 @@ from minillm.architectures import adapter_for, all_group_sets
 from minillm.errors import UserError
 from minillm.gates import gated
 from minillm.method import OPTIONS, check_options, member_weights, score
+from minillm.scoring import merge_options
 from minillm.select import select
 from suite.models import load_model
 
@@ -370,6 +371,9 @@ def test_bad_options_are_one_line_errors():
         check_options(opts(space="mask", gradient="none"))
     with pytest.raises(UserError, match="coordinate"):
         check_options(opts(space="weight", estimator="coordinate"))
+    # the ranking scope is the pipeline's (--scope / `scope:`), not a scoring option
+    with pytest.raises(UserError, match="no option 'rank'"):
+        merge_options("minillm", OPTIONS, {"rank": "global"})
 
 
 # --------------------------------------------------------------------------- CLI
@@ -398,12 +402,13 @@ def test_prune_cli_runs_minillm_and_records_the_score_phase(tmp_path):
     out = tmp_path / "pruned"
     rc = main(["prune", "--model", "tiny-llama-gqa", "--method", "minillm", "--ratio", "0.2", "--out", str(out),
                "--nsamples", "2", "--seqlen", "16", "--opt", "space=mask", "--opt", "directions=2",
-               "--opt", "mask_groups=heads", "--opt", "blockwise=true", "--quiet"])
+               "--opt", "mask_groups=heads", "--opt", "blockwise=true", "--scope", "global", "--quiet"])
     assert rc == 0
     record = json.loads((out / "pruning.json").read_text())
     assert record["options"]["space"] == "mask" and record["options"]["directions"] == 2
     assert record["phases"]["score"]["seconds"] > 0 and record["phases"]["score"]["peak_mb"] > 0
     assert record["method_info"]["mask"]["blockwise"] is True
+    assert record["selection"]["scope"] == "global" and "scope" not in record["method_info"]  # one source
 
 
 def test_mean_compensation_adds_the_removed_columns_mean_contribution():
