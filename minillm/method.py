@@ -24,7 +24,10 @@ This project's additions (not in the paper), each an option, all off by default:
     the groups inside each layer.
   - `estimator=coordinate` (gate spaces only): central differences per gate instead of SPSA —
     forward-only, exact up to O(ε²), 2 forwards per gate; better than SPSA once q ≳ d/2.
-  - `gradient=none` (ĝ ≡ 1: FMS without gradient, the ablation of what the estimate adds) and
+  - `gradient=none` (ĝ ≡ 1: FMS without gradient, the ablation of what the estimate adds),
+    `gradient=noise` (ĝ ~ N(0, I) per weight, seeded, no forward pass: the control for whether a
+    weight-space estimate carries gradient information — for any SPSA coefficients, ĝ has the
+    same i.i.d. Gaussian shape per weight, so an estimate that is only noise scores like this) and
     `gradient=backprop` (the true gradient by autograd: the upper-bound reference, with backprop's
     memory). `fms_gradient` chooses the gradient of the FMS part of the mask/layer spaces.
   - `members=output` (FMS over the out-projection columns only, the consumer of the feature map),
@@ -64,6 +67,7 @@ The paper's unknowns are options; defaults and why:
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -105,8 +109,8 @@ SELECTION = {"scope": "layer", "layers": "all"}
 
 CHOICES = {
     "space": ("weight", "mask", "layer"),
-    "gradient": ("zo", "none", "backprop"),
-    "fms_gradient": ("same", "zo", "none", "backprop"),
+    "gradient": ("zo", "none", "noise", "backprop"),
+    "fms_gradient": ("same", "zo", "none", "noise", "backprop"),
     "perturb": ("prunable", "all"),
     "activation": ("l2", "mean_abs", "std"),
     "aggregate": ("sum", "mean", "max"),
@@ -134,9 +138,9 @@ def check_options(options: dict) -> dict:
     if options["space"] == "weight" and options["estimator"] == "coordinate":
         raise UserError("estimator=coordinate needs 2 forwards per coordinate: only for the gate spaces "
                         "(space=mask or space=layer), not for ~1e8 weights")
-    if options["space"] in ("mask", "layer") and options["gradient"] == "none":
-        raise UserError(f"gradient=none leaves nothing to score in the {options['space']} space (every gate "
-                        "would tie); use space=weight gradient=none for FMS without gradient")
+    if options["space"] in ("mask", "layer") and options["gradient"] in ("none", "noise"):
+        raise UserError(f"gradient={options['gradient']} is a weight-space control (space=weight); in the "
+                        f"{options['space']} space it would score the gates by nothing or by chance")
     return options
 
 
@@ -191,7 +195,12 @@ class WeightGradient:
         self.model = model
         self._grads = {}
         self.estimate = None
+        self.seed = seed
         if kind == "none":
+            return
+        if kind == "noise":
+            self.info.update(forwards=0, noise="N(0, I) per weight, stream = (seed, Linear's name)")
+            self._shapes = {n: p.shape for n, p in model.named_parameters()}
             return
         members = member_weights(model, group_sets, output_only=options["members"] == "output")
         bs = options["batch_size"]
@@ -221,6 +230,11 @@ class WeightGradient:
     def of(self, name: str):
         if self.kind == "none":
             return None
+        if self.kind == "noise":  # a generator per Linear: the draw does not depend on the visiting order
+            # (the CPU generator keeps 32 bits of its seed: the stream hashes seed and name together)
+            key = hashlib.blake2b(f"{self.seed}/{name}".encode(), digest_size=4).digest()
+            gen = torch.Generator().manual_seed(int.from_bytes(key, "little"))
+            return torch.randn(self._shapes[name], generator=gen)
         if self.kind == "backprop":
             return self._grads[name]
         return self.estimate.gradient(self._index[name])
@@ -288,7 +302,7 @@ def _stats(model, windows, group_sets, options):
 
 
 def fms(model, windows, group_sets, options, seed, kind, stats=None, units=None):
-    """FMS group scores with gradient `kind` (zo | none | backprop) and the gradient's info."""
+    """FMS group scores with gradient `kind` (zo | none | noise | backprop) and the gradient's info."""
     stats = stats if stats is not None else _stats(model, windows, group_sets, options)
     grad = WeightGradient(model, windows, group_sets, kind, options, seed)
     scores = fms_scores(model, group_sets, stats, grad.of, options["activation"], options["aggregate"],

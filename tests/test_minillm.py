@@ -17,7 +17,7 @@ from minillm import zo
 from minillm.architectures import adapter_for, all_group_sets
 from minillm.errors import UserError
 from minillm.gates import gated
-from minillm.method import OPTIONS, check_options, member_weights, score
+from minillm.method import OPTIONS, WeightGradient, check_options, member_weights, score
 from minillm.scoring import merge_options
 from minillm.select import select
 from suite.models import load_model
@@ -268,8 +268,11 @@ def test_same_seed_same_kept_groups(space):
 
 
 # --------------------------------------------------------------------------- FMS against an independent computation
-def _independent_fms(model, w, kind):
-    """FMS = Σ over a group's weights of |W·ĝ·‖X‖₂|, written out per head / channel with explicit slices."""
+def _independent_fms(model, w, kind, noise_of=None):
+    """FMS = Σ over a group's weights of |W·ĝ·‖X‖₂|, written out per head / channel with explicit slices.
+
+    For kind="noise", `noise_of(parameter name)` gives the drawn ĝ (the arithmetic is still this test's).
+    """
     layers = adapter_for(model).layers(model)
     linears = {}
     for i, layer in enumerate(layers):
@@ -292,6 +295,9 @@ def _independent_fms(model, w, kind):
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))
         for k, g in zip(linears, torch.autograd.grad(loss, params)):
             grads[k] = g
+    if kind == "noise":
+        names = {id(p): n for n, p in model.named_parameters()}
+        grads = {k: noise_of(names[id(mod.weight)]) for k, mod in linears.items()}
     out = {}
     cfg = model.config
     hd = cfg.hidden_size // cfg.num_attention_heads
@@ -309,17 +315,38 @@ def _independent_fms(model, w, kind):
     return out
 
 
-@pytest.mark.parametrize("kind", ["none", "backprop"])
+@pytest.mark.parametrize("kind", ["none", "noise", "backprop"])
 def test_fms_matches_an_independent_computation(kind):
     model = load_model("tiny-llama-gqa")  # q-head mode: k/v are shared, not part of a head group
     w = windows(4, 16)
-    expected = _independent_fms(model, w, kind)
+    noise = WeightGradient(model, None, all_group_sets(model), "noise", opts(gradient="noise"), seed=0)
+    expected = _independent_fms(model, w, kind, noise_of=noise.of)
     model.zero_grad(set_to_none=True)
     sets = all_group_sets(model)
     got = score(model, w, sets, opts(gradient=kind), seed=0).scores
     per_group = {(gs.layer, gs.kind): gs.params_per_group() for gs in sets}  # scores are per parameter
     for key, value in expected.items():
         torch.testing.assert_close(got[key].double() * per_group[key], value.double(), rtol=1e-5, atol=1e-8)
+
+
+def test_noise_gradient_is_a_seeded_standard_gaussian_per_weight():
+    model = load_model("tiny-llama-gqa")
+    sets = all_group_sets(model)
+    o = opts(gradient="noise")
+    draw = WeightGradient(model, None, sets, "noise", o, seed=3)
+    assert draw.info["forwards"] == 0  # a control: no loss is ever computed
+    members = member_weights(model, sets)
+    first = members[0][0]
+    a = draw.of(first)
+    assert a.shape == members[0][1].shape
+    assert torch.equal(a, draw.of(first))  # regenerated, not stored
+    # the draw depends on (seed, name) only: not on which other Linears are scored, nor their order
+    assert torch.equal(a, WeightGradient(model, None, sets[:1], "noise", o, seed=3).of(first))
+    assert not torch.equal(a, WeightGradient(model, None, sets, "noise", o, seed=4).of(first))
+    every = torch.cat([draw.of(n).flatten() for n, _ in members])
+    assert len({float(draw.of(n).flatten()[0]) for n, _ in members}) == len(members)  # one stream per Linear
+    n = every.numel()
+    assert abs(float(every.mean())) < 5 / n ** 0.5 and abs(float(every.std()) - 1) < 5 / n ** 0.5
 
 
 def test_backprop_mask_scores_are_the_gate_gradients():
@@ -367,8 +394,10 @@ def test_layer_space_returns_layer_weights_and_heads_mask_uses_fms_for_channels(
 def test_bad_options_are_one_line_errors():
     with pytest.raises(UserError, match="space"):
         check_options(opts(space="weights"))
-    with pytest.raises(UserError, match="nothing to score"):
+    with pytest.raises(UserError, match="weight-space control"):
         check_options(opts(space="mask", gradient="none"))
+    with pytest.raises(UserError, match="weight-space control"):
+        check_options(opts(space="layer", gradient="noise"))
     with pytest.raises(UserError, match="coordinate"):
         check_options(opts(space="weight", estimator="coordinate"))
     # the ranking scope is the pipeline's (--scope / `scope:`), not a scoring option
