@@ -2,7 +2,9 @@
 
     python results/zo/tables.py ppl     # perplexity / scoring time / memory per method and ratio
     python results/zo/tables.py tune    # the tuning log (results/zo/tune.jsonl)
+    python results/zo/tables.py control # ZO seeds against |N(0,1)| seeds, with an exact rank-sum test
 """
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -17,9 +19,13 @@ ROWS = [  # (record name, row label); ratios 0.2 and 0.5 side by side
     ("minillm-layer-zo", "minillm layer zo"), ("minillm-layer-backprop", "minillm layer backprop"),
     ("minillm-fmsout-zo", "minillm fmsout zo"), ("minillm-fmsout-zo-seed1", "minillm fmsout zo, ZO seed 1"),
     ("minillm-fmsout-zo-seed2", "minillm fmsout zo, ZO seed 2"),
-    ("minillm-fmsout-none", "minillm fmsout none"), ("minillm-fmsout-backprop", "minillm fmsout backprop"),
+    ("minillm-fmsout-none", "minillm fmsout none"),
+    ("minillm-fmsout-noise", "minillm fmsout noise (N(0, 1); seeds 1–4: control table)"),
+    ("minillm-fmsout-backprop", "minillm fmsout backprop"),
     ("minillm-fmsl2-zo", "minillm fmsl2 zo"), ("minillm-fmsl2-zo-seed1", "minillm fmsl2 zo, ZO seed 1"),
+    ("minillm-fmsl2-zo-seed2", "minillm fmsl2 zo, ZO seed 2"),
     ("minillm-fmsl2-none", "minillm fmsl2 none"),
+    ("minillm-fmsl2-noise", "minillm fmsl2 noise (N(0, 1); seeds 1–4: control table)"),
 ]
 
 
@@ -71,5 +77,39 @@ def tune_table():
               f'{r["c4"]:,.1f} | {sum(r["heads"])} | {r["score_s"]} |')
 
 
+def seeds(name, ratio):
+    """Perplexities of every seed of a record name: NAME-R, NAME-seed1-R, NAME-seed2-R, ..."""
+    found = [load(f"{name}-{ratio}")] + [load(f"{name}-seed{k}-{ratio}") for k in range(1, 10)]
+    return [r["ppl"] for r in found if r is not None]
+
+
+def p_below(a, b):
+    """Exact one-sided rank-sum (Mann-Whitney) p: the chance that a random split of a + b puts a
+    rank sum as small as a's in a's place, with no difference between a and b."""
+    pooled = sorted(a + b)
+    rank = {v: i for i, v in enumerate(pooled)}
+    observed = sum(rank[v] for v in a)
+    splits = list(itertools.combinations(range(len(pooled)), len(a)))
+    return sum(sum(c) <= observed for c in splits) / len(splits)
+
+
+def control_table(ratio="0.5"):
+    print("| recipe | gradient | seeds | WikiText-2 (each seed) | PTB (each seed) |")
+    print("|---|---|---:|---|---|")
+    tests = []
+    for recipe in ("fmsout", "fmsl2"):
+        runs = {kind: seeds(f"minillm-{recipe}-{kind}", ratio) for kind in ("zo", "noise", "none", "backprop")}
+        for kind, found in runs.items():
+            if found:
+                cols = [", ".join(fmt(r[c]) for r in found) for c in ("wikitext2", "ptb")]
+                print(f"| {recipe} | {kind} | {len(found)} | {cols[0]} | {cols[1]} |")
+        if runs["zo"] and runs["noise"]:
+            tests.append((recipe, *(p_below([r[c] for r in runs["zo"]], [r[c] for r in runs["noise"]])
+                                    for c in ("wikitext2", "ptb"))))
+    for recipe, pw, pp in tests:
+        print(f"\n{recipe}, ratio {ratio}: P(ZO seeds rank this low among ZO + noise seeds by chance) = "
+              f"{pw:.3f} (WikiText-2), {pp:.3f} (PTB)")
+
+
 if __name__ == "__main__":
-    {"ppl": ppl_table, "tune": tune_table}[sys.argv[1] if len(sys.argv) > 1 else "ppl"]()
+    {"ppl": ppl_table, "tune": tune_table, "control": control_table}[sys.argv[1] if len(sys.argv) > 1 else "ppl"]()
