@@ -5,12 +5,15 @@ Conventions (the paper's Table 1 layout):
     model; inside a ratio, methods in METHOD_ORDER (unknown methods after, in first-seen order);
   - perplexity: 2 decimals, lower is better; zero-shot: lm-eval's `acc` (not `acc_norm`) x 100,
     2 decimals; Average: mean of the shown tasks, only for a row that has all of them;
-  - several seeds of one cell are averaged; when a cell is in the file more than once (a rerun),
-    its last `ok` record wins over older ones and over errors;
+  - several seeds of one cell are averaged, and then each perplexity and task cell reads
+    "mean ± s" (s: the sample standard deviation over the seeds; the Average column stays a mean);
+    a single seed shows the value alone. When a cell is in the file more than once (a rerun), its
+    last `ok` record wins over older ones and over errors;
   - best value of each (model, ratio) group with at least two rows in bold: `**x**` / `\\textbf{x}`;
   - a cell that only failed stays in the table as a row "label (failed)" with empty metrics, and
     its error is listed under the table (Markdown) or as `%` comments after it (LaTeX).
-CSV holds the raw numbers (no rounding, no bold) plus an `Error` column.
+CSV holds the raw numbers (no rounding, no bold) plus `Error`, `Seeds` (the ok seeds averaged) and,
+per perplexity and task column, `<column> std` (empty for a single seed).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ TASKS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande
          "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
 COSTS = {"Score mem (MB)": ("peak_mb", "{:.1f}"), "Score time (s)": ("seconds", "{:.2f}")}
 MISSING = "–"
+STD = " std"  # suffix of a metric's seed standard-deviation column
 
 
 def _identity(record: dict) -> tuple:
@@ -74,17 +78,23 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
         ok = [r for r in members if r.get("status", "ok") == "ok"]
         failed = [r for r in members if r not in ok]
         mean = lambda get: _mean([get(r) for r in ok])
+        spread = {}
         row = {"Model": model, "Method": label, "_method": members[0].get("method", label), "Ratio": ratio,
                "Params": mean(lambda r: (r.get("params") or {}).get("pruned"))}
         for corpus in corpora:
-            row[PERPLEXITY.get(corpus, corpus)] = mean(lambda r: (r.get("perplexity") or {}).get(corpus))
+            get = lambda r: (r.get("perplexity") or {}).get(corpus)
+            row[PERPLEXITY.get(corpus, corpus)] = mean(get)
+            spread[PERPLEXITY.get(corpus, corpus) + STD] = _std([get(r) for r in ok])
         for task in tasks:
             row[TASKS.get(task, task)] = mean(lambda r: _acc(r, task))
+            spread[TASKS.get(task, task) + STD] = _std([_acc(r, task) for r in ok])
         accs = [row[TASKS.get(t, t)] for t in tasks]
         row["Average"] = sum(accs) / len(accs) if accs and not any(math.isnan(a) for a in accs) else math.nan
         for column, (key, _) in COSTS.items():
             row[column] = mean(lambda r: ((r.get("phases") or {}).get("score") or {}).get(key))
         row["Error"] = "; ".join(f"seed {r.get('seed', 0)}: {r.get('error', 'failed')}" for r in failed)
+        row["Seeds"] = len(ok)
+        row.update(spread)
         row["_failed"] = not ok
         rows.append(row)
     frame = pd.DataFrame(rows)
@@ -110,6 +120,15 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def _std(values) -> float:
+    """Sample standard deviation (n − 1) over the seeds that have the value; NaN below two."""
+    values = [float(v) for v in values if v is not None]
+    if len(values) < 2:
+        return math.nan
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
 # --------------------------------------------------------------------------- text cells
 def _params(n: float) -> str:
     for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
@@ -120,8 +139,8 @@ def _params(n: float) -> str:
 
 def _cells(frame: pd.DataFrame, bold) -> tuple[list[str], list[list[str]]]:
     """Header and text rows; `bold(text)` marks the best value of each (model, ratio) group."""
-    metrics = [c for c in frame.columns if c not in ("Model", "Method", "Ratio", "Params", "Error")
-               and not c.startswith("_")]
+    metrics = [c for c in frame.columns if c not in ("Model", "Method", "Ratio", "Params", "Error", "Seeds")
+               and not c.startswith("_") and not c.endswith(STD)]
     lower_better = frame.attrs["lower_is_better"]
     texts = pd.DataFrame(index=frame.index)
     texts["Model"] = frame["Model"]
@@ -131,6 +150,9 @@ def _cells(frame: pd.DataFrame, bold) -> tuple[list[str], list[list[str]]]:
     for column in metrics:
         fmt = COSTS[column][1] if column in COSTS else "{:.2f}"
         texts[column] = [MISSING if math.isnan(v) else fmt.format(v) for v in frame[column]]
+        if column + STD in frame:  # several seeds: mean ± s
+            texts[column] = [t if math.isnan(sd) else f"{t} ± {sd:.2f}"
+                             for t, sd in zip(texts[column], frame[column + STD])]
         if column in COSTS:
             continue  # costs are reported, not ranked
         for _, group in frame.groupby(["Model", "Ratio"], sort=False):
@@ -177,7 +199,7 @@ def to_latex(records: list[dict]) -> str:
     if frame.empty:
         return "% (no results)\n"
     header, rows = _cells(frame, lambda t: "\x00" + t + "\x01")
-    cell = lambda t: _latex_escape(t).replace("\x00", "\\textbf{").replace("\x01", "}")
+    cell = lambda t: _latex_escape(t).replace("\x00", "\\textbf{").replace("\x01", "}").replace("±", "$\\pm$")
     lines = ["\\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", "\\toprule",
              " & ".join(cell(h) for h in header) + " \\\\", "\\midrule"]
     previous = None

@@ -2,7 +2,7 @@
 
 tests/data/results_small.jsonl: two models; dense rows; minillm (label `minillm_fo`, escaped in LaTeX)
 listed before magnitude (the table reorders); a failed cell (random @ 50%); a cell with two seeds
-(averaged); a cell whose error was followed by a successful rerun (the rerun wins); a skipped task.
+(averaged, shown as mean ± sample standard deviation); a cell whose error was followed by a successful rerun (the rerun wins); a skipped task.
 To refresh the golden files after an intended change:
     python -m suite table tests/data/results_small.jsonl --format md --out tests/data/results_small.md
     python -m suite table tests/data/results_small.jsonl --format latex --out tests/data/results_small.tex
@@ -51,8 +51,32 @@ def test_rows_grouped_dense_first_best_in_bold(records):
     assert (opt_random["WikiText-2"], opt_random["PTB"], opt_random["PIQA"]) == (155.0, 225.0, 53.0)  # seed mean
     md = to_markdown(records).splitlines()
     assert "minillm_fo" in md[5] and "**130.00**" in md[5] and "**62.00**" in md[5]  # lowest ppl, best BoolQ
-    assert md[10].count("**155.00**") == 1 and md[11].count("**155.00**") == 1  # a tie: both bold
+    assert md[10].count("**155.00**") == 1 and md[11].count("**155.00 ± 7.07**") == 1  # a tie: both bold
     assert "**" not in md[2] and "**" not in md[9]  # dense rows are alone in their group
+
+
+def test_several_seeds_show_mean_and_sample_std(records):
+    import statistics
+
+    seeds = [r for r in records if r["model"] == "tiny-opt" and r["label"] == "random"]
+    assert len(seeds) == 2
+    wiki = [r["perplexity"]["wikitext2"] for r in seeds]
+    piqa = [r["zero_shot"]["piqa"]["acc"] * 100 for r in seeds]
+    frame = results_frame(records)
+    row = frame[(frame["Model"] == "tiny-opt") & (frame["Method"] == "random")].iloc[0]
+    assert row["Seeds"] == 2
+    assert row["WikiText-2 std"] == pytest.approx(statistics.stdev(wiki))
+    assert row["PIQA std"] == pytest.approx(statistics.stdev(piqa))
+    md = next(line for line in to_markdown(records).splitlines() if "tiny-opt" in line and "| random" in line)
+    assert f"**{statistics.mean(wiki):.2f} ± {statistics.stdev(wiki):.2f}**" in md  # bold on the mean
+    assert f"{statistics.mean(piqa):.2f} ± {statistics.stdev(piqa):.2f}" in md
+    assert "$\\pm$" in to_latex(records) and "±" not in to_latex(records)
+    single = frame[(frame["Model"] == "tiny-opt") & (frame["Method"] == "magnitude")].iloc[0]
+    assert single["Seeds"] == 1 and math.isnan(single["WikiText-2 std"])  # one seed: no spread shown
+    assert "±" not in next(line for line in to_markdown(records).splitlines() if "| magnitude" in line)
+    csv = pd.read_csv(io.StringIO(to_csv(records)))
+    assert csv.loc[(csv["Model"] == "tiny-opt") & (csv["Method"] == "random"), "PTB std"].item() == pytest.approx(
+        statistics.stdev([r["perplexity"]["ptb"] for r in seeds]))
 
 
 def test_failed_cell_is_a_row_with_a_note_and_reruns_win(records):
