@@ -1,7 +1,9 @@
 """Results figure: WikiText-2 perplexity vs pruning ratio (left) and scoring peak memory (right).
 
 One line per method label (and model, when the file holds several), the dense model as a dashed
-horizontal line; seeds are averaged and only `ok` records are drawn (same rules as tables.py).
+horizontal line; seeds are averaged and only `ok` records are drawn (same rules as tables.py). Where
+a ratio has several seeds, each seed's perplexity is also drawn as a faint dot on the line's colour,
+so the spread is visible beside the mean.
 """
 from __future__ import annotations
 
@@ -66,6 +68,9 @@ def make_figure(records: list[dict]):
                            label=name(model, label))
         else:
             ax_ppl.plot(ratios, ppl, marker="o", linestyle=style, color=color(label), label=name(model, label))
+            several = [(r, v) for r in ratios if len(by_ratio[r]) > 1 for v in by_ratio[r]]
+            if several:
+                ax_ppl.scatter(*zip(*several), s=14, alpha=0.45, color=color(label), linewidths=0)
     if series:
         ax_ppl.set_yscale("log")
         ax_ppl.legend(fontsize="small")

@@ -122,6 +122,8 @@ def test_figure_lines_match_records(records):
     assert list(lines["minillm_fo (tiny-llama)"].get_ydata()) == [130.0, 400.0]
     assert list(lines["random (tiny-llama)"].get_ydata()) == [180.123]  # the 50% cell failed
     assert list(lines["random (tiny-opt)"].get_ydata()) == [155.0]  # mean of two seeds
+    (seed_dots,) = ax_ppl.collections  # ... and each seed as a dot: only that cell has several
+    assert sorted(map(tuple, seed_dots.get_offsets().tolist())) == [(0.2, 150.0), (0.2, 160.0)]
     dense = lines["dense (tiny-opt)"]
     assert set(dense.get_ydata()) == {90.0} and dense.get_linestyle() != "-"
     assert len(lines) == 7
