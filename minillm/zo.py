@@ -63,7 +63,7 @@ def tensor_seed(seed: int, index: int) -> int:
 
     torch's CPU generator (mt19937) keeps only the low 32 bits of a seed; splitmix64 mixes every
     input bit into those, so distinct (seed, index) pairs still get distinct streams but for
-    chance collisions (~1e-3 over a whole q = 16 estimate of SmolLM2's ~200 weights).
+    chance collisions (~1e-3 over a whole q = 16 estimate of SmolLM2's ~200 weight tensors).
     """
     return _splitmix64(_splitmix64(int(seed) & _MASK64) ^ (int(index) & _MASK64)) >> 1
 
