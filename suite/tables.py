@@ -18,6 +18,7 @@ per perplexity and task column, `<column> std` (empty for a single seed).
 from __future__ import annotations
 
 import math
+import statistics
 
 import pandas as pd
 from tabulate import tabulate
@@ -81,13 +82,10 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
         spread = {}
         row = {"Model": model, "Method": label, "_method": members[0].get("method", label), "Ratio": ratio,
                "Params": mean(lambda r: (r.get("params") or {}).get("pruned"))}
-        for corpus in corpora:
-            get = lambda r: (r.get("perplexity") or {}).get(corpus)
-            row[PERPLEXITY.get(corpus, corpus)] = mean(get)
-            spread[PERPLEXITY.get(corpus, corpus) + STD] = _std([get(r) for r in ok])
-        for task in tasks:
-            row[TASKS.get(task, task)] = mean(lambda r: _acc(r, task))
-            spread[TASKS.get(task, task) + STD] = _std([_acc(r, task) for r in ok])
+        seed_values = {PERPLEXITY.get(c, c): [(r.get("perplexity") or {}).get(c) for r in ok] for c in corpora}
+        seed_values |= {TASKS.get(t, t): [_acc(r, t) for r in ok] for t in tasks}
+        for column, values in seed_values.items():
+            row[column], spread[column + STD] = _mean(values), _std(values)
         accs = [row[TASKS.get(t, t)] for t in tasks]
         row["Average"] = sum(accs) / len(accs) if accs and not any(math.isnan(a) for a in accs) else math.nan
         for column, (key, _) in COSTS.items():
@@ -123,10 +121,7 @@ def _mean(values) -> float:
 def _std(values) -> float:
     """Sample standard deviation (n − 1) over the seeds that have the value; NaN below two."""
     values = [float(v) for v in values if v is not None]
-    if len(values) < 2:
-        return math.nan
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return statistics.stdev(values) if len(values) >= 2 else math.nan
 
 
 # --------------------------------------------------------------------------- text cells
