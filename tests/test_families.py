@@ -98,6 +98,21 @@ def test_sliced_equals_masked(name, mode):
         assert rel_err(load_model(name)(x).logits, reference) > 1e-3
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_dropped_attention_and_empty_mlp_exact(name):
+    """allow_empty: a layer with zero heads (its attention dropped) and one with zero channels."""
+    model = load_model(name)
+    plan = random_plan(model, random.Random(1), "q-head")
+    plan.allow_empty = True
+    plan.layers[2].heads, plan.layers[2].kv_heads = [], list(range(model.config.num_key_value_heads))
+    plan.layers[3].channels = []
+    x = ids(seed=8)
+    reference = masked_logits(model, plan, x)
+    apply_plan(model, plan)
+    with torch.no_grad():
+        assert rel_err(model(x).logits, reference) <= 1e-5
+
+
 def test_phi3_fused_sections_follow_their_heads():
     """Slicing Phi-3's qkv_proj as if it were one [heads, 3, hd] block (the BLOOM layout) is wrong."""
     model = load_model("tiny-phi3")
