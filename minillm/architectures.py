@@ -317,10 +317,14 @@ class _LayerConfig:
     """The model config as one sliced layer sees it: its own num_attention_heads, the rest shared."""
 
     def __init__(self, config, num_heads: int):
-        self._config, self.num_attention_heads = config, num_heads
+        object.__setattr__(self, "_config", config)
+        object.__setattr__(self, "num_attention_heads", num_heads)
 
     def __getattr__(self, name):
         return getattr(self._config, name)
+
+    def __setattr__(self, name, value):  # e.g. an attention-implementation switch: the model's config
+        setattr(self._config, name, value)
 
 
 class _PrunedPhi3Attention:
