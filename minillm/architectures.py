@@ -9,9 +9,17 @@ and a list of `Member`s, each saying "group g owns rows (dim 0, bias included) o
 counts their parameters; slicing removes them. The same table drives all three, per architecture:
 
     LLaMA (MHA/GQA) q/k/v_proj rows, o_proj cols   | gate/up_proj rows, down_proj col
+      Mistral, Qwen2/2.5 (+q/k/v bias), Qwen3, Gemma 2, Gemma 3: as LLaMA (LlamaAdapter subclasses)
     OPT             q/k/v_proj rows (+bias), out_proj cols | fc1 row (+bias), fc2 col
     BLOOM           query_key_value rows [n_head, 3, head_dim] (+bias), dense cols
                                                    | dense_h_to_4h row (+bias), dense_4h_to_h col
+    Phi-3           qkv_proj rows in its q, k and v sections, o_proj cols
+                                                   | gate_up_proj rows in its gate and up halves, down_proj col
+
+A Linear named more than once in a member table is *fused*: its rows are consecutive sections,
+one per mention, in table order (Phi-3's qkv_proj = [q heads; k heads; v heads], gate_up_proj =
+[gate; up]); a member's `offset` is where its section starts, so a head or channel owns rows in
+several places of one matrix.
 
 GQA heads come in two modes: ``kv-group`` (a kv head with all the q heads that read it: removing
 it keeps `repeat_kv` valid trivially) and ``q-head`` (single q heads; the budget removes the same
@@ -35,12 +43,14 @@ class Member:
 
     name:  module path inside the decoder layer (e.g. "self_attn.q_proj")
     dim:   0 = the group owns output rows (and bias entries), 1 = it owns input columns
-    width: rows/columns per group; group g owns [g*width, (g+1)*width)
+    width: rows/columns per group; group g owns offset + [g*width, (g+1)*width)
+    offset: first row/column of this member's section of a fused Linear (0 for a plain Linear)
     """
 
     name: str
     dim: int
     width: int
+    offset: int = 0
 
 
 @dataclass
@@ -65,7 +75,7 @@ class GroupSet:
         """The member's weight as [count, width, other]: block g is group g's share."""
         w = self.linear(member).weight
         w = w if member.dim == 0 else w.t()
-        return w.reshape(self.count, member.width, w.shape[1])
+        return w.narrow(0, member.offset, self.count * member.width).reshape(self.count, member.width, w.shape[1])
 
     def params_per_group(self) -> int:
         """Parameters removed with one group (weights, and bias entries of row members)."""
@@ -113,23 +123,57 @@ class Adapter:
         if mode not in HEAD_MODES:
             raise UserError(f"unknown head mode {mode!r}; choose one of {', '.join(HEAD_MODES)}")
         hd, nq, nkv = self.head_dim(layer), self.num_heads(layer), self.num_kv_heads(layer)
+        offsets = self._offsets(self.head_members, layer)
         if mode == "kv-group" and nkv != nq:
             per = nq // nkv
             members = tuple(
-                Member(name, dim, hd * (per if unit == "q" else 1)) for name, dim, unit in self.head_members
+                Member(name, dim, hd * (per if unit == "q" else 1), offset)
+                for (name, dim, unit), offset in zip(self.head_members, offsets)
             )
             return GroupSet(index, "heads", nkv, members, layer)
         # q-head mode (identical to kv-group for MHA); shared k/v are not part of a q head's group
         members = tuple(
-            Member(name, dim, hd * (3 if unit == "qkv" else 1))
-            for name, dim, unit in self.head_members
+            Member(name, dim, hd * (3 if unit == "qkv" else 1), offset)
+            for (name, dim, unit), offset in zip(self.head_members, offsets)
             if unit != "kv" or nkv == nq
         )
         return GroupSet(index, "heads", nq, members, layer)
 
     def channel_groups(self, index: int, layer) -> GroupSet:
-        members = tuple(Member(name, dim, 1) for name, dim in self.channel_members)
+        offsets = self._offsets(self.channel_members, layer)
+        members = tuple(Member(name, dim, 1, off) for (name, dim), off in zip(self.channel_members, offsets))
         return GroupSet(index, "channels", self.num_channels(layer), members, layer)
+
+    def _section_size(self, layer, unit: str) -> int:
+        """Rows/columns of one member's section: all heads ("q", "kv", "qkv") or all channels ("ch")."""
+        hd = self.head_dim(layer)
+        return {"q": self.num_heads(layer) * hd, "kv": self.num_kv_heads(layer) * hd,
+                "qkv": 3 * self.num_heads(layer) * hd, "ch": self.num_channels(layer)}[unit]
+
+    def _offsets(self, table, layer) -> list[int]:
+        """Start of each table entry's section in its Linear: the sizes of earlier mentions of that Linear."""
+        seen, out = {}, []
+        for entry in table:
+            name, unit = entry[0], entry[2] if len(entry) > 2 else "ch"
+            out.append(seen.get(name, 0))
+            seen[name] = out[-1] + self._section_size(layer, unit)
+        return out
+
+    def keep_index(self, layer, heads, kv_heads, channels) -> dict:
+        """{(Linear name, dim): kept row/column indices} for a plan entry, fused sections in table order.
+
+        `heads`/`kv_heads`/`channels` are kept indices in this (unsliced) layer's numbering; None
+        keeps that kind whole (its Linears are then absent from the result).
+        """
+        hd, parts = self.head_dim(layer), {}
+        if heads is not None:
+            for (name, dim, unit), offset in zip(self.head_members, self._offsets(self.head_members, layer)):
+                groups, width = {"q": (heads, hd), "kv": (kv_heads, hd), "qkv": (heads, 3 * hd)}[unit]
+                parts.setdefault((name, dim), []).append(offset + _expand(groups, width))
+        if channels is not None:
+            for (name, dim), offset in zip(self.channel_members, self._offsets(self.channel_members, layer)):
+                parts.setdefault((name, dim), []).append(offset + _expand(channels, 1))
+        return {key: torch.cat(p) for key, p in parts.items()}
 
     # ---- slicing hooks
     def set_heads(self, layer, heads: list[int], kv_heads: list[int]) -> None:
@@ -139,6 +183,12 @@ class Adapter:
     def drop_attention(self, layer) -> None:
         """Replace the attention forward by its constant output (the out-projection bias, if any)."""
         raise NotImplementedError
+
+
+def _expand(groups, width) -> torch.Tensor:
+    """Group indices -> row/column indices, group g owning [g*width, (g+1)*width)."""
+    g = torch.as_tensor(list(groups), dtype=torch.long)
+    return (g[:, None] * width + torch.arange(width)).reshape(-1)
 
 
 def _constant_output(out_proj: nn.Linear, like: torch.Tensor) -> torch.Tensor:
@@ -178,6 +228,115 @@ class LlamaAdapter(Adapter):
 
 def _llama_like_dropped_forward(self, hidden_states, *args, **kwargs):
     return _constant_output(self.o_proj, hidden_states), None
+
+
+# --------------------------------------------------------------------------- LLaMA-like families
+# Same Linears and names as LLaMA; their differences live in modules with nothing to slice.
+LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class MistralAdapter(LlamaAdapter):
+    """Mistral: LLaMA with GQA and sliding-window attention (a mask: no weights)."""
+
+    model_types = ("mistral",)
+    lora_targets = LLAMA_LORA_TARGETS
+
+
+class Qwen2Adapter(LlamaAdapter):
+    """Qwen2 / Qwen2.5: q/k/v biases (row members: a head's bias entries go with its rows), GQA down
+    to 2 kv heads, optional sliding window on the top layers."""
+
+    model_types = ("qwen2",)
+    lora_targets = LLAMA_LORA_TARGETS
+
+
+class Qwen3Adapter(LlamaAdapter):
+    """Qwen3: explicit head_dim; q_norm/k_norm are RMSNorms over head_dim whose weight is shared by
+    every head, so they stay whole when heads are removed."""
+
+    model_types = ("qwen3",)
+    lora_targets = LLAMA_LORA_TARGETS
+
+
+class Gemma2Adapter(LlamaAdapter):
+    """Gemma 2: explicit head_dim (≠ hidden/heads), pre- and post-norms around attention and MLP
+    (a dropped attention outputs 0, and post-norm(0) = 0: exact), √hidden embedding scaling inside
+    the decoder, attention soft capping inside attention, final-logit soft capping in the head
+    (`decoder_and_head` applies it)."""
+
+    model_types = ("gemma2",)
+    lora_targets = LLAMA_LORA_TARGETS
+
+
+class Gemma3Adapter(LlamaAdapter):
+    """Gemma 3 text (`Gemma3ForCausalLM`, model_type gemma3_text): Gemma 2's layout plus per-head
+    q/k RMSNorms over head_dim (shared weights, kept whole), local/global layers."""
+
+    model_types = ("gemma3_text",)
+    lora_targets = LLAMA_LORA_TARGETS
+
+
+class Phi3Adapter(LlamaAdapter):
+    """Phi-3: fused qkv_proj rows = [q heads; k heads; v heads] and gate_up_proj rows = [gate; up].
+
+    A q head owns hd rows in the q section (and o_proj columns); a kv head owns hd rows in the k
+    section and hd rows in the v section; a channel owns one row in each half of gate_up_proj (and
+    a down_proj column). The attention forward locates the k section at
+    ``config.num_attention_heads * head_dim``: a sliced layer reads its own head count instead.
+    """
+
+    model_types = ("phi3",)
+    lora_targets = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    head_members = (
+        ("self_attn.qkv_proj", 0, "q"),
+        ("self_attn.qkv_proj", 0, "kv"),
+        ("self_attn.qkv_proj", 0, "kv"),
+        ("self_attn.o_proj", 1, "q"),
+    )
+    channel_members = (("mlp.gate_up_proj", 0), ("mlp.gate_up_proj", 0), ("mlp.down_proj", 1))
+
+    def num_heads(self, layer) -> int:
+        return layer.self_attn.o_proj.in_features // self.head_dim(layer)
+
+    def num_kv_heads(self, layer) -> int:
+        attn = layer.self_attn
+        return (attn.qkv_proj.out_features - attn.o_proj.in_features) // (2 * self.head_dim(layer))
+
+    def num_channels(self, layer) -> int:
+        return layer.mlp.down_proj.in_features
+
+    def set_heads(self, layer, heads, kv_heads):
+        super().set_heads(layer, heads, kv_heads)
+        attn = layer.self_attn
+        attn.num_heads, attn.num_key_value_heads = len(heads), len(kv_heads)
+        if not isinstance(attn, _PrunedPhi3Attention):
+            attn.__class__ = _subclass("pruned-phi3", _PrunedPhi3Attention, type(attn))
+
+
+class _LayerConfig:
+    """The model config as one sliced layer sees it: its own num_attention_heads, the rest shared."""
+
+    def __init__(self, config, num_heads: int):
+        object.__setattr__(self, "_config", config)
+        object.__setattr__(self, "num_attention_heads", num_heads)
+
+    def __getattr__(self, name):
+        return getattr(self._config, name)
+
+    def __setattr__(self, name, value):  # e.g. an attention-implementation switch: the model's config
+        setattr(self._config, name, value)
+
+
+class _PrunedPhi3Attention:
+    """Mixin: `self.config` answers this layer's kept head count (Phi3Attention splits qkv with it)."""
+
+    @property
+    def config(self):
+        return _LayerConfig(self.__dict__["config"], self.num_heads)
+
+    @config.setter
+    def config(self, value):
+        self.__dict__["config"] = value
 
 
 # --------------------------------------------------------------------------- OPT
@@ -251,9 +410,14 @@ _CLASS_CACHE: dict = {}
 
 
 def _pruned_bloom_class(base):
-    key = ("bloom", base)
+    return _subclass("bloom", _PrunedBloomAttention, base)
+
+
+def _subclass(tag, mixin, base):
+    """The (cached) class `mixin` + `base`: a sliced module keeps its type's behaviour and name."""
+    key = (tag, base)
     if key not in _CLASS_CACHE:
-        _CLASS_CACHE[key] = type(f"Pruned{base.__name__}", (_PrunedBloomAttention, base), {})
+        _CLASS_CACHE[key] = type(f"Pruned{base.__name__}", (mixin, base), {})
     return _CLASS_CACHE[key]
 
 
@@ -266,7 +430,8 @@ def _dropped(base, forward):
 
 
 # --------------------------------------------------------------------------- registry
-ADAPTERS = (LlamaAdapter(), OPTAdapter(), BloomAdapter())
+ADAPTERS = (LlamaAdapter(), OPTAdapter(), BloomAdapter(), MistralAdapter(), Qwen2Adapter(), Qwen3Adapter(),
+            Gemma2Adapter(), Gemma3Adapter(), Phi3Adapter())
 
 
 def adapter_for(model) -> Adapter:
@@ -293,12 +458,25 @@ def all_group_sets(model, head_mode: str = "q-head", layers=None) -> list[GroupS
 
 
 def decoder_and_head(model):
-    """(decoder stack, output embedding) of a causal LM whose logits are ``head(decoder(x)[0])``.
+    """(decoder stack, output head) of a causal LM whose logits are ``head(decoder(x)[0])``.
 
-    True of the LLaMA, OPT and BLOOM classes this suite prunes (their final norm / projection
-    lives in the decoder); (None, None) for anything else, which then computes full logits.
+    True of every class this suite prunes: the final norm (and Gemma's √hidden embedding scaling)
+    lives in the decoder; where the config sets ``final_logit_softcapping`` (Gemma 2), the head is
+    the output embedding followed by that capping, cap·tanh(z/cap), as the model's own forward
+    (Gemma2ForCausalLM.forward). (None, None) for anything else, which then computes full logits.
     """
     base, head = getattr(model, "base_model", None), model.get_output_embeddings()
     if base is None or base is model or head is None:
         return None, None
-    return base, head
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return base, (head if cap is None else SoftCappedHead(head, cap))
+
+
+class SoftCappedHead:
+    """logits = cap · tanh(head(x) / cap): a callable like the head, with its `out_features`."""
+
+    def __init__(self, head: nn.Module, cap: float):
+        self.head, self.cap, self.out_features = head, float(cap), head.out_features
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.head(hidden) / self.cap) * self.cap

@@ -122,12 +122,6 @@ def _check_indices(idx, n, what):
 
 
 # --------------------------------------------------------------------------- application
-def _expand(groups, width) -> torch.Tensor:
-    """Group indices -> row/column indices, group g owning [g*width, (g+1)*width)."""
-    g = torch.as_tensor(list(groups), dtype=torch.long)
-    return (g[:, None] * width + torch.arange(width)).reshape(-1)
-
-
 def slice_linear(linear: nn.Linear, dim: int, index: torch.Tensor) -> None:
     """Keep only rows (dim 0; bias too) or columns (dim 1) `index` of `linear`, in place."""
     with torch.no_grad():
@@ -148,20 +142,20 @@ def apply_plan(model, plan: Plan):
     validate(plan, model)
     adapter = adapter_for(model)
     for lp, layer in zip(plan.layers, adapter.layers(model)):
-        hd = adapter.head_dim(layer)
         nq, nkv = adapter.num_heads(layer), adapter.num_kv_heads(layer)
         kv = lp.kv_heads if lp.kv_heads is not None else (lp.heads if nkv == nq else list(range(nkv)))
-        if list(lp.heads) != list(range(nq)) or list(kv) != list(range(nkv)):
-            for name, dim, unit in adapter.head_members:
-                groups, width = {"q": (lp.heads, hd), "kv": (kv, hd), "qkv": (lp.heads, 3 * hd)}[unit]
-                slice_linear(layer.get_submodule(name), dim, _expand(groups, width))
+        slice_heads = list(lp.heads) != list(range(nq)) or list(kv) != list(range(nkv))
+        slice_channels = list(lp.channels) != list(range(adapter.num_channels(layer)))
+        # indices first (a fused Linear's sections are located by the unsliced sizes), then slicing;
+        # zero channels is exact as it is: 0-width Linears output zeros (plus the bias)
+        index = adapter.keep_index(layer, lp.heads if slice_heads else None, kv,
+                                   lp.channels if slice_channels else None)
+        for (name, dim), keep in index.items():
+            slice_linear(layer.get_submodule(name), dim, keep)
+        if slice_heads:
             adapter.set_heads(layer, list(lp.heads), list(kv))
             if not lp.heads:
                 adapter.drop_attention(layer)
-        if list(lp.channels) != list(range(adapter.num_channels(layer))):
-            for name, dim in adapter.channel_members:
-                # zero channels is exact as it is: 0-width Linears output zeros (plus the bias)
-                slice_linear(layer.get_submodule(name), dim, _expand(lp.channels, 1))
     return model
 
 

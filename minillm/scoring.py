@@ -75,6 +75,7 @@ def _coerce(default, value):
 
 
 def group_tensor(values: torch.Tensor, gs, member) -> torch.Tensor:
-    """Per-element values laid out like `gs.weight_blocks(member)`: [count, width, other]."""
+    """Per-element values of the member's whole Linear, laid out like `gs.weight_blocks(member)`:
+    [count, width, other] (only the member's section of a fused Linear)."""
     v = values if member.dim == 0 else values.t()
-    return v.reshape(gs.count, member.width, v.shape[1])
+    return v.narrow(0, member.offset, gs.count * member.width).reshape(gs.count, member.width, v.shape[1])

