@@ -136,6 +136,9 @@ class Adapter:
         """Update the attributes the attention forward reads after its heads were sliced."""
         raise NotImplementedError
 
+    def set_channels(self, layer, channels: list[int]) -> None:
+        """Update what the MLP forward reads after its channels were sliced (nothing, by default)."""
+
     def drop_attention(self, layer) -> None:
         """Replace the attention forward by its constant output (the out-projection bias, if any)."""
         raise NotImplementedError

@@ -45,6 +45,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from minillm.errors import UserError
+    from minillm.plan import carried_plan
     from minillm.saving import save_pruned
     from suite.methods import get_method
     from suite.models import load_model, load_tokenizer
@@ -75,7 +76,7 @@ def run(args) -> int:
     if ppl:
         record["perplexity"] = {args.ppl: ppl}
     record["provenance"] = provenance(config=vars(args) | {"_run": None}, seed=args.seed)
-    save_pruned(model, tokenizer, outcome.selection.plan, out, extra=record)
+    save_pruned(model, tokenizer, carried_plan(model), out, extra=record)  # original numbering
     sel = outcome.selection
     print(f"{args.method} on {args.model}: removed {sel.removed:,} of {sel.total:,} parameters "
           f"({sel.achieved_ratio:.4f}; target {args.ratio}, {sel.target_removed:,})")

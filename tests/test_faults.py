@@ -1,0 +1,143 @@
+"""Faults of pruning tools tried on the suite (issue 10), each with its right value computed
+independently of the code under test: the masked UNSLICED model, uncached decoding, an exhaustive
+search of a tiny budget, the position table's size.
+"""
+import random
+
+import pytest
+import torch
+
+from minillm.architectures import adapter_for
+from minillm.errors import UserError
+from minillm.plan import LayerPlan, Plan, apply_plan, carried_plan, compose, full_plan
+from minillm.saving import load_pruned, save_pruned
+from suite.models import load_model
+
+OUT_PROJ = {"llama": ("self_attn.o_proj", "mlp.down_proj"), "opt": ("self_attn.out_proj", "fc2"),
+            "bloom": ("self_attention.dense", "mlp.dense_4h_to_h")}
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def masked_logits(model, plan, ids):
+    """Logits of the UNSLICED `model` with the heads/channels `plan` removes zeroed at the input of
+    the out-projections (masks from raw head_dim and column ranges, not from the suite's groups)."""
+    attn_out, mlp_out = OUT_PROJ[model.config.model_type]
+    handles = []
+    for lp, layer in zip(plan.layers, adapter_for(model).layers(model)):
+        hd = adapter_for(model).attn(layer).head_dim
+        for name, kept, width in ((attn_out, lp.heads, hd), (mlp_out, lp.channels, 1)):
+            linear = layer.get_submodule(name)
+            mask = torch.zeros(linear.in_features)
+            for g in kept:
+                mask[g * width:(g + 1) * width] = 1.0
+            handles.append(linear.register_forward_pre_hook(lambda m, a, mask=mask: (a[0] * mask,)))
+    try:
+        return logits(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# --------------------------------------------------------------------------- 1. re-pruning a pruned model
+def random_plan_now(model, rng, kv_mode=False):
+    """A random plan in `model`'s CURRENT numbering (it may be sliced already: uneven layers)."""
+    adapter = adapter_for(model)
+    plan = full_plan(model)
+    for lp, layer in zip(plan.layers, adapter.layers(model)):
+        nq, nkv, nch = adapter.num_heads(layer), adapter.num_kv_heads(layer), adapter.num_channels(layer)
+        if nch > 1 and rng.random() < 0.8:
+            lp.channels = sorted(rng.sample(range(nch), rng.randint(1, nch - 1)))
+        if nq < 2 or rng.random() < 0.2:
+            continue
+        if nkv == nq:
+            lp.heads = sorted(rng.sample(range(nq), rng.randint(1, nq - 1)))
+            if lp.kv_heads is not None:
+                lp.kv_heads = list(lp.heads)
+        elif kv_mode and nkv > 1:
+            per = nq // nkv
+            lp.kv_heads = sorted(rng.sample(range(nkv), rng.randint(1, nkv - 1)))
+            lp.heads = [j * per + k for j in lp.kv_heads for k in range(per)]
+        elif nq // nkv > 1:
+            per = nq // nkv
+            k = rng.randint(1, per - 1)
+            lp.heads = sorted(j * per + h for j in range(nkv) for h in rng.sample(range(per), k))
+    plan.head_mode = "kv-group" if kv_mode else "q-head"
+    return plan
+
+
+CHAIN_CASES = [("tiny-llama", False), ("tiny-llama-gqa", False), ("tiny-llama-gqa", True),
+               ("tiny-opt", False), ("tiny-bloom", False)]
+
+
+@pytest.mark.parametrize("name,kv_mode", CHAIN_CASES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prune_save_load_chains_reload_to_in_memory_logits(tmp_path, name, kv_mode, seed):
+    """Property: 2-3 prunes with save/reload between them; each reload equals the in-memory model,
+    and the saved (composed) plan applied to the ORIGINAL model, masked, gives the same logits."""
+    rng = random.Random(seed * 10 + len(name))
+    ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(seed))
+    original = load_model(name)
+    model = load_model(name)
+    for step in range(rng.randint(2, 3)):
+        apply_plan(model, random_plan_now(model, rng, kv_mode))
+        out = save_pruned(model, None, carried_plan(model), tmp_path / f"step{step}")
+        again = load_pruned(out)
+        in_memory = logits(model, ids)
+        assert rel_err(logits(again, ids), in_memory) <= 1e-5
+        assert rel_err(masked_logits(original, Plan.load(out / "plan.json"), ids), in_memory) <= 1e-5
+        model = again  # the next prune starts from the reloaded directory
+
+
+def test_bloom_second_prune_keeps_the_right_original_head(tmp_path):
+    """The issue's case: 3 heads, keep [1, 2], then keep pruned-index [1] = original head 2."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    config = BloomConfig(vocab_size=64, hidden_size=12, n_layer=1, n_head=3, hidden_dropout=0.0,
+                         attention_dropout=0.0)
+    model = BloomForCausalLM(config).eval()
+    reference = BloomForCausalLM(config).eval()
+    reference.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(1))
+    channels = list(range(48))
+    apply_plan(model, Plan("bloom", [LayerPlan(heads=[1, 2], channels=channels)]))
+    apply_plan(model, Plan("bloom", [LayerPlan(heads=[1], channels=channels)]))
+    assert carried_plan(model).layers[0].heads == [2]
+    out = save_pruned(model, None, carried_plan(model), tmp_path / "twice")
+    expected = masked_logits(reference, Plan("bloom", [LayerPlan(heads=[2], channels=channels)]), ids)
+    assert rel_err(logits(model, ids), expected) <= 1e-5
+    assert rel_err(logits(load_pruned(out), ids), expected) <= 1e-5
+
+
+def test_gqa_channel_only_second_prune_reloads(tmp_path):
+    """LLaMA-GQA: q-head prune, then a prune of channels only: the saved plan reloads (was refused)."""
+    model = load_model("tiny-llama-gqa")  # 8 q heads / 2 kv heads per layer
+    first = full_plan(model)
+    first.layers[0].heads = [0, 2, 3, 5, 6, 7]
+    apply_plan(model, first)
+    second = full_plan(model)
+    second.layers[0].channels = list(range(0, 688, 2))
+    apply_plan(model, second)
+    out = save_pruned(model, None, carried_plan(model), tmp_path / "gqa")
+    saved = Plan.load(out / "plan.json").layers[0]
+    assert saved.heads == [0, 2, 3, 5, 6, 7] and saved.kv_heads == [0, 1]
+    assert saved.channels == list(range(0, 688, 2))
+    ids = torch.randint(3, 259, (1, 16))
+    assert rel_err(logits(load_pruned(out), ids), logits(model, ids)) <= 1e-5
+
+
+def test_compose_is_indexing_into_the_first_plan():
+    base = Plan("llama", [LayerPlan(heads=[0, 1, 4, 5, 6, 7], kv_heads=[0, 1], channels=[1, 3, 5, 7])])
+    new = Plan("llama", [LayerPlan(heads=[3, 4, 5], kv_heads=[1], channels=[0, 3])], head_mode="kv-group")
+    layer = compose(base, new).layers[0]
+    assert (layer.heads, layer.kv_heads, layer.channels) == ([5, 6, 7], [1], [1, 7])
+    with pytest.raises(UserError, match="layer 0 heads"):
+        compose(base, Plan("llama", [LayerPlan(heads=[6], channels=[0])]))
