@@ -261,11 +261,35 @@ def _pruned_bloom_class(base):
 
 
 def _dropped(base, forward):
-    """A subclass of an attention class whose forward returns the constant output of zero heads."""
+    """A subclass of an attention class whose forward returns the constant output of zero heads
+    (`forward`) and keeps the KV cache's length (`_keep_cache_length`)."""
     key = ("dropped", base)
     if key not in _CLASS_CACHE:
-        _CLASS_CACHE[key] = type(f"Dropped{base.__name__}", (base,), {"forward": forward})
+        def dropped_forward(self, hidden_states, *args, **kwargs):
+            _keep_cache_length(self, hidden_states, kwargs)
+            return forward(self, hidden_states, *args, **kwargs)
+
+        _CLASS_CACHE[key] = type(f"Dropped{base.__name__}", (base,), {"forward": dropped_forward})
     return _CLASS_CACHE[key]
+
+
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")  # names across versions/models
+
+
+def _keep_cache_length(attn, hidden_states: torch.Tensor, kwargs: dict) -> None:
+    """Write a one-head all-zero key/value entry [batch, 1, new tokens, head_dim] for a dropped attention.
+
+    transformers reads the cached sequence length (positions, causal mask) from layer 0's entry
+    (`Cache.get_seq_length(layer_idx=0)`) and counts an entry with no elements as empty, so a dropped
+    attention that wrote nothing (or zero heads) made cached decoding use wrong positions. Nothing
+    reads the placeholder; it costs one head of cache per dropped layer.
+    """
+    cache = next((kwargs[k] for k in CACHE_ARGUMENTS if kwargs.get(k) is not None), None)
+    if cache is None or not hasattr(cache, "update"):
+        return
+    batch, length = hidden_states.shape[:2]
+    placeholder = hidden_states.new_zeros(batch, 1, length, attn.head_dim)
+    cache.update(placeholder, placeholder, attn.layer_idx)
 
 
 # --------------------------------------------------------------------------- registry
