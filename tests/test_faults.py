@@ -195,3 +195,72 @@ def test_generate_with_cache_equals_without_on_issue_bloom():
     assert torch.equal(cached.sequences, plain.sequences)
     for a, b in zip(cached.logits, plain.logits):  # today's code drifted 2.1e-4 .. 3.2e-4 relative
         assert rel_err(a, b) <= 1e-5
+
+
+# --------------------------------------------------------------------------- 3. budget edge cases
+def one_layer_bloom():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    config = BloomConfig(vocab_size=512, hidden_size=16, n_layer=1, n_head=2, hidden_dropout=0.0,
+                         attention_dropout=0.0)
+    return BloomForCausalLM(config).eval()
+
+
+def nearest_by_exhaustive_search(model, target):
+    """Smallest |removed - target| over every count of removed heads and channels (all layers alike:
+    the counts, not their places, fix the parameter count). Sizes from raw BLOOM dimensions."""
+    c = model.config
+    hidden, hd, n_layer = c.hidden_size, c.hidden_size // c.n_head, c.n_layer
+    per_head = 3 * hd * (hidden + 1) + hd * hidden  # fused qkv rows + bias, dense columns
+    per_channel = (hidden + 1) + hidden  # h_to_4h row + bias, 4h_to_h column
+    return min(abs(h * per_head + ch * per_channel - target)
+               for h in range(n_layer * c.n_head + 1) for ch in range(n_layer * 4 * hidden + 1))
+
+
+def random_scores(model, seed, heads_last=True):
+    """Random scores in [0, 1); heads in [1, 2) if `heads_last` (the channels then run out first)."""
+    from minillm.architectures import all_group_sets
+
+    gen = torch.Generator().manual_seed(seed)
+    return {(gs.layer, gs.kind): torch.rand(gs.count, generator=gen) + (gs.kind == "heads" and heads_last)
+            for gs in all_group_sets(model)}
+
+
+@pytest.mark.parametrize("ratio", [0.19, 0.2, 0.21, 0.22, 0.25])
+@pytest.mark.parametrize("seed,heads_last", [(0, True), (1, True), (2, False), (3, False)])
+def test_global_allow_empty_reaches_the_nearest_plan(ratio, seed, heads_last):
+    """1-layer BLOOM, 2 heads (536 parameters each), 64 channels (33 each): at 0.2 the target 2,307
+    was called unreachable when the heads ranked last (all 64 channels remove only 2,112); the
+    nearest plan removes a head and 54 channels (2,318). The ranking decides which groups go, so
+    the plan is within one channel of the best count mix found by exhaustive search."""
+    from minillm.select import select
+
+    model = one_layer_bloom()
+    total = sum(p.numel() for p in model.parameters())
+    sel = select(model, random_scores(model, seed, heads_last), ratio, scope="global", allow_empty=True)
+    best = nearest_by_exhaustive_search(model, round(ratio * total))
+    assert abs(sel.removed - sel.target_removed) <= best + 33
+    apply_plan(model, sel.plan)
+    assert total - sum(p.numel() for p in model.parameters()) == sel.removed
+
+
+def test_global_allow_empty_tiny_bloom_at_0_7():
+    from minillm.select import select
+
+    model = load_model("tiny-bloom")
+    sel = select(model, random_scores(model, 0), 0.7, scope="global", allow_empty=True)
+    per_head = 4 * 16 * 192 + 3 * 16  # hd 16, hidden 192
+    assert abs(sel.removed - sel.target_removed) <= per_head
+    assert abs(sel.removed - sel.target_removed) <= nearest_by_exhaustive_search(model, sel.target_removed) + 385
+
+
+def test_global_issue_case_heads_ranked_last():
+    """Heads scored above every channel: the channels run out at 2,112 < 2,307; the trade gives 2,318."""
+    from minillm.select import select
+
+    model = one_layer_bloom()
+    scores = {(0, "heads"): torch.tensor([2.0, 3.0]), (0, "channels"): torch.rand(64)}
+    sel = select(model, scores, 0.2, scope="global", allow_empty=True)
+    assert (sel.target_removed, nearest_by_exhaustive_search(model, 2307)) == (2307, 11)
+    assert sel.removed == 2307 + 11
+    assert sel.plan.layers[0].heads == [1] and len(sel.plan.layers[0].channels) == 64 - 54
