@@ -264,3 +264,32 @@ def test_global_issue_case_heads_ranked_last():
     assert (sel.target_removed, nearest_by_exhaustive_search(model, 2307)) == (2307, 11)
     assert sel.removed == 2307 + 11
     assert sel.plan.layers[0].heads == [1] and len(sel.plan.layers[0].channels) == 64 - 54
+
+
+ADDS_PARAMETERS = [("flap", []), ("minillm", ["--opt", "compensate=true", "--opt", "directions=2"])]
+
+
+@pytest.mark.parametrize("method,extra", ADDS_PARAMETERS)
+def test_counts_agree_when_a_method_adds_biases(tmp_path, capsys, method, extra):
+    """Record, CLI summary line and a reload count the same parameters when compensation adds
+    biases to LLaMA's bias-free out-projections (counted here by summing the reloaded tensors)."""
+    import json
+    import re
+
+    from suite.cli import main
+
+    out = tmp_path / method
+    argv = ["prune", "--model", "tiny-llama", "--method", method, "--ratio", "0.3", "--nsamples", "2",
+            "--seqlen", "32", "--out", str(out), "--quiet", *extra]
+    assert main(argv) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if " removed " in l)
+    removed, dense = (int(v.replace(",", "")) for v in re.search(r"removed ([\d,]+) of ([\d,]+)", line).groups())
+    record = json.loads((out / "pruning.json").read_text())
+    reloaded = load_pruned(out)
+    added = [n for n, m in reloaded.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None]
+    assert added, "the method was expected to add biases"
+    counted = sum(t.numel() for t in reloaded.state_dict().values() if t is not None) - (
+        reloaded.lm_head.weight.numel() if reloaded.config.tie_word_embeddings else 0)
+    assert record["params"]["pruned"] == counted == dense - removed
+    assert record["params"]["dense"] == dense
+    assert record["ratio_achieved"] == pytest.approx(removed / dense, abs=1e-6)
