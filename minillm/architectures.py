@@ -83,6 +83,8 @@ class Adapter:
 
     model_types: tuple[str, ...] = ()
     attention: str = ""  # attention module path in a decoder layer
+    # "learned" (a table of positions: longer windows cannot run), "rotary" or "alibi" (they extrapolate)
+    position_encoding: str = "rotary"
     # (name, dim, unit) where unit is "q" (indexed by q heads), "kv" (kv heads) or "qkv" (BLOOM fused)
     head_members: tuple[tuple[str, int, str], ...] = ()
     channel_members: tuple[tuple[str, int], ...] = ()
@@ -187,6 +189,7 @@ def _llama_like_dropped_forward(self, hidden_states, *args, **kwargs):
 class OPTAdapter(Adapter):
     model_types = ("opt",)
     attention = "self_attn"
+    position_encoding = "learned"
     head_members = (
         ("self_attn.q_proj", 0, "q"),
         ("self_attn.k_proj", 0, "q"),
@@ -213,6 +216,7 @@ def _opt_dropped_forward(self, hidden_states, *args, **kwargs):
 class BloomAdapter(Adapter):
     model_types = ("bloom",)
     attention = "self_attention"
+    position_encoding = "alibi"
     head_members = (("self_attention.query_key_value", 0, "qkv"), ("self_attention.dense", 1, "q"))
     channel_members = (("mlp.dense_h_to_4h", 0), ("mlp.dense_4h_to_h", 1))
 
