@@ -149,7 +149,7 @@ class Adapter:
 def _constant_output(out_proj: nn.Linear, like: torch.Tensor) -> torch.Tensor:
     """What an attention block with zero heads outputs: its out-projection bias (or zeros)."""
     shape = (*like.shape[:-1], out_proj.out_features)
-    if out_proj.bias is None:
+    if out_proj.bias is None or isinstance(out_proj, TensorParallelSum):  # BLOOM's slow path adds no bias
         return like.new_zeros(shape)
     return out_proj.bias.expand(shape).to(like.dtype)
 
@@ -235,6 +235,20 @@ class BloomAdapter(Adapter):
         layer.num_heads = len(heads)
         if not isinstance(attn, _PrunedBloomAttention):
             attn.__class__ = _pruned_bloom_class(type(attn))
+        if (attn.pretraining_tp > 1 and attn.slow_but_exact) or isinstance(attn.dense, TensorParallelSum):
+            hd = self.head_dim(layer)
+            columns = (torch.as_tensor(heads, dtype=torch.long)[:, None] * hd + torch.arange(hd)).reshape(-1)
+            _tensor_parallel(attn.dense, attn.pretraining_tp, columns, attn.dense.out_features)
+            attn.slow_but_exact = False  # the sum over shards now lives in attn.dense
+
+    def set_channels(self, layer, channels):
+        """BLOOM's `slow_but_exact` MLP splits dense_4h_to_h by its width: sliced, it sums its kept
+        columns shard by shard itself (`TensorParallelSum`)."""
+        mlp = layer.mlp
+        if (mlp.pretraining_tp > 1 and mlp.slow_but_exact) or isinstance(mlp.dense_4h_to_h, TensorParallelSum):
+            out = mlp.dense_4h_to_h
+            _tensor_parallel(out, mlp.pretraining_tp, torch.as_tensor(channels, dtype=torch.long), 4 * out.out_features)
+            mlp.slow_but_exact = False
 
     def drop_attention(self, layer):
         layer.self_attention.__class__ = _dropped(type(layer.self_attention), _bloom_dropped_forward)
@@ -242,6 +256,42 @@ class BloomAdapter(Adapter):
 
 def _bloom_dropped_forward(self, hidden_states, residual, *args, **kwargs):
     return residual + _constant_output(self.dense, hidden_states), None
+
+
+class TensorParallelSum(nn.Linear):
+    """A sliced out-projection of BLOOM with ``pretraining_tp > 1, slow_but_exact=True``.
+
+    transformers' slow path (`BloomAttention.forward`, `BloomMLP.forward`) computes the projection
+    as a sum over `pretraining_tp` column shards of the ORIGINAL width, in shard order, without the
+    bias; after slicing it would split by the old width and crash. Here each kept column remembers
+    its original shard (`tp_shard`, sorted) and the same sum runs over the kept columns, so the
+    sliced layer equals the unsliced slow path with the removed columns zeroed.
+    """
+
+    tp_shard: torch.Tensor
+    tp: int
+
+    def forward(self, x):
+        out = x.new_zeros(*x.shape[:-1], self.out_features)
+        start = 0
+        for n in torch.bincount(self.tp_shard, minlength=self.tp).tolist():
+            out = out + nn.functional.linear(x[..., start:start + n], self.weight[:, start:start + n])
+            start += n
+        return out
+
+
+def _tensor_parallel(linear: nn.Linear, tp: int, kept: torch.Tensor, width: int) -> None:
+    """Make `linear` (just sliced to columns `kept` of its previous `width`) a TensorParallelSum."""
+    if not isinstance(linear, TensorParallelSum):
+        slices = width / tp  # transformers' shard bounds: int(i * slices) .. int((i + 1) * slices)
+        shard = torch.empty(width, dtype=torch.long)
+        for i in range(tp):
+            shard[int(i * slices):int((i + 1) * slices)] = i
+        linear.__class__ = TensorParallelSum
+        linear.tp = tp
+    else:
+        shard = linear.tp_shard
+    linear.register_buffer("tp_shard", shard[kept.to(shard.device)].to(linear.weight.device), persistent=False)
 
 
 class _PrunedBloomAttention:

@@ -348,3 +348,59 @@ def test_eval_records_the_extrapolation_warning(tmp_path):
     assert main(["eval", "--model", "tiny-llama", "--seqlen", "1100", "--max-tokens", "1100", "--quiet",
                  "--json", str(out)]) == 0
     assert "trained length 1024" in json.loads(out.read_text())["warnings"][0]
+
+
+# --------------------------------------------------------------------------- 5. BLOOM's exact tensor-parallel mode
+def tp_bloom(slow_but_exact=True):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    config = BloomConfig(vocab_size=64, hidden_size=24, n_layer=3, n_head=4, pretraining_tp=3,
+                         slow_but_exact=slow_but_exact, hidden_dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    model = BloomForCausalLM(config).eval()
+    with torch.no_grad():  # biases nonzero: the slow path drops them, the fast path does not
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+def zeroed_reference(model, plan, ids):
+    """The unsliced model with the removed heads' dense columns and removed channels' 4h_to_h columns
+    zeroed (equal to masking their inputs, also in transformers' slow path, which reads the weights)."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    hd = model.config.hidden_size // model.config.n_head
+    with torch.no_grad():
+        for lp, block in zip(plan.layers, ref.transformer.h):
+            keep = torch.zeros(model.config.hidden_size, dtype=torch.bool)
+            for h in lp.heads:
+                keep[h * hd:(h + 1) * hd] = True
+            block.self_attention.dense.weight[:, ~keep] = 0.0
+            keep = torch.zeros(4 * model.config.hidden_size, dtype=torch.bool)
+            keep[lp.channels] = True
+            block.mlp.dense_4h_to_h.weight[:, ~keep] = 0.0
+    return logits(ref, ids)
+
+
+def test_bloom_slow_but_exact_is_pruned_exactly(tmp_path):
+    """pretraining_tp=3 over 24 columns (shards of 8 cross the 6-wide heads), heads and channels
+    removed, layer 2's attention dropped; then a second prune and a save/reload."""
+    model = tp_bloom()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    plan = Plan("bloom", [LayerPlan(heads=[0, 2, 3], channels=list(range(0, 96, 3))),
+                          LayerPlan(heads=[1], channels=list(range(40, 90))),
+                          LayerPlan(heads=[], channels=list(range(96)))], allow_empty=True)
+    expected = zeroed_reference(model, plan, ids)
+    fast = tp_bloom(slow_but_exact=False)
+    assert rel_err(zeroed_reference(fast, plan, ids), expected) > 1e-2  # control: the paths differ
+    apply_plan(model, plan)
+    assert rel_err(logits(model, ids), expected) <= 1e-5
+    second = Plan("bloom", [LayerPlan(heads=[1, 2], channels=list(range(0, 32, 2))),
+                            LayerPlan(heads=[0], channels=list(range(25))),
+                            LayerPlan(heads=[], channels=list(range(50, 96)))], allow_empty=True)
+    apply_plan(model, second)
+    expected = zeroed_reference(tp_bloom(), carried_plan(model), ids)
+    assert rel_err(logits(model, ids), expected) <= 1e-5
+    out = save_pruned(model, None, carried_plan(model), tmp_path / "tp")
+    assert rel_err(logits(load_pruned(out), ids), expected) <= 1e-5
