@@ -249,6 +249,8 @@ def plan_from_keep(model, keep: dict, head_mode: str = "q-head", allow_empty: bo
                 lp.heads = [j * per + k for j in groups for k in range(per)]
             else:
                 lp.heads = groups
+                if nkv == nq and lp.kv_heads is not None:  # a GQA model's layer sliced to one q per kv head
+                    lp.kv_heads = groups
     return plan
 
 

@@ -217,13 +217,13 @@ def nearest_by_exhaustive_search(model, target):
                for h in range(n_layer * c.n_head + 1) for ch in range(n_layer * 4 * hidden + 1))
 
 
-def random_scores(model, seed, heads_last=True):
+def random_scores(model, seed, heads_last=True, head_mode="q-head"):
     """Random scores in [0, 1); heads in [1, 2) if `heads_last` (the channels then run out first)."""
     from minillm.architectures import all_group_sets
 
     gen = torch.Generator().manual_seed(seed)
     return {(gs.layer, gs.kind): torch.rand(gs.count, generator=gen) + (gs.kind == "heads" and heads_last)
-            for gs in all_group_sets(model)}
+            for gs in all_group_sets(model, head_mode)}
 
 
 @pytest.mark.parametrize("ratio", [0.19, 0.2, 0.21, 0.22, 0.25])
@@ -404,3 +404,25 @@ def test_bloom_slow_but_exact_is_pruned_exactly(tmp_path):
     assert rel_err(logits(model, ids), expected) <= 1e-5
     out = save_pruned(model, None, carried_plan(model), tmp_path / "tp")
     assert rel_err(logits(load_pruned(out), ids), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("head_mode", ["q-head", "kv-group"])
+def test_selection_on_a_gqa_model_whose_layer_became_mha(tmp_path, head_mode):
+    """Layer 1 keeps one q head per kv head (2 q / 2 kv) while layer 0 stays GQA (8 q / 2 kv): a
+    selected plan removing a head of layer 1 must remove its kv head too, and reload exactly."""
+    from minillm.select import select
+
+    model = load_model("tiny-llama-gqa")
+    first = full_plan(model)
+    first.layers[1].heads = [1, 6]
+    apply_plan(model, first)
+    sel = select(model, random_scores(model, 0, False, head_mode), 0.3, head_mode=head_mode)
+    layer1 = sel.plan.layers[1]
+    assert len(layer1.heads) == 1
+    apply_plan(model, sel.plan)
+    saved = carried_plan(model).layers[1]
+    assert saved.heads == [[1, 6][layer1.heads[0]]] and saved.kv_heads == [saved.heads[0] // 4]
+    out = save_pruned(model, None, carried_plan(model), tmp_path / "gqa")
+    ids = torch.randint(3, 259, (1, 16))
+    assert rel_err(logits(load_pruned(out), ids), logits(model, ids)) <= 1e-5
+    assert rel_err(masked_logits(load_model("tiny-llama-gqa"), carried_plan(model), ids), logits(model, ids)) <= 1e-5
