@@ -426,3 +426,13 @@ def test_selection_on_a_gqa_model_whose_layer_became_mha(tmp_path, head_mode):
     ids = torch.randint(3, 259, (1, 16))
     assert rel_err(logits(load_pruned(out), ids), logits(model, ids)) <= 1e-5
     assert rel_err(masked_logits(load_model("tiny-llama-gqa"), carried_plan(model), ids), logits(model, ids)) <= 1e-5
+
+
+def test_grid_cell_checks_its_windows():
+    from suite.pipeline import run_cell
+
+    ev = {"seqlen": 1100, "perplexity": ["wikitext2"], "max_tokens": 1100, "throughput": False}
+    record = run_cell({"model": "tiny-llama", "method": "dense", "evaluation": ev})
+    assert "trained length 1024" in record["warnings"][0]
+    with pytest.raises(UserError, match="1024 learned positions"):
+        run_cell({"model": "tiny-opt", "method": "dense", "evaluation": {**ev, "seqlen": 1025}})
