@@ -93,6 +93,8 @@ class Adapter:
 
     model_types: tuple[str, ...] = ()
     attention: str = ""  # attention module path in a decoder layer
+    # "learned" (a table of positions: longer windows cannot run), "rotary" or "alibi" (they extrapolate)
+    position_encoding: str = "rotary"
     # (name, dim, unit) where unit is "q" (indexed by q heads), "kv" (kv heads) or "qkv" (BLOOM fused)
     head_members: tuple[tuple[str, int, str], ...] = ()
     channel_members: tuple[tuple[str, int], ...] = ()
@@ -180,6 +182,9 @@ class Adapter:
         """Update the attributes the attention forward reads after its heads were sliced."""
         raise NotImplementedError
 
+    def set_channels(self, layer, channels: list[int]) -> None:
+        """Update what the MLP forward reads after its channels were sliced (nothing, by default)."""
+
     def drop_attention(self, layer) -> None:
         """Replace the attention forward by its constant output (the out-projection bias, if any)."""
         raise NotImplementedError
@@ -194,7 +199,7 @@ def _expand(groups, width) -> torch.Tensor:
 def _constant_output(out_proj: nn.Linear, like: torch.Tensor) -> torch.Tensor:
     """What an attention block with zero heads outputs: its out-projection bias (or zeros)."""
     shape = (*like.shape[:-1], out_proj.out_features)
-    if out_proj.bias is None:
+    if out_proj.bias is None or isinstance(out_proj, TensorParallelSum):  # BLOOM's slow path adds no bias
         return like.new_zeros(shape)
     return out_proj.bias.expand(shape).to(like.dtype)
 
@@ -343,6 +348,7 @@ class _PrunedPhi3Attention:
 class OPTAdapter(Adapter):
     model_types = ("opt",)
     attention = "self_attn"
+    position_encoding = "learned"
     head_members = (
         ("self_attn.q_proj", 0, "q"),
         ("self_attn.k_proj", 0, "q"),
@@ -369,6 +375,7 @@ def _opt_dropped_forward(self, hidden_states, *args, **kwargs):
 class BloomAdapter(Adapter):
     model_types = ("bloom",)
     attention = "self_attention"
+    position_encoding = "alibi"
     head_members = (("self_attention.query_key_value", 0, "qkv"), ("self_attention.dense", 1, "q"))
     channel_members = (("mlp.dense_h_to_4h", 0), ("mlp.dense_4h_to_h", 1))
 
@@ -387,6 +394,20 @@ class BloomAdapter(Adapter):
         layer.num_heads = len(heads)
         if not isinstance(attn, _PrunedBloomAttention):
             attn.__class__ = _pruned_bloom_class(type(attn))
+        if (attn.pretraining_tp > 1 and attn.slow_but_exact) or isinstance(attn.dense, TensorParallelSum):
+            hd = self.head_dim(layer)
+            columns = (torch.as_tensor(heads, dtype=torch.long)[:, None] * hd + torch.arange(hd)).reshape(-1)
+            _tensor_parallel(attn.dense, attn.pretraining_tp, columns, attn.dense.out_features)
+            attn.slow_but_exact = False  # the sum over shards now lives in attn.dense
+
+    def set_channels(self, layer, channels):
+        """BLOOM's `slow_but_exact` MLP splits dense_4h_to_h by its width: sliced, it sums its kept
+        columns shard by shard itself (`TensorParallelSum`)."""
+        mlp = layer.mlp
+        if (mlp.pretraining_tp > 1 and mlp.slow_but_exact) or isinstance(mlp.dense_4h_to_h, TensorParallelSum):
+            out = mlp.dense_4h_to_h
+            _tensor_parallel(out, mlp.pretraining_tp, torch.as_tensor(channels, dtype=torch.long), 4 * out.out_features)
+            mlp.slow_but_exact = False
 
     def drop_attention(self, layer):
         layer.self_attention.__class__ = _dropped(type(layer.self_attention), _bloom_dropped_forward)
@@ -394,6 +415,42 @@ class BloomAdapter(Adapter):
 
 def _bloom_dropped_forward(self, hidden_states, residual, *args, **kwargs):
     return residual + _constant_output(self.dense, hidden_states), None
+
+
+class TensorParallelSum(nn.Linear):
+    """A sliced out-projection of BLOOM with ``pretraining_tp > 1, slow_but_exact=True``.
+
+    transformers' slow path (`BloomAttention.forward`, `BloomMLP.forward`) computes the projection
+    as a sum over `pretraining_tp` column shards of the ORIGINAL width, in shard order, without the
+    bias; after slicing it would split by the old width and crash. Here each kept column remembers
+    its original shard (`tp_shard`, sorted) and the same sum runs over the kept columns, so the
+    sliced layer equals the unsliced slow path with the removed columns zeroed.
+    """
+
+    tp_shard: torch.Tensor
+    tp: int
+
+    def forward(self, x):
+        out = x.new_zeros(*x.shape[:-1], self.out_features)
+        start = 0
+        for n in torch.bincount(self.tp_shard, minlength=self.tp).tolist():
+            out = out + nn.functional.linear(x[..., start:start + n], self.weight[:, start:start + n])
+            start += n
+        return out
+
+
+def _tensor_parallel(linear: nn.Linear, tp: int, kept: torch.Tensor, width: int) -> None:
+    """Make `linear` (just sliced to columns `kept` of its previous `width`) a TensorParallelSum."""
+    if not isinstance(linear, TensorParallelSum):
+        slices = width / tp  # transformers' shard bounds: int(i * slices) .. int((i + 1) * slices)
+        shard = torch.empty(width, dtype=torch.long)
+        for i in range(tp):
+            shard[int(i * slices):int((i + 1) * slices)] = i
+        linear.__class__ = TensorParallelSum
+        linear.tp = tp
+    else:
+        shard = linear.tp_shard
+    linear.register_buffer("tp_shard", shard[kept.to(shard.device)].to(linear.weight.device), persistent=False)
 
 
 class _PrunedBloomAttention:
@@ -422,11 +479,35 @@ def _subclass(tag, mixin, base):
 
 
 def _dropped(base, forward):
-    """A subclass of an attention class whose forward returns the constant output of zero heads."""
+    """A subclass of an attention class whose forward returns the constant output of zero heads
+    (`forward`) and keeps the KV cache's length (`_keep_cache_length`)."""
     key = ("dropped", base)
     if key not in _CLASS_CACHE:
-        _CLASS_CACHE[key] = type(f"Dropped{base.__name__}", (base,), {"forward": forward})
+        def dropped_forward(self, hidden_states, *args, **kwargs):
+            _keep_cache_length(self, hidden_states, kwargs)
+            return forward(self, hidden_states, *args, **kwargs)
+
+        _CLASS_CACHE[key] = type(f"Dropped{base.__name__}", (base,), {"forward": dropped_forward})
     return _CLASS_CACHE[key]
+
+
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")  # names across versions/models
+
+
+def _keep_cache_length(attn, hidden_states: torch.Tensor, kwargs: dict) -> None:
+    """Write a one-head all-zero key/value entry [batch, 1, new tokens, head_dim] for a dropped attention.
+
+    transformers reads the cached sequence length (positions, causal mask) from layer 0's entry
+    (`Cache.get_seq_length(layer_idx=0)`) and counts an entry with no elements as empty, so a dropped
+    attention that wrote nothing (or zero heads) made cached decoding use wrong positions. Nothing
+    reads the placeholder; it costs one head of cache per dropped layer.
+    """
+    cache = next((kwargs[k] for k in CACHE_ARGUMENTS if kwargs.get(k) is not None), None)
+    if cache is None or not hasattr(cache, "update"):
+        return
+    batch, length = hidden_states.shape[:2]
+    placeholder = hidden_states.new_zeros(batch, 1, length, attn.head_dim)
+    cache.update(placeholder, placeholder, attn.layer_idx)
 
 
 # --------------------------------------------------------------------------- registry

@@ -428,9 +428,9 @@ def mean_compensator(model, group_sets, stats, info: dict):
 
     After slicing, the removed input columns R of each out-projection W contributed W_{:,R} x_R;
     replacing x_R by its calibration mean gives the bias W_{:,R} x̄_R, added to the projection (a
-    persistent buffer named `bias` where the Linear has none, so the parameter count is the plan's;
-    `load_pruned` recreates it). Keeps a reference to each pre-slicing out-projection weight until
-    it runs (slicing replaces the Parameter).
+    new frozen Parameter where the Linear has none, counted like FLAP's: the record, the CLI line
+    and a reload by `load_pruned` then count the same parameters). Keeps a reference to each
+    pre-slicing out-projection weight until it runs (slicing replaces the Parameter).
     """
     from minillm.architectures import adapter_for
 
@@ -459,8 +459,7 @@ def mean_compensator(model, group_sets, stats, info: dict):
                 delta = (full.detach()[:, idx].double() @ mean.to(full.device)[idx]).to(lin.weight.dtype)
                 with torch.no_grad():
                     if lin.bias is None:
-                        del lin.bias
-                        lin.register_buffer("bias", delta.clone())
+                        lin.bias = torch.nn.Parameter(delta.clone(), requires_grad=False)
                         added += delta.numel()
                     else:
                         lin.bias.add_(delta.to(lin.bias.device))

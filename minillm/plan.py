@@ -10,6 +10,10 @@ Applying it slices weights and biases physically (`index_select` on rows/columns
 `architectures.py` for which) and updates every per-layer attribute the forward pass reads, so
 layers may end with different sizes. A layer left with zero heads or channels is rejected unless
 ``allow_empty`` is set; then that sub-block is dropped (it outputs its out-projection bias).
+
+A sliced model carries its plan in the original numbering (`carried_plan`). A plan applied to an
+already-sliced model is written in that model's own numbering; `apply_plan` composes it with the
+carried one (`compose`), so prune -> save -> load -> prune chains save a plan that rebuilds them.
 """
 from __future__ import annotations
 
@@ -64,6 +68,41 @@ class Plan:
     @classmethod
     def load(cls, path: Path) -> "Plan":
         return cls.from_json(json.loads(Path(path).read_text()))
+
+
+PLAN_ATTRIBUTE = "pruning_plan"  # the plan a sliced model carries, in its ORIGINAL model's numbering
+
+
+def carried_plan(model) -> Plan | None:
+    """The plan (original numbering) `model` was sliced by, or None for an unsliced model."""
+    return getattr(model, PLAN_ATTRIBUTE, None)
+
+
+def compose(base: Plan, new: Plan) -> Plan:
+    """`new`, written in the numbering of a model already sliced by `base`, in the ORIGINAL numbering.
+
+    Per layer, kept index i of the sliced model is original index base[i]: heads, channels and kv
+    heads compose as ``[base.heads[i] for i in new.heads]``. `base` must list kv heads for GQA layers
+    (plans built by this suite do); a `new` layer without kv heads follows apply_plan's reading: kv
+    heads = q heads where the sliced layer has as many of each, else all kept. Pure function.
+    """
+    if base.arch != new.arch or len(base.layers) != len(new.layers):
+        raise UserError(f"cannot compose a {len(new.layers)}-layer {new.arch} plan with a "
+                        f"{len(base.layers)}-layer {base.arch} plan")
+    layers = []
+    for i, (b, n) in enumerate(zip(base.layers, new.layers)):
+        _check_indices(n.heads, len(b.heads), f"layer {i} heads")
+        _check_indices(n.channels, len(b.channels), f"layer {i} channels")
+        kv = None
+        if b.kv_heads is not None:  # GQA in the original model
+            nkv = n.kv_heads if n.kv_heads is not None else (
+                n.heads if len(b.heads) == len(b.kv_heads) else range(len(b.kv_heads)))
+            _check_indices(list(nkv), len(b.kv_heads), f"layer {i} kv_heads")
+            kv = [b.kv_heads[j] for j in nkv]
+        layers.append(LayerPlan(heads=[b.heads[j] for j in n.heads],
+                                channels=[b.channels[j] for j in n.channels], kv_heads=kv))
+    return Plan(arch=base.arch, layers=layers, head_mode=new.head_mode,
+                allow_empty=base.allow_empty or new.allow_empty, meta={**base.meta, **new.meta})
 
 
 def full_plan(model) -> Plan:
@@ -138,9 +177,16 @@ def slice_linear(linear: nn.Linear, dim: int, index: torch.Tensor) -> None:
 
 def apply_plan(model, plan: Plan):
     """Slice `model` (unsliced, in place) to `plan`; returns the model. Exact: the sliced model equals
-    the unsliced one with the removed heads/channels zeroed at the input of o_proj/down_proj."""
+    the unsliced one with the removed heads/channels zeroed at the input of o_proj/down_proj.
+
+    `plan` is in `model`'s current numbering; afterwards the model carries (`carried_plan`) the plan
+    in its original numbering: `plan` itself on an unsliced model, else composed with the carried one.
+    """
     validate(plan, model)
     adapter = adapter_for(model)
+    base = carried_plan(model)
+    explicit = _explicit_kv(plan, model)
+    carried = explicit if base is None else compose(base, explicit)
     for lp, layer in zip(plan.layers, adapter.layers(model)):
         nq, nkv = adapter.num_heads(layer), adapter.num_kv_heads(layer)
         kv = lp.kv_heads if lp.kv_heads is not None else (lp.heads if nkv == nq else list(range(nkv)))
@@ -156,7 +202,25 @@ def apply_plan(model, plan: Plan):
             adapter.set_heads(layer, list(lp.heads), list(kv))
             if not lp.heads:
                 adapter.drop_attention(layer)
+        if slice_channels:
+            adapter.set_channels(layer, list(lp.channels))
+    setattr(model, PLAN_ATTRIBUTE, carried)
     return model
+
+
+def _explicit_kv(plan: Plan, model) -> Plan:
+    """A copy of `plan` listing kv heads for every GQA layer of `model` (as apply_plan reads them)."""
+    adapter = adapter_for(model)
+    layers = []
+    for lp, layer in zip(plan.layers, adapter.layers(model)):
+        nq, nkv = adapter.num_heads(layer), adapter.num_kv_heads(layer)
+        kv = lp.kv_heads
+        if kv is None and nkv != nq:
+            kv = list(range(nkv))
+        layers.append(LayerPlan(heads=list(lp.heads), channels=list(lp.channels),
+                                kv_heads=None if kv is None else list(kv)))
+    return Plan(arch=plan.arch, layers=layers, head_mode=plan.head_mode, allow_empty=plan.allow_empty,
+                meta=dict(plan.meta))
 
 
 def plan_from_keep(model, keep: dict, head_mode: str = "q-head", allow_empty: bool = False) -> Plan:
@@ -180,6 +244,8 @@ def plan_from_keep(model, keep: dict, head_mode: str = "q-head", allow_empty: bo
                 lp.heads = [j * per + k for j in groups for k in range(per)]
             else:
                 lp.heads = groups
+                if nkv == nq and lp.kv_heads is not None:  # a GQA model's layer sliced to one q per kv head
+                    lp.kv_heads = groups
     return plan
 
 

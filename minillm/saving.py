@@ -2,7 +2,8 @@
 plan.json (nothing pickled), written to a temporary sibling and renamed into place so a killed
 run never leaves a half-written model. `load_pruned` rebuilds the unpruned architecture from the
 config, applies the plan (which also restores BLOOM's per-layer ALiBi head selection), creates
-any bias the pruning method added (FLAP compensation) and loads the weights strictly.
+any bias the pruning method added (FLAP compensation) and loads the weights strictly. The loaded
+model carries its plan (`minillm.plan.carried_plan`), so pruning it again composes.
 """
 from __future__ import annotations
 

@@ -157,8 +157,14 @@ def _select_layer(sets, scores, target, head_mode, nkv, layer_weights, allow_emp
 
 
 def _select_global(sets, scores, target, head_mode, nkv, layer_weights, allow_empty):
-    """One ranking over all groups of all prunable layers, lowest removed first until the target."""
-    entries = []  # (score, params, set index)
+    """One ranking over all groups of all prunable layers, lowest removed first until the target.
+
+    A head that would overshoot is skipped so finer channels close the gap. When the channels run
+    out first, `_close_gap` trades: the weakest skipped head in, the strongest removed channels back
+    out, if that lands nearer the target. The result is the nearest plan this ranking allows; it is
+    refused as unreachable only when further than the largest group from the target.
+    """
+    entries = []  # (score, params, set index, unit)
     for k, gs in enumerate(sets):
         unit = _units(gs, head_mode, nkv[gs.layer])
         s = scores[(gs.layer, gs.kind)].double()
@@ -171,16 +177,48 @@ def _select_global(sets, scores, target, head_mode, nkv, layer_weights, allow_em
             entries.append((v, gs.params_per_group() * unit, k, unit))
     entries.sort(key=lambda e: e[0])
     removed_n = [0] * len(sets)
-    removed = 0
-    for v, params, k, unit in entries:
+    removed, taken, skipped = 0, [], []
+    for e in entries:
+        v, params, k, unit = e
         if removed >= target:
             break
         if removed_n[k] + unit > _max_removable(sets[k], allow_empty, unit):
             continue
         if removed + params > target and sets[k].kind == "heads":
-            continue  # a head would overshoot: let finer channels close the gap
+            skipped.append(e)  # a head would overshoot: let finer channels close the gap
+            continue
         removed_n[k] += unit
         removed += params
-    if removed < target - sets[-1].params_per_group():
-        raise UserError(f"target of {target:,} parameters is unreachable in global scope")
+        taken.append(e)
+    if removed < target:
+        removed = _close_gap(sets, target, removed, removed_n, taken, skipped, allow_empty)
+    largest = max(gs.params_per_group() * _units(gs, head_mode, nkv[gs.layer]) for gs in sets)
+    if abs(removed - target) > largest:
+        raise UserError(f"target of {target:,} parameters is unreachable in global scope: the nearest "
+                        f"plan removes {removed:,}")
     return {(gs.layer, gs.kind): removed_n[k] for k, gs in enumerate(sets)}
+
+
+def _close_gap(sets, target, removed, removed_n, taken, skipped, allow_empty) -> int:
+    """Below the target with heads left: add the weakest skipped head that fits, give back the
+    strongest removed channels while that nears the target; keep the trade if it is nearer.
+    Updates `removed_n` in place; returns the removed parameter count."""
+    for _, params, k, unit in skipped:  # lowest score first
+        if removed_n[k] + unit > _max_removable(sets[k], allow_empty, unit):
+            continue
+        back, trial = [], removed + params
+        for e in reversed(taken):  # strongest removed channels first
+            if sets[e[2]].kind != "channels":
+                continue
+            if abs(trial - e[1] - target) >= abs(trial - target):
+                break
+            back.append(e)
+            trial -= e[1]
+        if abs(trial - target) < abs(removed - target):
+            removed_n[k] += unit
+            for e in back:
+                removed_n[e[2]] -= e[3]
+                taken.remove(e)
+            return trial
+        return removed
+    return removed

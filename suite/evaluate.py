@@ -34,6 +34,35 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+# --------------------------------------------------------------------------- window length
+POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "seq_length")
+
+
+def check_window(model, seqlen: int, what: str = "--seqlen") -> str | None:
+    """Check a window of `seqlen` tokens against the model's positions, before any work on it.
+
+    Learned positions (OPT: a table of ``max_position_embeddings`` rows past its offset) cannot
+    run a longer window: UserError naming the limit (today's code ended in an IndexError). Rotary
+    or ALiBi positions extrapolate: a longer window than the config's trained length runs, with a
+    one-line warning on stderr, returned for the result record. None when the window fits (or the
+    config names no length).
+    """
+    from minillm.architectures import adapter_for
+
+    config = getattr(model, "config", model)
+    limit = next((getattr(config, k) for k in POSITION_LIMIT_KEYS if getattr(config, k, None)), None)
+    if limit is None or seqlen <= limit:
+        return None
+    kind = adapter_for(model).position_encoding
+    if kind == "learned":
+        raise UserError(f"{what} {seqlen} exceeds the model's {limit} learned positions "
+                        f"(max_position_embeddings); use at most {limit}")
+    warning = (f"{what} {seqlen} exceeds the model's trained length {limit}: {kind} positions "
+               f"extrapolate, results may not be comparable")
+    print(f"warning: {warning}", file=sys.stderr)
+    return warning
+
+
 # --------------------------------------------------------------------------- perplexity
 def perplexity(model, tokenizer, corpus: str, seq_len: int = 128, max_tokens: int | None = None,
                batch_size: int = 4, quiet: bool = False) -> float:

@@ -30,6 +30,7 @@ class PruneOutcome:
     phases: dict = field(default_factory=dict)
     params_dense: int = 0
     params_pruned: int = 0
+    warnings: list = field(default_factory=list)
 
 
 def parse_layers(spec, n_layers: int) -> list[int]:
@@ -74,6 +75,11 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
     layers = parse_layers(layers if layers is not None else method.SELECTION.get("layers", "all"), n_layers)
     scope = scope or method.SELECTION.get("scope", "layer")
     settings = calibration_settings(method, calib)
+    warnings = []
+    if settings is not None:
+        from suite.evaluate import check_window
+
+        warnings = [w for w in [check_window(model, settings["seqlen"], "calibration seqlen")] if w]
     phases = {}
     windows = None
     if settings is not None:
@@ -97,7 +103,7 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
         if scoring.compensate is not None:  # may add parameters (FLAP creates biases on LLaMA)
             scoring.compensate(model, selection.plan)
     pruned = count_parameters(model)
-    return PruneOutcome(selection, scoring, options, settings, layers, scope, phases, dense, pruned)
+    return PruneOutcome(selection, scoring, options, settings, layers, scope, phases, dense, pruned, warnings)
 
 
 def outcome_record(outcome: PruneOutcome, ratio: float) -> dict:
@@ -114,6 +120,7 @@ def outcome_record(outcome: PruneOutcome, ratio: float) -> dict:
         "plan_summary": [{"heads": len(l.heads), "channels": len(l.channels)} for l in sel.plan.layers],
         "method_info": {k: v for k, v in outcome.scoring.info.items() if k != "layer_weights"},
         "phases": outcome.phases,
+        **({"warnings": outcome.warnings} if outcome.warnings else {}),
     }
 
 
@@ -132,6 +139,7 @@ def run_cell(cell: dict) -> dict:
     record = {"model": cell["model"], "method": cell["method"], "label": cell.get("label", cell["method"]),
               "seed": cell.get("seed", 0)}
     ev = cell.get("evaluation", {})
+    warnings = [w for w in [evaluate.check_window(model, ev.get("seqlen", 128), "evaluation seqlen")] if w]
     bench = None
     if ev.get("throughput", True):
         bench = eval_windows(tokenizer, "wikitext2", ev.get("seqlen", 128), max_tokens=8 * ev.get("seqlen", 128))
@@ -147,6 +155,7 @@ def run_cell(cell: dict) -> dict:
         outcome = prune(model, tokenizer, cell["method"], cell["ratio"], seed=cell.get("seed", 0),
                         options=options, calib=calib, device=device, quiet=quiet, **common)
         record.update(outcome_record(outcome, cell["ratio"]))
+        warnings = record.pop("warnings", []) + warnings
         record["phases"] = {**phases, **outcome.phases}
     with measure(device) as record["phases"]["evaluate"]:
         record["perplexity"] = {
@@ -163,5 +172,7 @@ def run_cell(cell: dict) -> dict:
     if bench is not None:
         record["throughput"] = {"pruned_tokens_per_s": evaluate.throughput(model, bench),
                                 "dense_tokens_per_s": dense_tps}
+    if warnings:
+        record["warnings"] = warnings
     record["torch_threads"] = torch.get_num_threads()  # the runner moves it into the provenance
     return record

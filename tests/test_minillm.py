@@ -460,5 +460,8 @@ def test_mean_compensation_adds_the_removed_columns_mean_contribution():
     removed[kept] = False
     expected = full[:, removed].double() @ mean[removed]
     torch.testing.assert_close(down.bias.double(), expected, rtol=1e-5, atol=1e-6)
-    assert n_before - sum(p.numel() for p in model.parameters()) == sel.removed  # a buffer, not a parameter
+    # the new biases count as parameters (as FLAP's, and as a reload counts them)
+    added = result.info["bias_entries_added"]
+    assert added == sum(m.bias.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
+    assert n_before - sum(p.numel() for p in model.parameters()) == sel.removed - added
     assert result.info["compensated_modules"] == 8

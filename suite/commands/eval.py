@@ -60,9 +60,12 @@ def run(args) -> int:
         raise UserError("nothing to evaluate: give --ppl and/or --tasks")
 
     model = load_model(args.model, device=args.device)
+    warnings = [w for w in [evaluate.check_window(model, args.seqlen)] if w] if args.ppl else []
     tokenizer = load_tokenizer(args.model)
     result = {"model": args.model, "seqlen": args.seqlen, "max_tokens": args.max_tokens, "limit": args.limit,
               "perplexity": {}, "zero_shot": {}}
+    if warnings:
+        result["warnings"] = warnings
     rows = []
     for corpus in args.ppl:
         ppl = evaluate.perplexity(model, tokenizer, corpus, seq_len=args.seqlen, max_tokens=args.max_tokens,

@@ -45,6 +45,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from minillm.errors import UserError
+    from minillm.plan import carried_plan
     from minillm.saving import save_pruned
     from suite.methods import get_method
     from suite.models import load_model, load_tokenizer
@@ -75,10 +76,13 @@ def run(args) -> int:
     if ppl:
         record["perplexity"] = {args.ppl: ppl}
     record["provenance"] = provenance(config=vars(args) | {"_run": None}, seed=args.seed)
-    save_pruned(model, tokenizer, outcome.selection.plan, out, extra=record)
+    save_pruned(model, tokenizer, carried_plan(model), out, extra=record)  # original numbering
     sel = outcome.selection
-    print(f"{args.method} on {args.model}: removed {sel.removed:,} of {sel.total:,} parameters "
-          f"({sel.achieved_ratio:.4f}; target {args.ratio}, {sel.target_removed:,})")
+    net = outcome.params_dense - outcome.params_pruned  # what the record and a reload count
+    print(f"{args.method} on {args.model}: removed {net:,} of {outcome.params_dense:,} parameters "
+          f"({record['ratio_achieved']:.4f}; target {args.ratio}, {sel.target_removed:,})")
+    if net != sel.removed:
+        print(f"  (slicing removed {sel.removed:,}; the method then added {sel.removed - net:,}, e.g. biases)")
     score = outcome.phases["score"]
     print(f"scoring: {score['seconds']:.1f} s, peak {score['peak_mb']:.0f} MB ({score['peak_source']})")
     if ppl:
