@@ -37,6 +37,9 @@ def run(args) -> int:
     from suite.runner import run_grid
 
     if args.backend == "ray":
+        from suite.ray_backend import import_ray
+
+        import_ray()  # without Ray: one line naming the extra, before anything is printed or written
         if args.jobs is not None:
             raise UserError("--jobs is the local backend's; on Ray as many cells run at once as the cluster's "
                             "CPUs (--cell-cpus each) and GPUs hold")
