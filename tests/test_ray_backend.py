@@ -99,7 +99,7 @@ def test_smoke_grid_on_ray_equals_the_local_backend(tmp_path, ray_address, monke
     assert len(read_records(on_ray)) == len(read_records(local)) == len(by_ray)  # nothing rerun
 
 
-@pytest.mark.parametrize("kill,retries,kills", [("cell", 1, 1), ("worker", 1, 1), ("worker", 0, 1)])
+@pytest.mark.parametrize("kill,retries,kills", [("cell", 1, 1), ("worker", 1, 1), ("cell", 0, 1), ("worker", 0, 1)])
 def test_a_killed_cell_is_retried_then_recorded_once(tmp_path, ray_address, monkeypatch, kill, retries, kills):
     (tmp_path / "killer.py").write_text(KILLER)
     attempts = tmp_path / "attempts"
@@ -120,7 +120,8 @@ def test_a_killed_cell_is_retried_then_recorded_once(tmp_path, ray_address, monk
     else:
         assert rc == 1 and killed["status"] == "error"
         assert killed["error"].endswith("gave up after 0 retries")
-        assert killed["error"].startswith("WorkerCrashedError: ")  # the cause: the worker died
+        cause = "WorkerCrashedError: " if kill == "worker" else "cell process killed by SIGKILL"
+        assert killed["error"].startswith(cause)
         assert {r["status"] for r in records if r is not killed} == {"ok"}
 
 
