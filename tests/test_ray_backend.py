@@ -92,7 +92,7 @@ def test_smoke_grid_on_ray_equals_the_local_backend(tmp_path, ray_address, monke
         assert prov["backend"] == "ray" and prov["ray_version"] == ray.__version__
         assert prov["node"]["id"] in {n["NodeID"] for n in ray.nodes()}
         assert prov["hardware"]["torch_threads"] == 1 and by_local[key]["provenance"]["backend"] == "local"
-        assert Path(record["log"]).read_text().startswith(f"=== ") and Path(by_local[key]["log"]).exists()
+        assert Path(record["log"]).read_text().startswith("=== ") and Path(by_local[key]["log"]).exists()
     capsys.readouterr()
     assert main(["run", config, "--out", str(on_ray), "--quiet"]) == 0  # the other backend resumes it
     assert main(["run", config, "--out", str(local), "--quiet", "--backend", "ray"]) == 0
