@@ -10,11 +10,20 @@ Resumable: cells whose `cell_key` already has an `ok` record in the results file
 after a crash, a kill -9 or a Ctrl-C the same command goes on where it stopped (`--force` reruns
 everything). A failing cell is recorded with `status: "error"` and the grid goes on; the run then
 exits 1. The results file is JSON Lines (suite/records.py); the table is printed at the end.
+Each cell's stderr is kept in `<results file>.logs/` (appended, one header per run); its record
+names the file (`log`).
+
+Backends: "local" (above) or "ray" (suite/ray_backend.py: each cell a Ray task on a node of a Ray
+cluster, in the same cell process). A backend only runs cells and yields what they returned; this
+module alone writes records, so resume, --force and the file's guarantees are the same on both.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,11 +77,11 @@ def run_cell_subprocess(cell: dict, threads: int | None = None) -> tuple[dict, s
 
 
 def make_record(cell: dict, result: dict, error: str | None, stderr: str, seconds: float,
-                index: int | None = None, jobs: int = 1) -> dict:
+                index: int | None = None, jobs: int | None = 1) -> dict:
     """The pipeline's record, completed with the cell's identity, status and provenance.
 
     `index`: the cell's place in the config's grid (tables order labels by it, whatever order
-    concurrent cells finish in); `jobs`: how many cells ran at once.
+    concurrent cells finish in); `jobs`: how many cells ran at once (None: not known, as on Ray).
     """
     result = dict(result)
     threads = result.pop("torch_threads", None)  # the cell's own: its timings depend on it
@@ -94,8 +103,41 @@ def _timed_cell(cell: dict, threads: int | None) -> tuple[dict, str | None, str,
     return (*run_cell_subprocess(cell, threads), time.perf_counter() - start)
 
 
+def run_cells_locally(todo: list[tuple[int, dict]], name: str, jobs: int = 1, quiet: bool = False):
+    """The local backend: `jobs` cell processes at a time on this host; yields each finished cell as
+    (index, cell, result, error, stderr, seconds, provenance additions), in finishing order."""
+    threads = threads_per_cell(jobs)
+    pool = ThreadPoolExecutor(max_workers=jobs)  # threads only wait on their cell's process
+    try:
+        running = {pool.submit(_timed_cell, cell, threads): (i, cell) for i, cell in todo}
+        for future in tqdm(as_completed(running), total=len(todo), desc=name, unit="cell",
+                           disable=quiet, file=sys.stderr):
+            i, cell = running[future]
+            yield (i, cell, *future.result(), {"backend": "local"})
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C: no new cell starts
+
+
+def log_path(out: Path, cell: dict, index: int) -> Path:
+    """`<results file without .jsonl>.logs/<grid index>-<model>-<label>-<ratio>-s<seed>-<key>.log`."""
+    name = f"{index:03d}-{cell['model']}-{cell['label']}-{cell['ratio']}-s{cell['seed']}-{cell_key(cell)[:8]}"
+    return out.with_suffix(".logs") / (re.sub(r"[^A-Za-z0-9._-]+", "_", name) + ".log")
+
+
+def keep_log(out: Path, cell: dict, index: int, stderr: str) -> str:
+    """Append a cell's stderr, under a header with the time, to its log file; return the file's path."""
+    path = log_path(out, cell, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"=== {stamp} {cell['model']} / {cell['label']} @ {cell['ratio']} (seed {cell['seed']})\n{stderr}\n")
+    return str(path)
+
+
 def run_grid(config_path, out=None, force: bool = False, quiet: bool = False, repair: bool = False,
-             jobs: int = 1) -> int:
+             jobs: int = 1, backend: str = "local", **ray_options) -> int:
+    """Run a grid's missing cells on `backend` ("local": `jobs` at a time here; "ray": as Ray tasks,
+    `ray_options` going to suite.ray_backend.run_cells) and append one record per finished cell."""
     config = load_config(config_path)
     out = Path(out) if out else default_out(config)
     if repair and (line := repair_records(out)):
@@ -107,25 +149,31 @@ def run_grid(config_path, out=None, force: bool = False, quiet: bool = False, re
     threads = threads_per_cell(jobs)
     if not quiet:
         at_once = ""
-        if jobs > 1:
+        if backend == "ray":
+            at_once = " on Ray"
+        elif jobs > 1:
             at_once = f", {jobs} at a time" + (f" with {threads} torch thread(s) each" if threads else "")
         print(f"{config['name']}: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run{at_once} "
               f"-> {out}", file=sys.stderr)
+    if backend == "ray":
+        from suite.ray_backend import run_cells
+
+        finished = run_cells(todo, config["name"], quiet=quiet, **ray_options)
+    else:
+        finished = run_cells_locally(todo, config["name"], jobs=jobs, quiet=quiet)
     failed = 0
-    pool = ThreadPoolExecutor(max_workers=jobs)  # threads only wait on their cell's process
-    try:
-        running = {pool.submit(_timed_cell, cell, threads): (i, cell) for i, cell in todo}
-        for future in tqdm(as_completed(running), total=len(todo), desc=config["name"], unit="cell",
-                           disable=quiet, file=sys.stderr):
-            i, cell = running[future]
-            result, error, stderr, seconds = future.result()
-            append_record(out, make_record(cell, result, error, stderr, seconds, index=i, jobs=jobs))
+    with contextlib.closing(finished):  # on an error here, the backend stops its running cells
+        for i, cell, result, error, stderr, seconds, extra in finished:
+            record = make_record(cell, result, error, stderr, seconds, index=i,
+                                 jobs=jobs if backend == "local" else None)
+            record["provenance"]["hardware"].update(extra.pop("hardware", {}))  # the node's, if it ran elsewhere
+            record["provenance"].update(extra)
+            record["log"] = keep_log(out, cell, i, stderr)
+            append_record(out, record)
             if error:
                 failed += 1
                 where = f"{cell['model']} / {cell['label']} @ {cell['ratio']} (seed {cell['seed']})"
                 tqdm.write(f"cell {where} failed: {error}", file=sys.stderr)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C: no new cell starts
     from suite.tables import to_markdown
 
     print(to_markdown(read_records(out)), end="")

@@ -1,4 +1,6 @@
-"""`python -m suite run CONFIG [--out FILE] [--force] [--quiet] [--repair] [--jobs N]`: run an experiment grid."""
+"""`python -m suite run CONFIG [--out FILE] [--force] [--quiet] [--repair] [--jobs N]
+[--backend local|ray] [--address auto|HOST:PORT] [--retries N] [--cell-cpus N] [--cell-memory GB]`:
+run an experiment grid."""
 from __future__ import annotations
 
 NAME = "run"
@@ -13,16 +15,43 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--repair", action="store_true",
                         help="move a damaged last line of the results file to <file>.corrupt, then run")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="cells run at once, each with cpu_count/JOBS torch threads (default 1: timings "
-                             "undisturbed by a neighbour)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="local backend: cells run at once, each with cpu_count/JOBS torch threads (default 1: "
+                             "timings undisturbed by a neighbour)")
+    ray = parser.add_argument_group("Ray backend (pip install '.[ray]')")
+    parser.add_argument("--backend", choices=("local", "ray"), default="local",
+                        help="local: cell processes on this host (default); ray: each cell a Ray task on a Ray "
+                             "cluster (a GPU for a CUDA cell, --cell-cpus CPUs for every cell)")
+    ray.add_argument("--address", help="Ray cluster to join: auto (the one `ray start` runs on this host) or "
+                                       "HOST:PORT; default: RAY_ADDRESS, else a Ray instance started for this run")
+    ray.add_argument("--retries", type=int, default=2,
+                     help="times a cell is rerun when its process is killed or its worker or node is lost (default 2)")
+    ray.add_argument("--cell-cpus", type=int, default=1,
+                     help="CPUs each cell requests from Ray, and its torch threads (default 1)")
+    ray.add_argument("--cell-memory", type=float, metavar="GB",
+                     help="memory each cell requests from Ray, in GiB (default: none requested)")
 
 
 def run(args) -> int:
     from minillm.errors import UserError
     from suite.runner import run_grid
 
-    if args.jobs < 1:
-        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
-    return run_grid(args.config, out=args.out, force=args.force, quiet=args.quiet, repair=args.repair,
-                    jobs=args.jobs)
+    if args.backend == "ray":
+        from suite.ray_backend import import_ray
+
+        import_ray()  # without Ray: one line naming the extra, before anything is printed or written
+        if args.jobs is not None:
+            raise UserError("--jobs is the local backend's; on Ray as many cells run at once as the cluster's "
+                            "CPUs (--cell-cpus each) and GPUs hold")
+        if args.retries < 0 or args.cell_cpus < 1 or (args.cell_memory is not None and args.cell_memory <= 0):
+            raise UserError("--retries must be >= 0, --cell-cpus >= 1 and --cell-memory > 0")
+        return run_grid(args.config, out=args.out, force=args.force, quiet=args.quiet, repair=args.repair,
+                        backend="ray", address=args.address, retries=args.retries, cell_cpus=args.cell_cpus,
+                        memory_gb=args.cell_memory)
+    given = [f"--{name.replace('_', '-')}" for name in ("address", "cell_memory") if getattr(args, name) is not None]
+    if given:
+        raise UserError(f"{', '.join(given)}: Ray backend options; add --backend ray")
+    jobs = 1 if args.jobs is None else args.jobs
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
+    return run_grid(args.config, out=args.out, force=args.force, quiet=args.quiet, repair=args.repair, jobs=jobs)
