@@ -261,9 +261,22 @@ def load_config(path) -> dict:
     return validate(data, str(path))
 
 
+def grid_identity(config: dict) -> dict:
+    """{"name", "config_hash"} of a checked config: which grid a cell (and so a record) belongs to.
+
+    The hash is of the config with its defaults filled (first 16 hex digits of sha256 of its
+    canonical JSON), so an edited grid is another version of the same name. Not part of `cell_key`.
+    """
+    from suite.records import sha256_hex
+
+    return {"name": config["name"], "config_hash": sha256_hex(config)[:16]}
+
+
 def expand_cells(config: dict) -> list[dict]:
-    """Dense row first per model, then methods x ratios x seeds, in config order."""
+    """Dense row first per model, then methods x ratios x seeds, in config order; each cell also
+    carries `grid` (`grid_identity`), which `suite run` checks an existing results file against."""
     shared = {key: config[key] for key in ("calibration", "evaluation", "device", "dtype")}
+    shared["grid"] = grid_identity(config)
     cells = []
     for model in config["models"]:
         if config["dense"]:

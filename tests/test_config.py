@@ -75,7 +75,7 @@ seeds: [0, 1]
         ("a", "random", 0.5, 0), ("a", "random", 0.5, 1), ("a", "minillm-fo", 0.2, 0)]
     assert cells[9]["model"] == "b" and cells[9]["method"] == "dense"
     assert set(cells[0]) == {"model", "method", "label", "options", "ratio", "seed", "calibration",
-                             "evaluation", "device", "dtype"}
+                             "evaluation", "device", "dtype", "grid"}
     assert cells[5]["options"] == {"eps": 0.01}
     assert len({cell_key(c) for c in cells}) == len(cells)
     cells[5]["options"]["eps"] = 9.0

@@ -1,4 +1,4 @@
-"""`python -m suite run CONFIG [--out FILE] [--force] [--quiet] [--repair] [--jobs N]`: run an experiment grid."""
+"""`python -m suite run CONFIG [--out FILE] [--force] [--merge] [--quiet] [--repair] [--jobs N]`: run an experiment grid."""
 from __future__ import annotations
 
 NAME = "run"
@@ -11,6 +11,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", help="results file (default: results/<config name>.jsonl)")
     parser.add_argument("--force", action="store_true", help="rerun every cell, even those already in the results")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--merge", action="store_true",
+                        help="append to a results file that holds another grid's records (refused otherwise)")
     parser.add_argument("--repair", action="store_true",
                         help="move a damaged last line of the results file to <file>.corrupt, then run")
     parser.add_argument("--jobs", type=int, default=1,
@@ -25,4 +27,4 @@ def run(args) -> int:
     if args.jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {args.jobs}")
     return run_grid(args.config, out=args.out, force=args.force, quiet=args.quiet, repair=args.repair,
-                    jobs=args.jobs)
+                    jobs=args.jobs, merge=args.merge)
