@@ -134,6 +134,9 @@ def run_grid(config_path, out=None, force: bool = False, quiet: bool = False, re
                         f"(config hash {grid_identity(config)['config_hash']}); choose another --out, "
                         "or pass --merge to add this grid's records to it")
     done = {r.get("cell_key") for r in records if r.get("status") == "ok"}
+    from suite.data import require_source
+
+    require_source()  # no mirror and no hub: one line now, not one failed record per cell
     todo = [(i, cell) for i, cell in enumerate(cells) if force or cell_key(cell) not in done]
     jobs = max(1, min(int(jobs), len(todo) or 1))
     threads = threads_per_cell(jobs)

@@ -70,7 +70,8 @@ def check_out(out, force: bool) -> None:
     if not (out.exists() or out.is_symlink()):
         return
     if out.is_dir() and any(out.iterdir()) and not (out / "plan.json").is_file():
-        raise UserError(f"{out} exists and is not a pruned-model directory; refusing to replace it")
+        raise UserError(f"{out} exists and is not a pruned-model directory; choose another --out "
+                        "(--force replaces only an earlier pruned model, an empty directory or a file)")
     if not force:
         what = "a pruned model" if (out / "plan.json").is_file() else "a directory" if out.is_dir() else "a file"
         raise UserError(f"{out} exists ({what}); choose another --out or pass --force to replace it")
