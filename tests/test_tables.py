@@ -50,9 +50,45 @@ def test_rows_grouped_dense_first_best_in_bold(records):
     opt_random = frame[(frame["Model"] == "tiny-opt") & (frame["Method"] == "random")].iloc[0]
     assert (opt_random["WikiText-2"], opt_random["PTB"], opt_random["PIQA"]) == (155.0, 225.0, 53.0)  # seed mean
     md = to_markdown(records).splitlines()
-    assert "minillm_fo" in md[5] and "**130.00**" in md[5] and "**62.00**" in md[5]  # lowest ppl, best BoolQ
+    assert "minillm_fo" in md[5] and "**130.00**" in md[5]  # lowest perplexity
+    # best BoolQ 62 vs 58, each ± 5 (acc_stderr 0.05): 4 < 1.96 * hypot(5, 5), not significant, not bold
+    assert " 62.00 " in md[5] and "**62.00**" not in md[5]
     assert md[10].count("**155.00**") == 1 and md[11].count("**155.00 ± 7.07**") == 1  # a tie: both bold
     assert "**" not in md[2] and "**" not in md[9]  # dense rows are alone in their group
+
+
+def _record(label, acc, se, limit=50, max_tokens=4096):
+    return {"model": "m", "label": label, "method": label, "ratio_target": 0.5, "seed": 0, "status": "ok",
+            "perplexity": {"wikitext2": 10.0}, "zero_shot": {"piqa": {"acc": acc, "acc_stderr": se}},
+            "cell": {"grid": {"name": "demo", "config_hash": "x"},
+                     "evaluation": {"seqlen": 128, "max_tokens": max_tokens, "limit": limit, "tasks": ["piqa"]}}}
+
+
+@pytest.mark.parametrize("lead, bold", [(0.20, True), (0.12, False)])
+def test_accuracy_bold_only_when_significantly_ahead(lead, bold):
+    import statistics
+
+    se_a, se_b = 0.065, 0.071
+    records = [_record("a", 0.58 + lead, se_a), _record("b", 0.58, se_b), _record("c", 0.50, 0.07)]
+    z = (lead * 100) / (100 * statistics.fmean([se_a ** 2, se_b ** 2]) ** 0.5 * 2 ** 0.5)  # = lead / hypot(se_a, se_b)
+    assert (z > 1.96) == bold  # the cases straddle the 5 % line
+    line = next(l for l in to_markdown(records).splitlines() if l.startswith("| m ") and "| a " in l)
+    shown = f"{(0.58 + lead) * 100:.2f} ± {se_a * 100:.1f}"  # a limit was set: acc ± standard error by default
+    assert (f"**{shown}**" in line) == bold and shown in line
+
+
+def test_caps_caption_stderr_switch_and_latex_table_environment():
+    records = [_record("a", 0.6, 0.07), _record("b", 0.5, 0.07)]
+    md = to_markdown(records)
+    assert "the first 4,096 tokens" in md and "the first 50 questions" in md and "128-token windows" in md
+    assert "60.00 ± 7.0" in md and "± 7.0" not in to_markdown(records, stderr="off")
+    unlimited = [_record("a", 0.6, 0.07, limit=None, max_tokens=None), _record("b", 0.5, 0.07, limit=None)]
+    assert "±" not in to_markdown(unlimited).split("\n\n")[0] and "60.00 ± 7.0" in to_markdown(unlimited, stderr="on")
+    tex = to_latex(records).splitlines()
+    assert tex[0] == "\\begin{table}[t]" and tex[-1] == "\\end{table}"
+    assert any(l.startswith("\\caption{") and "first 50 questions" in l for l in tex) and "\\label{tab:demo}" in tex
+    bare = to_latex(records, bare=True).splitlines()
+    assert bare[0].startswith("\\begin{tabular}") and not any("\\begin{table}" in l for l in bare)
 
 
 def test_several_seeds_show_mean_and_sample_std(records):
