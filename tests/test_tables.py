@@ -87,6 +87,9 @@ def test_caps_caption_stderr_switch_and_latex_table_environment():
     tex = to_latex(records).splitlines()
     assert tex[0] == "\\begin{table}[t]" and tex[-1] == "\\end{table}"
     assert any(l.startswith("\\caption{") and "first 50 questions" in l for l in tex) and "\\label{tab:demo}" in tex
+    from suite.plots import title
+
+    assert "m\n" in title(records) and "the first 4,096 tokens" in title(records) and "50 questions" in title(records)
     bare = to_latex(records, bare=True).splitlines()
     assert bare[0].startswith("\\begin{tabular}") and not any("\\begin{table}" in l for l in bare)
 
@@ -151,7 +154,8 @@ def test_table_command(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- plots
 def test_figure_lines_match_records(records):
-    fig, (ax_ppl, ax_mem) = make_figure(records)
+    fig, axes = make_figure(records)
+    ax_ppl, ax_mem = axes["wikitext2"], axes["memory"]
     lines = {line.get_label(): line for line in ax_ppl.get_lines()}
     assert ax_ppl.get_yscale() == "log"
     assert list(lines["minillm_fo (tiny-llama)"].get_xdata()) == [0.2, 0.5]
@@ -163,9 +167,30 @@ def test_figure_lines_match_records(records):
     dense = lines["dense (tiny-opt)"]
     assert set(dense.get_ydata()) == {90.0} and dense.get_linestyle() != "-"
     assert len(lines) == 7
-    bars = {tick.get_text(): patch.get_height() for tick, patch in zip(ax_mem.get_xticklabels(), ax_mem.patches)}
-    assert bars == {"magnitude (tiny-llama)": 120.5, "random (tiny-llama)": 80.0, "minillm_fo (tiny-llama)": 200.5,
-                    "magnitude (tiny-opt)": 121.0, "random (tiny-opt)": 82.0}
+    ptb = {line.get_label(): list(line.get_ydata()) for line in axes["ptb"].get_lines()}
+    assert ptb["minillm_fo (tiny-llama)"] == [205.0, 700.0]
+    acc = {line.get_label(): list(line.get_ydata()) for line in axes["accuracy"].get_lines()}
+    ok = [r for r in latest(records) if r.get("status", "ok") == "ok"]
+    expect = {(r["model"], r["label"], r["ratio_target"]): 100 * r["zero_shot_mean"] for r in ok
+              if r["label"] == "magnitude" and r["model"] == "tiny-llama"}
+    assert acc["magnitude (tiny-llama)"] == pytest.approx([expect[("tiny-llama", "magnitude", 0.2)],
+                                                           expect[("tiny-llama", "magnitude", 0.5)]])
+    # memory: one bar per (method, ratio), not averaged: what scoring added; the labels: process peaks
+    scored = [r for r in ok if (r.get("phases") or {}).get("score")]
+    bars = sorted(round(p.get_height(), 6) for p in ax_mem.patches)
+    cells = {}
+    for r in scored:
+        cells.setdefault((r["model"], r["label"], r["ratio_target"]), []).append(r["phases"]["score"])
+    added = lambda ps: sum(p.get("peak_delta_mb", 0.0) for p in ps) / len(ps)
+    assert bars == sorted(round(added(ps), 6) for ps in cells.values())
+    totals = sorted(float(t.get_text().replace(",", "")) for t in ax_mem.texts)
+    assert totals == sorted(round(sum(p["peak_mb"] for p in ps) / len(ps)) for ps in cells.values())
+    assert len(ax_mem.patches) == len(cells) > len({k[:2] for k in cells})  # several ratios: several bars
+    assert "tiny-llama" in fig._suptitle.get_text()
+    legend = fig.legends[0]  # outside the panels: to the right of every axes
+    fig.canvas.draw()
+    right = max(ax.get_position().x1 for ax in axes.values())
+    assert legend.get_window_extent().x0 / fig.bbox.width >= right
 
 
 def test_plot_command_writes_png(tmp_path):
