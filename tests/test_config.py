@@ -47,7 +47,7 @@ def test_minimal_config_gets_every_default(tmp_path, registry):
     assert config["methods"] == [{"name": "random", "label": "random", "options": {}}]
 
 
-@pytest.mark.parametrize("name,cells", [("smoke", 6), ("demo", 13), ("paper", 39)])
+@pytest.mark.parametrize("name,cells", [("smoke", 6), ("demo", 13), ("demo-full", 13), ("paper", 39)])
 def test_shipped_configs_load(name, cells):
     """Against the REAL method registry: the shipped configs' method options must exist."""
     config = load_config(CONFIGS / f"{name}.yaml")
