@@ -41,7 +41,10 @@ METHOD_ORDER = ["dense", "magnitude", "random", "wanda-sp", "flap", "llm-pruner"
 PERPLEXITY = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
 TASKS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
          "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
-COSTS = {"Score mem (MB)": ("peak_mb", "{:.1f}"), "Score time (s)": ("seconds", "{:.2f}")}
+# Score mem: the process's peak while scoring (model, libraries and method); Score added: its rise
+# over the phase's start, what the method itself needs above the loaded model (suite/measure.py)
+COSTS = {"Score mem (MB)": ("peak_mb", "{:.1f}"), "Score added (MB)": ("peak_delta_mb", "{:.1f}"),
+         "Score time (s)": ("seconds", "{:.2f}")}
 MISSING = "–"
 STD = " std"  # suffix of a metric's seed standard-deviation column
 SE = " se"  # suffix of an accuracy's standard-error column (x 100)
@@ -233,6 +236,8 @@ def caption(records: list[dict], show_se: bool) -> str:
         parts.append("Evaluation caps not recorded.")
     if show_se:
         parts.append("± on an accuracy: its standard error; on a several-seed cell: the seeds' sample std.")
+    parts.append("Score mem: the process's peak while scoring, loaded model included; Score added: what "
+                 "scoring adds above it.")
     parts.append("Bold: best of its model and ratio; an accuracy only if significantly ahead of the next "
                  f"(lead > {Z_BOLD} x the standard error of the difference).")
     return " ".join(parts)
