@@ -213,6 +213,15 @@ def _check_method(entry: dict, where: str) -> None:
         kind = type(defaults[key])
         if kind in (bool, int, float, str):
             entry["options"][key] = _expect(kind, value, path)
+    module = registry[name]
+    module = importlib.import_module(module) if isinstance(module, str) else module
+    check = getattr(module, "check_options", None)  # the method's own value checks, as `suite prune` runs them
+    if check is not None:
+        given = {k: v for k, v in entry["options"].items() if k not in SELECTION_OPTIONS}
+        try:
+            check({**defaults, **given})
+        except UserError as exc:
+            raise _Invalid(f"{where}.options", str(exc)) from None
 
 
 # --------------------------------------------------------------------------- load / expand

@@ -109,6 +109,17 @@ def test_method_options_are_checked_before_the_model_loads(monkeypatch, tmp_path
     assert not (tmp_path / "o").exists()
 
 
+def test_grid_method_options_are_checked_when_the_config_loads(tmp_path):
+    from minillm.errors import UserError
+    from suite.config import load_config
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\nmodels: [tiny-llama]\nratios: [0.2]\n"
+                    "methods: [{name: magnitude, options: {norm: l3}}]\n")
+    with pytest.raises(UserError, match=r"bad.yaml: methods\[0\]\.options: magnitude option norm must be l1 or l2"):
+        load_config(path)
+
+
 # --------------------------------------------------------------------------- run --out
 GRID = """name: {name}
 models: [tiny-llama]
