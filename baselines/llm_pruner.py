@@ -56,13 +56,14 @@ IMPORTANCES = ("element1", "element2", "vector")
 AGGREGATIONS = ("sum", "mean", "max", "prod")
 
 
-def _check(options):
+def check_options(options: dict) -> dict:
     if options["importance"] not in IMPORTANCES:
         raise UserError(f"llm-pruner option importance must be one of {', '.join(IMPORTANCES)}, "
                         f"got {options['importance']!r}")
     if options["aggregation"] not in AGGREGATIONS:
         raise UserError(f"llm-pruner option aggregation must be one of {', '.join(AGGREGATIONS)}, "
                         f"got {options['aggregation']!r}")
+    return options
 
 
 def _lm_loss(model, ids):
@@ -136,7 +137,7 @@ def _aggregate(per_member: list, how: str) -> torch.Tensor:
 
 
 def score(model, windows, group_sets, options, seed) -> Scoring:
-    _check(options)
+    check_options(options)
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.grad = None

@@ -32,11 +32,16 @@ SELECTION = {"scope": "layer", "layers": "all"}
 _P = {"l1": 1, "l2": 2}
 
 
-def score(model, windows, group_sets, options, seed) -> Scoring:
+def check_options(options: dict) -> dict:
     if options["norm"] not in _P:
         raise UserError(f"magnitude option norm must be l1 or l2, got {options['norm']!r}")
     if options["weights"] not in ("output", "group"):
         raise UserError(f"magnitude option weights must be output or group, got {options['weights']!r}")
+    return options
+
+
+def score(model, windows, group_sets, options, seed) -> Scoring:
+    check_options(options)
     p = _P[options["norm"]]
     scores = {}
     with torch.no_grad():

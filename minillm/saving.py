@@ -1,6 +1,8 @@
 """Save step of the flow: a pruned model as a directory of safetensors + config + tokenizer +
 plan.json (nothing pickled), written to a temporary sibling and renamed into place so a killed
-run never leaves a half-written model. `load_pruned` rebuilds the unpruned architecture from the
+run never leaves a half-written model. Every file gets the mode of a file this process creates
+(0644 under the usual umask 022): safetensors writes its file 0600, the rest follow the umask.
+Replacing an existing `out_dir` is the caller's decision (`suite prune --force`). `load_pruned` rebuilds the unpruned architecture from the
 config, applies the plan (which also restores BLOOM's per-layer ALiBi head selection), creates
 any bias the pruning method added (FLAP compensation) and loads the weights strictly. The loaded
 model carries its plan (`minillm.plan.carried_plan`), so pruning it again composes.
@@ -33,8 +35,14 @@ def save_pruned(model, tokenizer, plan: Plan, out_dir, extra: dict | None = None
         plan.save(tmp / PLAN_FILE)
         if extra:
             (tmp / "pruning.json").write_text(json.dumps(extra, indent=1, sort_keys=True, default=str))
-        if out_dir.exists():
+        mode = (tmp / PLAN_FILE).stat().st_mode & 0o777  # written by open(): the umask's mode
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                path.chmod(mode)
+        if out_dir.is_dir() and not out_dir.is_symlink():
             shutil.rmtree(out_dir)
+        elif out_dir.exists() or out_dir.is_symlink():
+            out_dir.unlink()
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

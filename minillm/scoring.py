@@ -7,6 +7,8 @@ A method is one module (in `baselines/` or `minillm/`) registered in `suite/meth
     CALIBRATION None (data-free) or {"corpus", "nsamples", "seqlen", "source"}: its paper's defaults
     SELECTION   {"scope": "layer"|"global", "layers": "all" | [start_frac, end_frac)}: defaults
     score(model, windows, group_sets, options, seed) -> Scoring
+    check_options(options) -> options   (optional) value checks beyond merge_options' types; the
+                CLI calls it (via `checked_options`) before any model is loaded
 
 `group_sets` lists every layer's head and channel GroupSets (architectures.py); `windows` is the
 [nsamples, seqlen] calibration batch (None for data-free methods). Selection, slicing, budget and
@@ -47,6 +49,17 @@ def merge_options(method_name: str, defaults: dict, given: dict | None) -> dict:
             raise UserError(f"{method_name} option {key}: expected {type(defaults[key]).__name__}, "
                             f"got {value!r}") from None
     return out
+
+
+def checked_options(method, given: dict | None) -> dict:
+    """`merge_options` with the method module's defaults, then its own `check_options` if it has one.
+
+    Raises UserError for an unknown key, an ill-typed value or a value the method refuses; needs
+    no model, so commands call it before loading one.
+    """
+    options = merge_options(method.NAME, method.OPTIONS, given)
+    check = getattr(method, "check_options", None)
+    return check(dict(options)) if check else options
 
 
 def _coerce(default, value):

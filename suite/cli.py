@@ -14,6 +14,16 @@ import sys
 from minillm.errors import UserError
 import suite.commands
 
+DESCRIPTION = """\
+Benchmark suite for structured pruning of LLMs: MINI-LLM (forward-only gradients) against
+magnitude, random, Wanda-sp, FLAP and LLM-Pruner. Prune one model (`prune`), evaluate a model
+(`eval`), run a whole grid of models x methods x ratios from a YAML config (`run`), then turn its
+results file into a table (`table`) or a figure (`plot`). `COMMAND --help` lists each command's
+options, methods and model names.
+
+Data: perplexity, calibration and zero-shot read the dataset mirror named by MINILLM_DATA
+(e.g. export MINILLM_DATA=$PWD/../shared/data); without it, the Hugging Face hub, if reachable."""
+
 
 def _command_modules():
     for info in sorted(pkgutil.iter_modules(suite.commands.__path__), key=lambda m: m.name):
@@ -22,10 +32,13 @@ def _command_modules():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m suite", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m suite", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in _command_modules():
-        command = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        epilog = module.epilog() if hasattr(module, "epilog") else None
+        command = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP, epilog=epilog,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)
     return parser

@@ -213,6 +213,15 @@ def _check_method(entry: dict, where: str) -> None:
         kind = type(defaults[key])
         if kind in (bool, int, float, str):
             entry["options"][key] = _expect(kind, value, path)
+    module = registry[name]
+    module = importlib.import_module(module) if isinstance(module, str) else module
+    check = getattr(module, "check_options", None)  # the method's own value checks, as `suite prune` runs them
+    if check is not None:
+        given = {k: v for k, v in entry["options"].items() if k not in SELECTION_OPTIONS}
+        try:
+            check({**defaults, **given})
+        except UserError as exc:
+            raise _Invalid(f"{where}.options", str(exc)) from None
 
 
 # --------------------------------------------------------------------------- load / expand
@@ -261,9 +270,22 @@ def load_config(path) -> dict:
     return validate(data, str(path))
 
 
+def grid_identity(config: dict) -> dict:
+    """{"name", "config_hash"} of a checked config: which grid a cell (and so a record) belongs to.
+
+    The hash is of the config with its defaults filled (first 16 hex digits of sha256 of its
+    canonical JSON), so an edited grid is another version of the same name. Not part of `cell_key`.
+    """
+    from suite.records import sha256_hex
+
+    return {"name": config["name"], "config_hash": sha256_hex(config)[:16]}
+
+
 def expand_cells(config: dict) -> list[dict]:
-    """Dense row first per model, then methods x ratios x seeds, in config order."""
+    """Dense row first per model, then methods x ratios x seeds, in config order; each cell also
+    carries `grid` (`grid_identity`), which `suite run` checks an existing results file against."""
     shared = {key: config[key] for key in ("calibration", "evaluation", "device", "dtype")}
+    shared["grid"] = grid_identity(config)
     cells = []
     for model in config["models"]:
         if config["dense"]:

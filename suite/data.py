@@ -4,7 +4,11 @@ Where the rows come from:
   - ``$MINILLM_DATA`` set: an offline mirror laid out as
     ``$MINILLM_DATA/hf/<dataset_path>/<dataset_name or default>/<split>.jsonl`` (one JSON row per
     line, hub row schema). Only the mirror is read; a missing file is a `UserError` naming the path.
-  - unset: ``datasets.load_dataset(path, name, split=...)`` from the Hugging Face hub.
+  - unset: ``datasets.load_dataset(path, name, split=...)`` from the Hugging Face hub, but only
+    when the hub can be used: with ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` set, or the hub
+    unreachable (one probe, `suite.models.hub_unreachable`), it is a one-line `UserError` at once
+    naming the variable, never datasets' retry loop (`require_source`, which commands call before
+    loading a model).
 
 Corpora (`CORPORA`): ``wikitext2`` and ``ptb`` (test splits, joined as LLM-Pruner's ``get_loaders``
 does) and ``c4`` (the first train shard Wanda/SparseGPT calibrate on). There is no C4 validation
@@ -74,6 +78,22 @@ def mirror_root() -> Path | None:
     return Path(root).expanduser() if root else None
 
 
+def require_source() -> None:
+    """Raise a one-line UserError now if no dataset can be read: the mirror named by ``$MINILLM_DATA``
+    is not a directory, or the variable is unset and the hub is offline or unreachable."""
+    root = mirror_root()
+    if root is not None:
+        if not root.is_dir():
+            raise UserError(f"{DATA_ENV}={os.environ[DATA_ENV]}: no such directory (the dataset mirror)")
+        return
+    from suite.models import hub_unreachable
+
+    reason = hub_unreachable()
+    if reason:
+        raise UserError(f"{DATA_ENV} is not set and {reason}: set {DATA_ENV} to the dataset mirror, "
+                        f"e.g. export {DATA_ENV}=$PWD/../shared/data")
+
+
 def mirror_dir(root: Path, dataset_path: str, dataset_name: str | None) -> Path:
     return root / "hf" / dataset_path / (dataset_name or "default")
 
@@ -93,6 +113,7 @@ def load_rows(dataset_path: str, dataset_name: str | None, split: str,
         if not path.is_file():
             raise UserError(f"dataset file not found in the {DATA_ENV} mirror: {path}")
         return list(_read_jsonl(path.resolve()))
+    require_source()
     import datasets  # lazy: heavy import, and not needed with the mirror
 
     if hub_data_files:

@@ -10,9 +10,16 @@ Accepted forms (`load_model(name_or_path)`):
     download).
   - a directory written by this suite's ``prune`` (it holds ``plan.json``): rebuilt and sliced.
   - any local model directory, a path to a ``.gguf`` file, or a hub id.
+
+A spec that is none of these fails at once with one line (`UserError`) and no network traffic when
+the hub cannot serve it: a path whose first component is a local directory (``out/wanda`` with
+``out/`` present) is taken as a missing path, and a hub id that is not in the local hub cache is
+refused when ``HF_HUB_OFFLINE`` is set or the hub does not answer one probe (`hub_unreachable`),
+instead of transformers' retry loop (26 s, then a traceback).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -31,6 +38,17 @@ ACCEPTED_FORMS = (
     "'tiny-qwen3', 'tiny-gemma2', 'tiny-gemma3', 'tiny-phi3', "
     "a local model directory (also one written by `suite prune`), a path to a .gguf file, or a hub id"
 )
+
+
+
+def models_help() -> str:
+    """The accepted model forms, wrapped for the CLI's help."""
+    import textwrap
+
+    return "models (--model):\n" + textwrap.fill(
+        ACCEPTED_FORMS + f". {EMBEDDED}: SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to fp32 (the "
+        "instruct model, quantised: published numbers for the base SmolLM2-135M do not apply); "
+        "tiny-*: seeded random models for tests.", width=96, initial_indent="  ", subsequent_indent="  ")
 
 
 # --------------------------------------------------------------------------- tiny models
@@ -199,6 +217,45 @@ def embedded_model_dir() -> Path:
     return out
 
 
+# --------------------------------------------------------------------------- hub reachability
+HUB_PROBE_TIMEOUT_S = 5
+_TRUE = ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=1)
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be used now, or None if it can.
+
+    Offline variables (``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE``) answer without any traffic;
+    otherwise one HEAD request to ``$HF_ENDPOINT`` (default https://huggingface.co, proxies from the
+    environment as urllib reads them) with a 5 s timeout; any HTTP answer counts as reachable.
+    Asked once per process.
+    """
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(name, "").strip().lower() in _TRUE:
+            return f"{name}={os.environ[name]} (the hub is off)"
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S)
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections, a bad endpoint
+        return f"the hub ({endpoint}) is unreachable ({getattr(exc, 'reason', exc)})"
+    return None
+
+
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub library rejects is simply not cached
+        return False
+
+
 # --------------------------------------------------------------------------- entry points
 def resolve(name_or_path: str):
     """Classify a model spec: ('tiny', name) | ('dir', path) | ('pruned', path) | ('gguf', path) | ('hub', id)."""
@@ -217,7 +274,11 @@ def resolve(name_or_path: str):
             return "dir", path
         raise UserError(f"{path} is a directory without config.json; accepted: {ACCEPTED_FORMS}")
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "/" not in spec:
-        raise UserError(f"unknown model {spec!r}; accepted: {ACCEPTED_FORMS}")
+        raise UserError(f"unknown model {spec!r} (no such file or directory); accepted: {ACCEPTED_FORMS}")
+    if Path(spec.split("/")[0]).is_dir():  # "out/wanda" with out/ here: a path, not a hub id
+        raise UserError(f"{spec}: no such directory")
+    if not _hub_cached(spec) and (reason := hub_unreachable()):
+        raise UserError(f"{spec!r} is no local path and not in the hub cache, and {reason}")
     return "hub", spec
 
 

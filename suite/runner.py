@@ -16,6 +16,11 @@ names the file (`log`).
 Backends: "local" (above) or "ray" (suite/ray_backend.py: each cell a Ray task on a node of a Ray
 cluster, in the same cell process). A backend only runs cells and yields what they returned; this
 module alone writes records, so resume, --force and the file's guarantees are the same on both.
+
+One results file, one grid: a file that already holds records of another grid (another config
+name, or another version of this config: its `grid.config_hash` differs, or, for records written
+before cells carried `grid`, a cell this grid does not have) is refused with one line before any
+cell runs, so two grids never mix silently in one file and one table; `--merge` appends anyway.
 """
 from __future__ import annotations
 
@@ -33,7 +38,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from suite.config import expand_cells, load_config
+from minillm.errors import UserError
+from suite.config import expand_cells, grid_identity, load_config
 from suite.records import PROJECT_DIR, append_record, cell_key, provenance, read_records, repair_records
 
 STDERR_TAIL = 4000  # characters of a failed cell's stderr kept in its record
@@ -134,16 +140,48 @@ def keep_log(out: Path, cell: dict, index: int, stderr: str) -> str:
     return str(path)
 
 
+def foreign_grids(records: list[dict], config: dict, cells: list[dict]) -> list[str]:
+    """Descriptions of the other grids (or grid versions) whose records are in `records`."""
+    this = grid_identity(config)
+    keys = {cell_key(cell) for cell in cells}
+    found = {}
+    for record in records:
+        grid = (record.get("cell") or {}).get("grid")
+        if isinstance(grid, dict):
+            if grid != this:
+                same = grid.get("name") == this["name"]
+                found[json.dumps(grid, sort_keys=True)] = (
+                    f"grid {grid.get('name')!r}" + (f" in another version (config hash {grid.get('config_hash')})"
+                                                    if same else ""))
+        elif record.get("cell_key") not in keys:
+            found["legacy"] = "cells this grid does not have"
+    return list(found.values())
+
+
+
+
 def run_grid(config_path, out=None, force: bool = False, quiet: bool = False, repair: bool = False,
-             jobs: int = 1, backend: str = "local", **ray_options) -> int:
+             jobs: int = 1, merge: bool = False, backend: str = "local", **ray_options) -> int:
     """Run a grid's missing cells on `backend` ("local": `jobs` at a time here; "ray": as Ray tasks,
-    `ray_options` going to suite.ray_backend.run_cells) and append one record per finished cell."""
+    `ray_options` going to suite.ray_backend.run_cells) and append one record per finished cell.
+    A results file holding another grid's records is refused unless `merge`."""
     config = load_config(config_path)
     out = Path(out) if out else default_out(config)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a results file (.jsonl)")
     if repair and (line := repair_records(out)):
         print(f"repaired {out}: moved its damaged line {line} to {out}.corrupt", file=sys.stderr)
-    done = {r.get("cell_key") for r in read_records(out) if r.get("status") == "ok"}
+    records = read_records(out)
     cells = expand_cells(config)
+    foreign = foreign_grids(records, config, cells)
+    if foreign and not merge:
+        raise UserError(f"{out} holds records of {'; '.join(foreign)}, not of grid {config['name']!r} "
+                        f"(config hash {grid_identity(config)['config_hash']}); choose another --out, "
+                        "or pass --merge to add this grid's records to it")
+    done = {r.get("cell_key") for r in records if r.get("status") == "ok"}
+    from suite.data import require_source
+
+    require_source()  # no mirror and no hub: one line now, not one failed record per cell
     todo = [(i, cell) for i, cell in enumerate(cells) if force or cell_key(cell) not in done]
     jobs = max(1, min(int(jobs), len(todo) or 1))
     threads = threads_per_cell(jobs)

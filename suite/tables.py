@@ -9,7 +9,21 @@ Conventions (the paper's Table 1 layout):
     "mean ± s" (s: the sample standard deviation over the seeds; the Average column stays a mean);
     a single seed shows the value alone. When a cell is in the file more than once (a rerun), its
     last `ok` record wins over older ones and over errors;
+  - accuracies carry lm-eval's standard error (`acc_stderr`, x 100; a several-seed cell: the
+    error of the seeds' mean, sqrt(sum se_i^2) / n; Average: sqrt(sum se_t^2) / n_tasks over its
+    tasks, the tasks taken as independent). `stderr="auto"` (the default) shows it as "acc ± se"
+    when any record's evaluation had a question `limit`; "on"/"off" force it. A several-seed cell
+    shows the seeds' spread instead (above);
   - best value of each (model, ratio) group with at least two rows in bold: `**x**` / `\\textbf{x}`;
+    an accuracy (or Average) only when it is significantly ahead of the next best: lead >
+    1.96 * sqrt(se_best^2 + se_next^2) (a two-sided 5 % z-test of the difference of two independent
+    estimates; stricter than "outside the best's standard error", deliberately: with a 50-question
+    limit one question is 2 points and each error ~7, so noise is never "best"). Without a
+    recorded error (older records) every value equal to the best is bold. Perplexity has no error
+    here and is bolded as before;
+  - a caption line states the evaluation caps read from the records (`cell.evaluation`: window
+    length, token cap, questions per task) and these conventions; LaTeX comes as a `table`
+    environment with \\caption and \\label (`bare=True`: the `tabular` alone, caption as comments);
   - a cell that only failed stays in the table as a row "label (failed)" with empty metrics, and
     its error is listed under the table (Markdown) or as `%` comments after it (LaTeX).
 CSV holds the raw numbers (no rounding, no bold) plus `Error`, `Seeds` (the ok seeds averaged) and,
@@ -27,9 +41,13 @@ METHOD_ORDER = ["dense", "magnitude", "random", "wanda-sp", "flap", "llm-pruner"
 PERPLEXITY = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
 TASKS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
          "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
-COSTS = {"Score mem (MB)": ("peak_mb", "{:.1f}"), "Score time (s)": ("seconds", "{:.2f}")}
+# Score mem: the process's peak while scoring (model, libraries and method); Score added: its rise
+# over the phase's start, what the method itself needs above the loaded model (suite/measure.py)
+COSTS = {"Score mem (MB)": ("peak_mb", "{:.1f}"), "Score added (MB)": ("peak_delta_mb", "{:.1f}"),
+         "Score time (s)": ("seconds", "{:.2f}")}
 MISSING = "–"
 STD = " std"  # suffix of a metric's seed standard-deviation column
+SE = " se"  # suffix of an accuracy's standard-error column (x 100)
 
 
 def _identity(record: dict) -> tuple:
@@ -86,8 +104,12 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
         seed_values |= {TASKS.get(t, t): [_acc(r, t) for r in ok] for t in tasks}
         for column, values in seed_values.items():
             row[column], spread[column + STD] = _mean(values), _std(values)
+        errors = {TASKS.get(t, t): _mean_se([_acc(r, t, "acc_stderr") for r in ok]) for t in tasks}
         accs = [row[TASKS.get(t, t)] for t in tasks]
         row["Average"] = sum(accs) / len(accs) if accs and not any(math.isnan(a) for a in accs) else math.nan
+        errors["Average"] = (math.sqrt(sum(e * e for e in errors.values())) / len(errors)
+                             if errors and not math.isnan(row["Average"]) else math.nan)
+        spread |= {column + SE: error for column, error in errors.items()}
         for column, (key, _) in COSTS.items():
             row[column] = mean(lambda r: ((r.get("phases") or {}).get("score") or {}).get(key))
         row["Error"] = "; ".join(f"seed {r.get('seed', 0)}: {r.get('error', 'failed')}" for r in failed)
@@ -108,9 +130,16 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
     return frame
 
 
-def _acc(record: dict, task: str):
+def _acc(record: dict, task: str, metric: str = "acc"):
     value = (record.get("zero_shot") or {}).get(task) or {}
-    return value["acc"] * 100 if "acc" in value else None
+    return value[metric] * 100 if value.get(metric) is not None else None
+
+
+def _mean_se(errors) -> float:
+    """Standard error of the mean of independent estimates with errors `errors` (NaN if any is missing)."""
+    if not errors or any(e is None for e in errors):
+        return math.nan
+    return math.sqrt(sum(float(e) ** 2 for e in errors)) / len(errors)
 
 
 def _mean(values) -> float:
@@ -132,10 +161,10 @@ def _params(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _cells(frame: pd.DataFrame, bold) -> tuple[list[str], list[list[str]]]:
+def _cells(frame: pd.DataFrame, bold, show_se: bool = False) -> tuple[list[str], list[list[str]]]:
     """Header and text rows; `bold(text)` marks the best value of each (model, ratio) group."""
     metrics = [c for c in frame.columns if c not in ("Model", "Method", "Ratio", "Params", "Error", "Seeds")
-               and not c.startswith("_") and not c.endswith(STD)]
+               and not c.startswith("_") and not c.endswith((STD, SE))]
     lower_better = frame.attrs["lower_is_better"]
     texts = pd.DataFrame(index=frame.index)
     texts["Model"] = frame["Model"]
@@ -148,17 +177,70 @@ def _cells(frame: pd.DataFrame, bold) -> tuple[list[str], list[list[str]]]:
         if column + STD in frame:  # several seeds: mean ± s
             texts[column] = [t if math.isnan(sd) else f"{t} ± {sd:.2f}"
                              for t, sd in zip(texts[column], frame[column + STD])]
+        if show_se and column + SE in frame:  # one seed: acc ± its standard error
+            texts[column] = [t if math.isnan(se) or "±" in t else f"{t} ± {se:.1f}"
+                             for t, se in zip(texts[column], frame[column + SE])]
         if column in COSTS:
             continue  # costs are reported, not ranked
         for _, group in frame.groupby(["Model", "Ratio"], sort=False):
             values = {i: round(v, 2) for i, v in group[column].items() if not math.isnan(v) and not math.isinf(v)}
             if len(group) < 2 or not values:
                 continue
-            best = (min if column in lower_better else max)(values.values())
-            for i, v in values.items():
-                if v == best:
-                    texts.loc[i, column] = bold(texts.loc[i, column])
+            for i in _best(values, column in lower_better, frame[column + SE] if column + SE in frame else None):
+                texts.loc[i, column] = bold(texts.loc[i, column])
     return list(texts.columns), texts.values.tolist()
+
+
+Z_BOLD = 1.96  # two-sided 5 % z-test of best minus next best
+
+
+def _best(values: dict, lower_better: bool, errors) -> list:
+    """Row indices to bold: every value equal to the best; where the best has a standard error,
+    only a unique best ahead of the next by more than Z_BOLD standard errors of the difference."""
+    order = sorted(values, key=values.get, reverse=not lower_better)
+    best = [i for i in order if values[i] == values[order[0]]]
+    error = math.nan if errors is None else errors[order[0]]
+    if math.isnan(error):
+        return best
+    if len(best) > 1 or len(order) < 2:
+        return []
+    runner_up = errors[order[1]]
+    spread = math.hypot(error, 0.0 if math.isnan(runner_up) else runner_up)
+    return best if abs(values[order[0]] - values[order[1]]) > Z_BOLD * spread else []
+
+
+def show_stderr(records: list[dict], stderr: str = "auto") -> bool:
+    """"on" / "off", or "auto": on when any record's evaluation capped the questions (`limit`)."""
+    if stderr not in ("auto", "on", "off"):
+        raise ValueError(f"stderr must be auto, on or off, got {stderr!r}")
+    if stderr != "auto":
+        return stderr == "on"
+    return any(((r.get("cell") or {}).get("evaluation") or {}).get("limit") for r in records)
+
+
+def caption(records: list[dict], show_se: bool) -> str:
+    """One sentence per convention: the evaluation caps found in the records, ±, bold."""
+    evals = [(r.get("cell") or {}).get("evaluation") for r in latest(records) if r.get("status", "ok") == "ok"]
+    evals = [e for e in evals if e]
+    values = lambda key: sorted({e.get(key) for e in evals}, key=lambda v: (v is None, v or 0))
+    count = lambda v, unit: f"all {unit}" if v is None else f"the first {v:,} {unit}"
+    parts = []
+    if evals:
+        windows = "/".join(str(v) for v in values("seqlen"))
+        tokens = " or ".join(count(v, "tokens") for v in values("max_tokens"))
+        parts.append(f"Perplexity on {windows}-token windows, {tokens} of each corpus (lower is better).")
+        if any(e.get("tasks") for e in evals):
+            questions = " or ".join("all" if v is None else f"the first {v:,}" for v in values("limit"))
+            parts.append(f"Zero-shot: lm-eval acc x 100 on {questions} questions of each task.")
+    else:
+        parts.append("Evaluation caps not recorded.")
+    if show_se:
+        parts.append("± on an accuracy: its standard error; on a several-seed cell: the seeds' sample std.")
+    parts.append("Score mem: the process's peak while scoring, loaded model included; Score added: what "
+                 "scoring adds above it.")
+    parts.append("Bold: best of its model and ratio; an accuracy only if significantly ahead of the next "
+                 f"(lead > {Z_BOLD} x the standard error of the difference).")
+    return " ".join(parts)
 
 
 def _notes(frame: pd.DataFrame, records: list[dict]) -> list[str]:
@@ -178,23 +260,33 @@ def _latex_escape(text: str) -> str:
     return out.replace("~", "\\textasciitilde{}").replace("^", "\\textasciicircum{}").replace(MISSING, "--")
 
 
-def to_markdown(records: list[dict]) -> str:
+def to_markdown(records: list[dict], stderr: str = "auto") -> str:
     frame = results_frame(records)
     if frame.empty:
         return "(no results)\n"
-    header, rows = _cells(frame, lambda t: f"**{t}**")
+    show_se = show_stderr(records, stderr)
+    header, rows = _cells(frame, lambda t: f"**{t}**", show_se)
     align = ["left", "left"] + ["right"] * (len(header) - 2)
     table = tabulate(rows, header, tablefmt="github", disable_numparse=True, colalign=align)
     notes = _notes(frame, records)
-    return table + "\n" + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else "")
+    return (table + "\n\n" + caption(records, show_se) + "\n"
+            + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else ""))
 
 
-def to_latex(records: list[dict]) -> str:
+def _label(records: list[dict]) -> str:
+    names = {((r.get("cell") or {}).get("grid") or {}).get("name") for r in records} - {None}
+    return "tab:" + (names.pop() if len(names) == 1 else "results")
+
+
+def to_latex(records: list[dict], stderr: str = "auto", bare: bool = False) -> str:
+    """A booktabs `table` with caption and label (`bare`: the `tabular` alone, caption as comments)."""
     frame = results_frame(records)
     if frame.empty:
         return "% (no results)\n"
-    header, rows = _cells(frame, lambda t: "\x00" + t + "\x01")
+    show_se = show_stderr(records, stderr)
+    header, rows = _cells(frame, lambda t: "\x00" + t + "\x01", show_se)
     cell = lambda t: _latex_escape(t).replace("\x00", "\\textbf{").replace("\x01", "}").replace("±", "$\\pm$")
+    text = cell(caption(records, show_se))
     lines = ["\\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", "\\toprule",
              " & ".join(cell(h) for h in header) + " \\\\", "\\midrule"]
     previous = None
@@ -204,6 +296,11 @@ def to_latex(records: list[dict]) -> str:
         previous = (model, ratio)
         lines.append(" & ".join(cell(t) for t in row) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
+    if bare:
+        lines += [f"% {text}"]
+    else:
+        lines = (["\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{text}}}",
+                  f"\\label{{{_label(records)}}}"] + lines + ["\\end{table}"])
     lines += [f"% {n}" for n in _notes(frame, records)]
     return "\n".join(lines) + "\n"
 
@@ -216,5 +313,9 @@ def to_csv(records: list[dict]) -> str:
 FORMATS = {"md": to_markdown, "latex": to_latex, "csv": to_csv}
 
 
-def format_table(records: list[dict], fmt: str = "md") -> str:
-    return FORMATS[fmt](records)
+def format_table(records: list[dict], fmt: str = "md", stderr: str = "auto", bare: bool = False) -> str:
+    if fmt == "csv":
+        return to_csv(records)
+    if fmt == "latex":
+        return to_latex(records, stderr=stderr, bare=bare)
+    return to_markdown(records, stderr=stderr)

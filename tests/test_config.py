@@ -47,7 +47,7 @@ def test_minimal_config_gets_every_default(tmp_path, registry):
     assert config["methods"] == [{"name": "random", "label": "random", "options": {}}]
 
 
-@pytest.mark.parametrize("name,cells", [("smoke", 9), ("demo", 13), ("paper", 39)])
+@pytest.mark.parametrize("name,cells", [("smoke", 9), ("demo", 13), ("demo-full", 13), ("paper", 39)])
 def test_shipped_configs_load(name, cells):
     """Against the REAL method registry: the shipped configs' method options must exist."""
     config = load_config(CONFIGS / f"{name}.yaml")
@@ -75,7 +75,7 @@ seeds: [0, 1]
         ("a", "random", 0.5, 0), ("a", "random", 0.5, 1), ("a", "minillm-fo", 0.2, 0)]
     assert cells[9]["model"] == "b" and cells[9]["method"] == "dense"
     assert set(cells[0]) == {"model", "method", "label", "options", "ratio", "seed", "calibration",
-                             "evaluation", "device", "dtype"}
+                             "evaluation", "device", "dtype", "grid"}
     assert cells[5]["options"] == {"eps": 0.01}
     assert len({cell_key(c) for c in cells}) == len(cells)
     cells[5]["options"]["eps"] = 9.0

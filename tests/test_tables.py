@@ -50,9 +50,48 @@ def test_rows_grouped_dense_first_best_in_bold(records):
     opt_random = frame[(frame["Model"] == "tiny-opt") & (frame["Method"] == "random")].iloc[0]
     assert (opt_random["WikiText-2"], opt_random["PTB"], opt_random["PIQA"]) == (155.0, 225.0, 53.0)  # seed mean
     md = to_markdown(records).splitlines()
-    assert "minillm_fo" in md[5] and "**130.00**" in md[5] and "**62.00**" in md[5]  # lowest ppl, best BoolQ
+    assert "minillm_fo" in md[5] and "**130.00**" in md[5]  # lowest perplexity
+    # best BoolQ 62 vs 58, each ± 5 (acc_stderr 0.05): 4 < 1.96 * hypot(5, 5), not significant, not bold
+    assert " 62.00 " in md[5] and "**62.00**" not in md[5]
     assert md[10].count("**155.00**") == 1 and md[11].count("**155.00 ± 7.07**") == 1  # a tie: both bold
     assert "**" not in md[2] and "**" not in md[9]  # dense rows are alone in their group
+
+
+def _record(label, acc, se, limit=50, max_tokens=4096):
+    return {"model": "m", "label": label, "method": label, "ratio_target": 0.5, "seed": 0, "status": "ok",
+            "perplexity": {"wikitext2": 10.0}, "zero_shot": {"piqa": {"acc": acc, "acc_stderr": se}},
+            "cell": {"grid": {"name": "demo", "config_hash": "x"},
+                     "evaluation": {"seqlen": 128, "max_tokens": max_tokens, "limit": limit, "tasks": ["piqa"]}}}
+
+
+@pytest.mark.parametrize("lead, bold", [(0.20, True), (0.12, False)])
+def test_accuracy_bold_only_when_significantly_ahead(lead, bold):
+    import statistics
+
+    se_a, se_b = 0.065, 0.071
+    records = [_record("a", 0.58 + lead, se_a), _record("b", 0.58, se_b), _record("c", 0.50, 0.07)]
+    z = (lead * 100) / (100 * statistics.fmean([se_a ** 2, se_b ** 2]) ** 0.5 * 2 ** 0.5)  # = lead / hypot(se_a, se_b)
+    assert (z > 1.96) == bold  # the cases straddle the 5 % line
+    line = next(l for l in to_markdown(records).splitlines() if l.startswith("| m ") and "| a " in l)
+    shown = f"{(0.58 + lead) * 100:.2f} ± {se_a * 100:.1f}"  # a limit was set: acc ± standard error by default
+    assert (f"**{shown}**" in line) == bold and shown in line
+
+
+def test_caps_caption_stderr_switch_and_latex_table_environment():
+    records = [_record("a", 0.6, 0.07), _record("b", 0.5, 0.07)]
+    md = to_markdown(records)
+    assert "the first 4,096 tokens" in md and "the first 50 questions" in md and "128-token windows" in md
+    assert "60.00 ± 7.0" in md and "± 7.0" not in to_markdown(records, stderr="off")
+    unlimited = [_record("a", 0.6, 0.07, limit=None, max_tokens=None), _record("b", 0.5, 0.07, limit=None)]
+    assert "±" not in to_markdown(unlimited).split("\n\n")[0] and "60.00 ± 7.0" in to_markdown(unlimited, stderr="on")
+    tex = to_latex(records).splitlines()
+    assert tex[0] == "\\begin{table}[t]" and tex[-1] == "\\end{table}"
+    assert any(l.startswith("\\caption{") and "first 50 questions" in l for l in tex) and "\\label{tab:demo}" in tex
+    from suite.plots import title
+
+    assert "m\n" in title(records) and "the first 4,096 tokens" in title(records) and "50 questions" in title(records)
+    bare = to_latex(records, bare=True).splitlines()
+    assert bare[0].startswith("\\begin{tabular}") and not any("\\begin{table}" in l for l in bare)
 
 
 def test_several_seeds_show_mean_and_sample_std(records):
@@ -115,7 +154,8 @@ def test_table_command(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- plots
 def test_figure_lines_match_records(records):
-    fig, (ax_ppl, ax_mem) = make_figure(records)
+    fig, axes = make_figure(records)
+    ax_ppl, ax_mem = axes["wikitext2"], axes["memory"]
     lines = {line.get_label(): line for line in ax_ppl.get_lines()}
     assert ax_ppl.get_yscale() == "log"
     assert list(lines["minillm_fo (tiny-llama)"].get_xdata()) == [0.2, 0.5]
@@ -127,9 +167,30 @@ def test_figure_lines_match_records(records):
     dense = lines["dense (tiny-opt)"]
     assert set(dense.get_ydata()) == {90.0} and dense.get_linestyle() != "-"
     assert len(lines) == 7
-    bars = {tick.get_text(): patch.get_height() for tick, patch in zip(ax_mem.get_xticklabels(), ax_mem.patches)}
-    assert bars == {"magnitude (tiny-llama)": 120.5, "random (tiny-llama)": 80.0, "minillm_fo (tiny-llama)": 200.5,
-                    "magnitude (tiny-opt)": 121.0, "random (tiny-opt)": 82.0}
+    ptb = {line.get_label(): list(line.get_ydata()) for line in axes["ptb"].get_lines()}
+    assert ptb["minillm_fo (tiny-llama)"] == [205.0, 700.0]
+    acc = {line.get_label(): list(line.get_ydata()) for line in axes["accuracy"].get_lines()}
+    ok = [r for r in latest(records) if r.get("status", "ok") == "ok"]
+    expect = {(r["model"], r["label"], r["ratio_target"]): 100 * r["zero_shot_mean"] for r in ok
+              if r["label"] == "magnitude" and r["model"] == "tiny-llama"}
+    assert acc["magnitude (tiny-llama)"] == pytest.approx([expect[("tiny-llama", "magnitude", 0.2)],
+                                                           expect[("tiny-llama", "magnitude", 0.5)]])
+    # memory: one bar per (method, ratio), not averaged: what scoring added; the labels: process peaks
+    scored = [r for r in ok if (r.get("phases") or {}).get("score")]
+    bars = sorted(round(p.get_height(), 6) for p in ax_mem.patches)
+    cells = {}
+    for r in scored:
+        cells.setdefault((r["model"], r["label"], r["ratio_target"]), []).append(r["phases"]["score"])
+    added = lambda ps: sum(p.get("peak_delta_mb", 0.0) for p in ps) / len(ps)
+    assert bars == sorted(round(added(ps), 6) for ps in cells.values())
+    totals = sorted(float(t.get_text().replace(",", "")) for t in ax_mem.texts)
+    assert totals == sorted(round(sum(p["peak_mb"] for p in ps) / len(ps)) for ps in cells.values())
+    assert len(ax_mem.patches) == len(cells) > len({k[:2] for k in cells})  # several ratios: several bars
+    assert "tiny-llama" in fig._suptitle.get_text()
+    legend = fig.legends[0]  # outside the panels: to the right of every axes
+    fig.canvas.draw()
+    right = max(ax.get_position().x1 for ax in axes.values())
+    assert legend.get_window_extent().x0 / fig.bbox.width >= right
 
 
 def test_plot_command_writes_png(tmp_path):

@@ -21,8 +21,14 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip() and v.strip().lower() != "none"]
 
 
+def epilog() -> str:
+    from suite.models import models_help
+
+    return models_help()
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="model name or directory (see `suite info`)")
+    parser.add_argument("--model", required=True, help="model name, directory, .gguf file or hub id (listed below)")
     parser.add_argument("--ppl", type=_csv, default=["wikitext2"],
                         help="comma-separated corpora for perplexity: wikitext2,ptb,c4 or 'none' (default wikitext2)")
     parser.add_argument("--seqlen", type=int, default=128, help="perplexity window length (default 128)")
@@ -58,6 +64,7 @@ def run(args) -> int:
     tasks = list(evaluate.PAPER_TASKS) if args.tasks == ["paper"] else args.tasks
     if not args.ppl and not tasks:
         raise UserError("nothing to evaluate: give --ppl and/or --tasks")
+    data.require_source()  # no mirror and no hub: one line now, not after loading the model
 
     model = load_model(args.model, device=args.device)
     warnings = [w for w in [evaluate.check_window(model, args.seqlen)] if w] if args.ppl else []

@@ -5,8 +5,14 @@ NAME = "info"
 HELP = "print architecture, layers, heads / kv-heads, head dim, intermediate size, parameter count"
 
 
+def epilog() -> str:
+    from suite.models import models_help
+
+    return models_help()
+
+
 def add_arguments(parser):
-    parser.add_argument("--model", required=True, help="model name, directory, .gguf file or hub id")
+    parser.add_argument("--model", required=True, help="model name, directory, .gguf file or hub id (listed below)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

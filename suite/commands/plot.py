@@ -1,4 +1,5 @@
-"""`python -m suite plot RESULTS.jsonl --out FIG.png`: perplexity vs ratio and scoring memory per method."""
+"""`python -m suite plot RESULTS.jsonl --out FIG.png`: perplexity (WikiText-2, PTB) and accuracy vs ratio,
+scoring memory per method and ratio (suite/plots.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,8 @@ from pathlib import Path
 from minillm.errors import UserError
 
 NAME = "plot"
-HELP = "plot a results file: WikiText-2 perplexity vs pruning ratio, and scoring peak memory per method."
+HELP = ("plot a results file: WikiText-2 and PTB perplexity and zero-shot accuracy vs pruning ratio, and "
+        "the memory scoring adds per method and ratio; the title names the model(s) and evaluation caps.")
 
 
 def add_arguments(parser) -> None:

@@ -1,16 +1,39 @@
-"""`python -m suite prune`: load -> calibrate -> score -> select -> slice -> save one pruned model."""
+"""`python -m suite prune`: load -> calibrate -> score -> select -> slice -> save one pruned model.
+
+Everything that can be checked without the model is checked first (ratio, method and its options,
+--out, the dataset source), so a typo costs no model load. `--out` never replaces anything silently:
+an existing path is refused unless `--force`, and even then only an earlier pruned model (it holds
+plan.json), an empty directory or a regular file is replaced, never another directory.
+"""
 from __future__ import annotations
 
 NAME = "prune"
 HELP = "prune a model with one method to a parameter ratio and save it as a directory"
 
 
+def epilog() -> str:
+    from suite.methods import methods_help
+    from suite.models import models_help
+
+    return (f"methods (--method):\n{methods_help()}\n\n{models_help()}\n\n"
+            "method options (--opt KEY=VALUE): an unknown KEY lists the method's options; defaults and\n"
+            "their sources are in each method's module docstring (baselines/*.py, minillm/method.py).\n"
+            "Calibration and perplexity read the dataset mirror named by MINILLM_DATA.")
+
+
 def add_arguments(parser):
-    parser.add_argument("--model", required=True, help="model name, directory, .gguf file or hub id")
-    parser.add_argument("--method", required=True, help="pruning method (see suite/methods.py)")
+    from suite.methods import METHODS
+
+    parser.add_argument("--model", required=True, help="model name, directory, .gguf file or hub id (below)")
+    parser.add_argument("--method", required=True, metavar="METHOD",
+                        help="pruning method: " + ", ".join(METHODS) + " (described below)")
     parser.add_argument("--ratio", type=float, required=True, help="fraction of ALL parameters to remove, in (0, 1)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="output directory (written atomically)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of calibration sampling and of random/SPSA draws (default 0)")
+    parser.add_argument("--out", required=True, help="output directory (written atomically; must not exist "
+                        "unless --force)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing --out (an earlier pruned model, an empty directory or a file)")
     parser.add_argument("--calib", default=None, help="calibration corpus (default: the method's, c4)")
     parser.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: the method's)")
     parser.add_argument("--seqlen", type=int, default=None, help="calibration window length (default: the method's)")
@@ -24,8 +47,8 @@ def add_arguments(parser):
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
     parser.add_argument("--ppl", default=None, help="also report perplexity before/after, e.g. wikitext2")
     parser.add_argument("--max-tokens", type=int, default=16384, help="token cap for --ppl")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def parse_options(pairs) -> dict:
@@ -40,6 +63,20 @@ def parse_options(pairs) -> dict:
     return options
 
 
+def check_out(out, force: bool) -> None:
+    """Refuse to replace anything unless `force`; never replace a directory that is not a pruned model."""
+    from minillm.errors import UserError
+
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_dir() and any(out.iterdir()) and not (out / "plan.json").is_file():
+        raise UserError(f"{out} exists and is not a pruned-model directory; choose another --out "
+                        "(--force replaces only an earlier pruned model, an empty directory or a file)")
+    if not force:
+        what = "a pruned model" if (out / "plan.json").is_file() else "a directory" if out.is_dir() else "a file"
+        raise UserError(f"{out} exists ({what}); choose another --out or pass --force to replace it")
+
+
 def run(args) -> int:
     import json
     from pathlib import Path
@@ -47,6 +84,8 @@ def run(args) -> int:
     from minillm.errors import UserError
     from minillm.plan import carried_plan
     from minillm.saving import save_pruned
+    from minillm.scoring import checked_options
+    from suite.data import require_source
     from suite.methods import get_method
     from suite.models import load_model, load_tokenizer
     from suite.pipeline import outcome_record, prune
@@ -54,11 +93,13 @@ def run(args) -> int:
 
     if not 0.0 < args.ratio < 1.0:
         raise UserError(f"ratio must be in (0, 1), got {args.ratio}")
-    get_method(args.method)  # fail fast on an unknown method, before loading anything
+    method = get_method(args.method)  # fail fast on an unknown method, before loading anything
     options = parse_options(args.opt)
+    checked_options(method, options)  # unknown keys, types and values, before loading anything
+    check_out(Path(args.out), args.force)
+    if method.CALIBRATION is not None or args.ppl:
+        require_source()
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not (out / "plan.json").exists():
-        raise UserError(f"{out} exists and is not a pruned-model directory; refusing to overwrite it")
     model = load_model(args.model, device=args.device)
     tokenizer = load_tokenizer(args.model)
     ppl = {}

@@ -1,4 +1,4 @@
-"""`python -m suite run CONFIG [--out FILE] [--force] [--quiet] [--repair] [--jobs N]
+"""`python -m suite run CONFIG [--out FILE] [--force] [--merge] [--quiet] [--repair] [--jobs N]
 [--backend local|ray] [--address auto|HOST:PORT] [--retries N] [--cell-cpus N] [--cell-memory GB]`:
 run an experiment grid."""
 from __future__ import annotations
@@ -13,6 +13,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", help="results file (default: results/<config name>.jsonl)")
     parser.add_argument("--force", action="store_true", help="rerun every cell, even those already in the results")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--merge", action="store_true",
+                        help="append to a results file that holds another grid's records (refused otherwise)")
     parser.add_argument("--repair", action="store_true",
                         help="move a damaged last line of the results file to <file>.corrupt, then run")
     parser.add_argument("--jobs", type=int, default=None,
@@ -46,7 +48,7 @@ def run(args) -> int:
         if args.retries < 0 or args.cell_cpus < 1 or (args.cell_memory is not None and args.cell_memory <= 0):
             raise UserError("--retries must be >= 0, --cell-cpus >= 1 and --cell-memory > 0")
         return run_grid(args.config, out=args.out, force=args.force, quiet=args.quiet, repair=args.repair,
-                        backend="ray", address=args.address, retries=args.retries, cell_cpus=args.cell_cpus,
+                        merge=args.merge, backend="ray", address=args.address, retries=args.retries, cell_cpus=args.cell_cpus,
                         memory_gb=args.cell_memory)
     given = [f"--{name.replace('_', '-')}" for name in ("address", "cell_memory") if getattr(args, name) is not None]
     if given:
@@ -54,4 +56,5 @@ def run(args) -> int:
     jobs = 1 if args.jobs is None else args.jobs
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
-    return run_grid(args.config, out=args.out, force=args.force, quiet=args.quiet, repair=args.repair, jobs=jobs)
+    return run_grid(args.config, out=args.out, force=args.force, quiet=args.quiet, repair=args.repair, jobs=jobs,
+                    merge=args.merge)

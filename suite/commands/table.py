@@ -13,6 +13,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("results", help="results file written by `python -m suite run`")
     parser.add_argument("--format", choices=("md", "latex", "csv"), default="md", help="output format (default: md)")
     parser.add_argument("--out", help="write the table to this file instead of stdout")
+    parser.add_argument("--stderr", choices=("auto", "on", "off"), default="auto",
+                        help="show accuracies as acc ± standard error: auto (default) = when the evaluation "
+                             "capped the questions per task (a limit), on, off")
+    parser.add_argument("--bare", action="store_true",
+                        help="LaTeX: the tabular alone, without the table environment, caption and label")
 
 
 def run(args) -> int:
@@ -21,7 +26,7 @@ def run(args) -> int:
 
     if not Path(args.results).exists():
         raise UserError(f"{args.results}: results file not found")
-    text = format_table(read_records(args.results), args.format)
+    text = format_table(read_records(args.results), args.format, stderr=args.stderr, bare=args.bare)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text, encoding="utf-8")

@@ -13,15 +13,16 @@ def add_arguments(parser):
                         help="SPSA step: one value for all spaces, or space=value pairs (weight=1e-3,mask=1e-2); "
                              "default: the method's eps (weights) and gate_eps (gates)")
     parser.add_argument("--calib", default="c4", help="calibration corpus")
-    parser.add_argument("--nsamples", type=int, default=4)
-    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--nsamples", type=int, default=4, help="calibration windows (default 4)")
+    parser.add_argument("--seqlen", type=int, default=128, help="calibration window length in tokens (default 128)")
     parser.add_argument("--seed", type=int, default=0, help="calibration sample and direction seed")
-    parser.add_argument("--head-mode", default="q-head", choices=["q-head", "kv-group"])
+    parser.add_argument("--head-mode", default="q-head", choices=["q-head", "kv-group"],
+                        help="GQA head groups: single q heads (default) or whole kv groups")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                         help="minillm option for the estimate (blockwise, mask_groups, estimator, activation, aggregate, abs, members, "
                              "batch_size); estimator=coordinate applies to the mask and layer spaces")
     parser.add_argument("--json", default=None, metavar="OUT", help="write the record here (atomically)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, ...")
 
 
 def _ints(text: str, what: str) -> list[int]:
