@@ -194,13 +194,22 @@ def _check_supported(model):
     return model
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Return the model named by `name_or_path` in eval mode (see module docstring for the forms)."""
+def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, device: str = "cpu"):
+    """Return the model named by `name_or_path` in eval mode (see module docstring for the forms).
+
+    `dtype` (float32 | bfloat16 | float16) is the weights' dtype, applied while loading
+    (`from_pretrained(dtype=...)`, or `suite.precision.cast_weights` for models built in code);
+    precision-sensitive buffers (LLaMA's rotary `inv_freq`) stay float32. The model is then moved
+    to `device` without any dtype change. Raises UserError for an unknown model or dtype.
+    """
     from transformers import AutoModelForCausalLM
 
+    from suite.precision import cast_weights, parse_dtype
+
+    dtype = parse_dtype(dtype)
     kind, where = resolve(name_or_path)
     if kind == "tiny":
-        model = _tiny_model(where)
+        model = cast_weights(_tiny_model(where), dtype)  # built in fp32 (the same weights at any dtype)
     elif kind == "pruned":
         from minillm.saving import load_pruned
 
@@ -215,7 +224,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
             model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype)
         except OSError as exc:
             raise UserError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
-    model = model.to(device=device, dtype=dtype).eval()
+    # device only: `.to(dtype=...)` would cast the rotary inv_freq buffer too (suite/precision.py)
+    model = model.to(device=device).eval()
     return _check_supported(model)
 
 
