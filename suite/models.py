@@ -242,6 +242,40 @@ def load_tokenizer(name_or_path: str):
     return AutoTokenizer.from_pretrained(str(where))
 
 
+def skeleton(name_or_path: str):
+    """The model's architecture on the meta device, from its config alone: no weight is read or allocated.
+
+    A pruned directory is sliced by its plan and gets the biases its method added (names and shapes
+    from the safetensors headers only). Returns None for a .gguf file (its config is inside the
+    weights file: `suite info` loads it). Raises UserError for an unknown model or architecture.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kind, where = resolve(name_or_path)
+    if kind == "gguf":
+        return None
+    config = _tiny_config(where) if kind == "tiny" else _load_config(name_or_path, where)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    _check_supported(model)
+    if kind == "pruned":
+        from safetensors import safe_open
+
+        from minillm.plan import Plan, apply_plan
+        from minillm.saving import PLAN_FILE
+
+        apply_plan(model, Plan.load(where / PLAN_FILE))
+        for shard in sorted(where.glob("*.safetensors")):
+            with safe_open(str(shard), framework="pt") as f:  # the header only
+                for key in f.keys():
+                    module_name, _, leaf = key.rpartition(".")
+                    module = model.get_submodule(module_name) if module_name else model
+                    if leaf == "bias" and isinstance(module, torch.nn.Linear) and module.bias is None:
+                        shape = f.get_slice(key).get_shape()
+                        module.bias = torch.nn.Parameter(torch.empty(shape, device="meta"))
+    return model
+
+
 def describe(model) -> dict:
     """Architecture summary for `suite info`: layers, heads, kv heads, head dim, MLP width, params."""
     from minillm.architectures import adapter_for

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from minillm.errors import UserError
+from suite.precision import add_dtype_argument
 
 NAME = "eval"
 HELP = "perplexity (wikitext2/ptb/c4) and lm-eval zero-shot accuracy of a model"
@@ -32,6 +33,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="lm-eval: documents per task")
     parser.add_argument("--batch-size", type=int, default=4, help="batch size (default 4)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_dtype_argument(parser)
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the metrics as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -59,7 +61,7 @@ def run(args) -> int:
     if not args.ppl and not tasks:
         raise UserError("nothing to evaluate: give --ppl and/or --tasks")
 
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(args.model)
     result = {"model": args.model, "seqlen": args.seqlen, "max_tokens": args.max_tokens, "limit": args.limit,
               "perplexity": {}, "zero_shot": {}}

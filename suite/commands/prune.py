@@ -1,6 +1,8 @@
 """`python -m suite prune`: load -> calibrate -> score -> select -> slice -> save one pruned model."""
 from __future__ import annotations
 
+from suite.precision import add_dtype_argument
+
 NAME = "prune"
 HELP = "prune a model with one method to a parameter ratio and save it as a directory"
 
@@ -25,6 +27,7 @@ def add_arguments(parser):
     parser.add_argument("--ppl", default=None, help="also report perplexity before/after, e.g. wikitext2")
     parser.add_argument("--max-tokens", type=int, default=16384, help="token cap for --ppl")
     parser.add_argument("--device", default="cpu")
+    add_dtype_argument(parser)
     parser.add_argument("--quiet", action="store_true")
 
 
@@ -58,7 +61,7 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (out / "plan.json").exists():
         raise UserError(f"{out} exists and is not a pruned-model directory; refusing to overwrite it")
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(args.model)
     ppl = {}
     if args.ppl:
@@ -77,8 +80,9 @@ def run(args) -> int:
     record["provenance"] = provenance(config=vars(args) | {"_run": None}, seed=args.seed)
     save_pruned(model, tokenizer, outcome.selection.plan, out, extra=record)
     sel = outcome.selection
-    print(f"{args.method} on {args.model}: removed {sel.removed:,} of {sel.total:,} parameters "
-          f"({sel.achieved_ratio:.4f}; target {args.ratio}, {sel.target_removed:,})")
+    removed = outcome.params_dense - outcome.params_pruned  # net of biases a method added (as the record)
+    print(f"{args.method} on {args.model}: removed {removed:,} of {outcome.params_dense:,} parameters "
+          f"({record['ratio_achieved']:.4f}; target {args.ratio}, {sel.target_removed:,})")
     score = outcome.phases["score"]
     print(f"scoring: {score['seconds']:.1f} s, peak {score['peak_mb']:.0f} MB ({score['peak_source']})")
     if ppl:
