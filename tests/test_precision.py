@@ -199,3 +199,46 @@ def test_sliced_equals_masked_in_bf16(name):
     err = rel_err(sliced, reference)
     print(f"{name} bf16 sliced vs masked: relative error {err:.2e}")
     assert err <= BF16_SLICE_TOL
+
+
+# --------------------------------------------------------------------------- CLI: info, parameter counts
+def test_info_reads_the_config_alone(tmp_path, capsys):
+    import json
+
+    from suite.cli import main
+    from suite.models import count_parameters, describe
+
+    model = load_model("tiny-llama-gqa")
+    model.save_pretrained(tmp_path)
+    expected = describe(model)
+    for weights in tmp_path.glob("*.safetensors"):
+        weights.write_bytes(b"not a weight file")  # any read of the weights would fail
+    assert main(["info", "--model", str(tmp_path), "--json", "--dtype", "bfloat16"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {k: info[k] for k in expected} == expected
+    assert info["weights_mb"] == round(count_parameters(model) * 2 / 2**20, 1)
+    with pytest.raises(Exception):
+        load_model(str(tmp_path))  # control: the weights really are unreadable
+
+
+@pytest.mark.parametrize("method,options", [("flap", []), ("minillm", ["--opt", "compensate=true",
+                                                                        "--opt", "directions=1"])])
+def test_record_cli_line_and_reload_count_the_same_parameters(method, options, tmp_path, capsys):
+    import json
+    import re
+
+    from suite.cli import main
+    from suite.models import count_parameters
+
+    out = tmp_path / "pruned"
+    rc = main(["prune", "--model", "tiny-llama", "--method", method, "--ratio", "0.3", "--out", str(out),
+               "--nsamples", "4", "--seqlen", "32", "--quiet", *options])
+    assert rc == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if " removed " in l)
+    removed, dense = (int(v.replace(",", "")) for v in re.search(r"removed ([\d,]+) of ([\d,]+)", line).groups())
+    record = json.loads((out / "pruning.json").read_text())
+    reloaded = count_parameters(load_model(str(out)))
+    assert record["params"]["pruned"] == reloaded == dense - removed
+    assert record["params"]["dense"] == dense == count_parameters(load_model("tiny-llama"))
+    added = record["method_info"]["bias_entries_added"]
+    assert added > 0 and removed == record["selection"]["removed"] - added
