@@ -117,6 +117,26 @@ def outcome_record(outcome: PruneOutcome, ratio: float) -> dict:
     }
 
 
+SPEED_PROBE = {"min_run_time": 0.2, "max_run_time": 1.0}  # per regime and model: a grid cell's budget
+
+
+def speed_record(dense: list[dict], pruned: dict) -> dict:
+    """The record's `throughput`: prefill tokens/s (pruned, dense: the mean of the two dense medians' speeds),
+    per regime the speed-up over dense and the dense/dense control (first dense run / second), and the
+    timings themselves (median and IQR, suite/speed.py)."""
+    out = {}
+    for regime in ("prefill", "decode"):
+        d1, d2, p = (m[regime]["median_s"] for m in (*dense, pruned))
+        out[f"{regime}_speedup"] = round(((d1 + d2) / 2) / p, 4)
+        out[f"{regime}_dense_control"] = round(d2 / d1, 4)
+    tokens = pruned["batch_size"] * pruned["seqlen"]
+    dense_prefill = (dense[0]["prefill"]["median_s"] + dense[1]["prefill"]["median_s"]) / 2
+    out.update(pruned_tokens_per_s=pruned["prefill"]["tokens_per_s"], dense_tokens_per_s=tokens / dense_prefill,
+               probe="torch.utils.benchmark adaptive_autorange; prefill [batch, seqlen] and one decode step",
+               timings={"dense": dense[0], "dense_again": dense[1], "pruned": pruned})
+    return out
+
+
 def run_cell(cell: dict) -> dict:
     """One grid cell: load, (prune), evaluate. Returns the record (the runner adds provenance)."""
     from suite import evaluate
@@ -133,9 +153,11 @@ def run_cell(cell: dict) -> dict:
               "seed": cell.get("seed", 0)}
     ev = cell.get("evaluation", {})
     bench = None
-    if ev.get("throughput", True):
+    if ev.get("throughput", True):  # dense twice (the dense/dense control), pruned once after (suite/speed.py)
+        from suite.speed import speed
+
         bench = eval_windows(tokenizer, "wikitext2", ev.get("seqlen", 128), max_tokens=8 * ev.get("seqlen", 128))
-        dense_tps = evaluate.throughput(model, bench)
+        dense_speed = [speed(model, bench, **SPEED_PROBE) for _ in range(2)]
     if cell["method"] == "dense":
         n = count_parameters(model)
         record.update(ratio_target=0.0, ratio_achieved=0.0, params={"dense": n, "pruned": n}, options={},
@@ -161,7 +183,6 @@ def run_cell(cell: dict) -> dict:
     accs = [v["acc"] for v in record["zero_shot"].values() if "acc" in v]
     record["zero_shot_mean"] = sum(accs) / len(accs) if accs else None
     if bench is not None:
-        record["throughput"] = {"pruned_tokens_per_s": evaluate.throughput(model, bench),
-                                "dense_tokens_per_s": dense_tps}
+        record["throughput"] = speed_record(dense_speed, speed(model, bench, **SPEED_PROBE))
     record["torch_threads"] = torch.get_num_threads()  # the runner moves it into the provenance
     return record
