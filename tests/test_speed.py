@@ -59,3 +59,24 @@ def test_compare_reports_speedup_and_a_dense_dense_control():
     assert 0.7 <= r["prefill_dense_control"] <= 1.3
     assert r["prefill_speedup"] == ((r["dense"]["prefill"]["median_s"] + r["dense_again"]["prefill"]["median_s"]) / 2
                                     / r["pruned"]["prefill"]["median_s"])
+
+
+def test_costs_table_shows_every_phase_and_the_speed_of_the_records():
+    from suite.tables import costs_frame, format_costs
+
+    def record(label, ratio, seed, load, score, prefill):
+        return {"model": "m", "method": label, "label": label, "ratio_target": ratio, "seed": seed, "status": "ok",
+                "cell": {"device": "cuda"}, "perplexity": {"wikitext2": 10.0},
+                "phases": {"load": {"peak_mb": load, "seconds": 1.0}, "score": {"peak_mb": score, "seconds": 2.0}},
+                "throughput": {"prefill_speedup": prefill, "prefill_dense_control": 1.01}}
+
+    records = [record("dense", 0.0, 0, 100.0, None, 1.0), record("random", 0.5, 0, 100.0, 300.0, 1.5),
+               record("random", 0.5, 1, 120.0, 500.0, 1.7)]
+    records[0]["phases"].pop("score")
+    frame = costs_frame(records)
+    assert list(frame["Method"]) == ["dense", "random"]
+    assert frame.loc[1, "load MB"] == 110.0 and frame.loc[1, "score MB"] == 400.0  # seeds averaged
+    assert frame.loc[1, "Prefill x"] == 1.6 and frame.loc[0, "Prefill ctl"] == 1.01
+    assert frame.loc[0, "score MB"] != frame.loc[0, "score MB"]  # NaN: the dense cell has no score phase
+    text = format_costs(records)
+    assert "score MB" in text and "400.0" in text and "1.600" in text and "cuda" in text

@@ -13,6 +13,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("results", help="results file written by `python -m suite run`")
     parser.add_argument("--format", choices=("md", "latex", "csv"), default="md", help="output format (default: md)")
     parser.add_argument("--out", help="write the table to this file instead of stdout")
+    parser.add_argument("--costs", action="store_true",
+                        help="the costs instead: every phase's peak memory and time, pruned/dense speed-ups "
+                             "with their dense/dense controls")
 
 
 def run(args) -> int:
@@ -21,7 +24,7 @@ def run(args) -> int:
 
     if not Path(args.results).exists():
         raise UserError(f"{args.results}: results file not found")
-    text = format_table(read_records(args.results), args.format)
+    text = format_table(read_records(args.results), args.format, costs=args.costs)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text, encoding="utf-8")
