@@ -242,3 +242,48 @@ def test_record_cli_line_and_reload_count_the_same_parameters(method, options, t
     assert record["params"]["dense"] == dense == count_parameters(load_model("tiny-llama"))
     added = record["method_info"]["bias_entries_added"]
     assert added > 0 and removed == record["selection"]["removed"] - added
+
+
+# --------------------------------------------------------------------------- batch_size: auto
+def test_zero_shot_batch_size_auto_is_accepted_and_reaches_lm_eval(tmp_path, monkeypatch):
+    import lm_eval.models.huggingface as hf
+
+    from minillm.errors import UserError
+    from suite import evaluate
+    from suite.config import load_config
+
+    base = "name: t\nmodels: [tiny-llama]\nmethods: [random]\nratios: [0.2]\n"
+    (tmp_path / "a.yaml").write_text(base + "evaluation: {batch_size: auto}\n")
+    assert load_config(tmp_path / "a.yaml")["evaluation"]["batch_size"] == "auto"
+    (tmp_path / "b.yaml").write_text(base + "evaluation: {batch_size: big}\n")
+    with pytest.raises(UserError, match="evaluation.batch_size: expected integer, got 'big'"):
+        load_config(tmp_path / "b.yaml")
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_hflm(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(hf, "HFLM", fake_hflm)
+    monkeypatch.setattr(evaluate, "mirror_task_config", lambda tm, name, root: name)
+    monkeypatch.setattr(evaluate, "task_manager", lambda *a, **k: _FakeTasks())
+    with pytest.raises(Stop):
+        evaluate.zero_shot(load_model("tiny-llama"), None, ["piqa"], batch_size="auto")
+    assert seen["batch_size"] == "auto"
+
+
+class _FakeTasks:
+    """lm-eval's TaskManager as zero_shot uses it: one known single task, loadable."""
+
+    class _Entry:
+        class kind:
+            name = "TASK"
+
+    task_index = {"piqa": _Entry()}
+
+    def load(self, specs):
+        return {"tasks": {"piqa": object()}}

@@ -22,6 +22,17 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip() and v.strip().lower() != "none"]
 
 
+def _batch_size(value: str):
+    import argparse
+
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}") from None
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="model name or directory (see `suite info`)")
     parser.add_argument("--ppl", type=_csv, default=["wikitext2"],
@@ -31,7 +42,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tasks", type=_csv, default=[],
                         help="comma-separated lm-eval tasks, or 'paper' for the 7 tasks pruning papers report")
     parser.add_argument("--limit", type=int, default=None, help="lm-eval: documents per task")
-    parser.add_argument("--batch-size", type=int, default=4, help="batch size (default 4)")
+    parser.add_argument("--batch-size", type=_batch_size, default=4,
+                        help="batch size (default 4); 'auto': lm-eval's largest batch that fits the device "
+                             "(perplexity then uses 4)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     add_dtype_argument(parser)
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the metrics as JSON")
@@ -53,7 +66,8 @@ def run(args) -> int:
     from suite import data, evaluate
     from suite.models import load_model, load_tokenizer
 
-    if args.seqlen < 2 or args.batch_size < 1:
+    ppl_batch = 4 if args.batch_size == "auto" else args.batch_size
+    if args.seqlen < 2 or ppl_batch < 1:
         raise UserError("--seqlen must be >= 2 and --batch-size >= 1")
     for corpus in args.ppl:
         data.get_corpus(corpus)  # unknown corpus: fail before loading the model
@@ -68,7 +82,7 @@ def run(args) -> int:
     rows = []
     for corpus in args.ppl:
         ppl = evaluate.perplexity(model, tokenizer, corpus, seq_len=args.seqlen, max_tokens=args.max_tokens,
-                                  batch_size=args.batch_size, quiet=args.quiet)
+                                  batch_size=ppl_batch, quiet=args.quiet)
         result["perplexity"][corpus] = ppl
         rows.append((f"ppl {corpus}", f"{ppl:.3f}", ""))
     if tasks:
