@@ -171,7 +171,7 @@ def _fill(schema: dict, data: dict, where: str) -> dict:
 
 # --------------------------------------------------------------------------- methods registry
 # Options every method accepts: the pipeline takes them out before calling the method's scorer.
-SELECTION_OPTIONS = ("head_mode", "scope", "layers", "allow_empty")
+SELECTION_OPTIONS = ("head_mode", "scope", "layers", "allow_empty", "round_to")
 
 
 def _method_registry() -> dict | None:

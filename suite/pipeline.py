@@ -30,6 +30,7 @@ class PruneOutcome:
     phases: dict = field(default_factory=dict)
     params_dense: int = 0
     params_pruned: int = 0
+    round_to: int | None = None
 
 
 def parse_layers(spec, n_layers: int) -> list[int]:
@@ -64,7 +65,8 @@ def calibration_settings(method, calib: dict | None) -> dict | None:
 
 def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, options: dict | None = None,
           calib: dict | None = None, head_mode: str = "q-head", scope: str | None = None, layers=None,
-          allow_empty: bool = False, device: str = "cpu", quiet: bool = False) -> PruneOutcome:
+          allow_empty: bool = False, device: str = "cpu", quiet: bool = False,
+          round_to: int | None = None) -> PruneOutcome:
     """Score, select and slice `model` in place; returns the selection and measured phases."""
     if not 0.0 < float(ratio) < 1.0:
         raise UserError(f"ratio must be in (0, 1), got {ratio}")
@@ -89,7 +91,8 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
         scoring = method.score(model, windows, group_sets, options, seed)
     with measure(device) as phases["prune"]:
         selection = select(model, scoring.scores, ratio, scope=scope, layers=layers, head_mode=head_mode,
-                           layer_weights=scoring.info.get("layer_weights"), allow_empty=allow_empty)
+                           layer_weights=scoring.info.get("layer_weights"), allow_empty=allow_empty,
+                           round_to=round_to)
         apply_plan(model, selection.plan)
         if dense - count_parameters(model) != selection.removed:
             raise AssertionError(f"budget bookkeeping: removed {dense - count_parameters(model)} "
@@ -97,7 +100,7 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
         if scoring.compensate is not None:  # may add parameters (FLAP creates biases on LLaMA)
             scoring.compensate(model, selection.plan)
     pruned = count_parameters(model)
-    return PruneOutcome(selection, scoring, options, settings, layers, scope, phases, dense, pruned)
+    return PruneOutcome(selection, scoring, options, settings, layers, scope, phases, dense, pruned, round_to)
 
 
 def outcome_record(outcome: PruneOutcome, ratio: float) -> dict:
@@ -109,7 +112,7 @@ def outcome_record(outcome: PruneOutcome, ratio: float) -> dict:
         "params": {"dense": outcome.params_dense, "pruned": outcome.params_pruned},
         "options": outcome.options,
         "calibration": outcome.calibration,
-        "selection": {"scope": outcome.scope, "layers": outcome.layers,
+        "selection": {"scope": outcome.scope, "layers": outcome.layers, "round_to": outcome.round_to,
                       "target_removed": sel.target_removed, "removed": sel.removed},
         "plan_summary": [{"heads": len(l.heads), "channels": len(l.channels)} for l in sel.plan.layers],
         "method_info": {k: v for k, v in outcome.scoring.info.items() if k != "layer_weights"},
@@ -165,7 +168,7 @@ def run_cell(cell: dict) -> dict:
     else:
         calib = cell.get("calibration") or {}
         options = dict(cell.get("options") or {})
-        common = {k: options.pop(k) for k in ("head_mode", "scope", "layers", "allow_empty") if k in options}
+        common = {k: options.pop(k) for k in ("head_mode", "scope", "layers", "allow_empty", "round_to") if k in options}
         outcome = prune(model, tokenizer, cell["method"], cell["ratio"], seed=cell.get("seed", 0),
                         options=options, calib=calib, device=device, quiet=quiet, **common)
         record.update(outcome_record(outcome, cell["ratio"]))

@@ -287,3 +287,38 @@ class _FakeTasks:
 
     def load(self, specs):
         return {"tasks": {"piqa": object()}}
+
+
+# --------------------------------------------------------------------------- round_to
+def test_round_to_keeps_multiples_of_channels_and_is_recorded(tmp_path, capsys):
+    import json
+
+    from minillm.architectures import adapter_for
+    from minillm.select import select
+    from suite.cli import main
+
+    model = load_model("tiny-llama")
+    adapter = adapter_for(model)
+    gen = torch.Generator().manual_seed(0)
+    scores = {}
+    for i, layer in enumerate(adapter.layers(model)):
+        scores[(i, "heads")] = torch.rand(adapter.num_heads(layer), generator=gen)
+        scores[(i, "channels")] = torch.rand(adapter.num_channels(layer), generator=gen)
+    plain = select(model, scores, 0.3)
+    assert any(len(lp.channels) % 64 for lp in plain.plan.layers)  # 688 channels: not aligned by chance
+    rounded = select(model, scores, 0.3, round_to=64)
+    for a, b in zip(plain.plan.layers, rounded.plan.layers):
+        assert len(b.channels) % 64 == 0 and abs(len(b.channels) - len(a.channels)) <= 32
+        assert set(b.channels) <= set(a.channels) or set(a.channels) <= set(b.channels)  # same ranking
+        assert b.heads == a.heads
+    per_channel = 3 * 256  # gate and up rows + a down column of the 256-wide tiny-llama
+    removed = sum(688 - len(lp.channels) for lp in rounded.plan.layers) * per_channel \
+        + sum(8 - len(lp.heads) for lp in rounded.plan.layers) * 4 * 256 * 32
+    assert rounded.removed == removed
+
+    out = tmp_path / "p"
+    assert main(["prune", "--model", "tiny-llama", "--method", "random", "--ratio", "0.3", "--round-to", "64",
+                 "--out", str(out), "--quiet"]) == 0
+    record = json.loads((out / "pruning.json").read_text())
+    assert record["selection"]["round_to"] == 64
+    assert all(n["channels"] % 64 == 0 for n in record["plan_summary"])

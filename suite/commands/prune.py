@@ -23,6 +23,8 @@ def add_arguments(parser):
     parser.add_argument("--layers", default=None,
                         help="prunable layers: all | start:end (indices) | 0.125:0.9375 (fractions of depth)")
     parser.add_argument("--allow-empty", action="store_true", help="allow dropping a whole attention/MLP block")
+    parser.add_argument("--round-to", type=int, default=None,
+                        help="each pruned layer keeps a multiple of this many MLP channels (LLM-Pruner's round_to; off)")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
     parser.add_argument("--ppl", default=None, help="also report perplexity before/after, e.g. wikitext2")
     parser.add_argument("--max-tokens", type=int, default=16384, help="token cap for --ppl")
@@ -71,7 +73,7 @@ def run(args) -> int:
     calib = {"corpus": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen}
     outcome = prune(model, tokenizer, args.method, args.ratio, seed=args.seed, options=options, calib=calib,
                     head_mode=args.head_mode, scope=args.scope, layers=args.layers,
-                    allow_empty=args.allow_empty, device=args.device, quiet=args.quiet)
+                    allow_empty=args.allow_empty, device=args.device, quiet=args.quiet, round_to=args.round_to)
     if args.ppl:
         ppl["after"] = perplexity(model, tokenizer, args.ppl, max_tokens=args.max_tokens, quiet=args.quiet)
     record = {"model": args.model, "method": args.method, "seed": args.seed, **outcome_record(outcome, args.ratio)}
