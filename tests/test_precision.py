@@ -322,3 +322,20 @@ def test_round_to_keeps_multiples_of_channels_and_is_recorded(tmp_path, capsys):
     record = json.loads((out / "pruning.json").read_text())
     assert record["selection"]["round_to"] == 64
     assert all(n["channels"] % 64 == 0 for n in record["plan_summary"])
+
+
+# --------------------------------------------------------------------------- the torch requirement
+def test_the_package_accepts_any_installed_torch_build():
+    """`pip install .` keeps an installed torch (a CUDA build, another version) when the package's
+    requirement contains it; the CPU pin belongs to tox.ini. (Checked with pip --dry-run in the notes.)"""
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parent.parent
+    deps = [Requirement(d) for d in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]]
+    (torch_req,) = [r for r in deps if r.name == "torch"]
+    for installed in ("2.5.1+cu124", "2.7.0+cu128", "2.13.0+cpu", "2.13.0"):
+        assert torch_req.specifier.contains(installed, prereleases=True), installed
+    assert "torch==2.13.0" in (root / "tox.ini").read_text()  # the project's own environments stay pinned
