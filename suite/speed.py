@@ -44,8 +44,8 @@ def speed(model, windows: torch.Tensor, batch_size: int = 4, threshold: float = 
     batch = windows[:batch_size].to(device)
     with torch.inference_mode():
         out = model(input_ids=batch, use_cache=True)
-        cache = out.past_key_values
-        step = out.logits[:, -1:].argmax(-1)
+        cache = out.get("cache") or out.get("past_key_values")  # transformers >= 5.2x names it `cache`
+        step = out["logits"][:, -1:].argmax(-1)
         del out
 
         import inspect

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
-
 import torch
 
 from suite.speed import compare, speed
@@ -37,7 +35,7 @@ class Stub(torch.nn.Module):
             time.sleep(DECODE_S * self.scale)
             cache.length += input_ids.shape[1]
             new = cache
-        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 7), past_key_values=new)
+        return {"logits": torch.zeros(*input_ids.shape, 7), "cache": new}
 
 
 def test_speed_times_prefill_and_decode_separately():
