@@ -120,7 +120,7 @@ def outcome_record(outcome: PruneOutcome, ratio: float) -> dict:
     }
 
 
-SPEED_PROBE = {"min_run_time": 0.2, "max_run_time": 1.0}  # per regime and model: a grid cell's budget
+SPEED_PROBE = {"min_run_time": 0.1, "max_run_time": 0.5, "warmup": 2}  # per regime and model: ≤ 3 s a cell (CI runs ~30 cells); believable numbers: `suite bench-speed`
 
 
 def speed_record(dense: list[dict], pruned: dict) -> dict:
