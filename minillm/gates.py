@@ -19,15 +19,20 @@ def gated(group_sets: list[GroupSet], gates: list[torch.Tensor]):
     """Within the block, group g of `group_sets[i]` has its feature map multiplied by `gates[i][g]`.
 
     The gate tensors are read at every forward, so they may be edited in place (SPSA perturbation)
-    or require grad (backprop w.r.t. gates).
+    or require grad (backprop w.r.t. gates). The gate multiplies in fp32 whatever the activation
+    dtype, so a perturbation 1 ± ε is ±ε (to fp32 precision) and the product is rounded once;
+    memory: one fp32 copy of the out-projection's input while it runs.
     """
     handles = []
     for gs, gate in zip(group_sets, gates):
         width = gs.output.width
 
         def hook(module, args, gate=gate, width=width):
-            scale = gate.to(args[0].dtype).repeat_interleave(width)
-            return (args[0] * scale,) + tuple(args[1:])
+            # the product in fp32 (then one rounding to the activation dtype): casting the gate
+            # itself to bf16 would turn 1 ± 0.01 into 1.0078 / 0.9883 for every element alike
+            x = args[0]
+            scale = gate.to(device=x.device, dtype=torch.float32).repeat_interleave(width)
+            return ((x.float() * scale).to(x.dtype),) + tuple(args[1:])
 
         handles.append(gs.linear(gs.output).register_forward_pre_hook(hook))
     try:

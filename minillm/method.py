@@ -62,8 +62,10 @@ The paper's unknowns are options; defaults and why:
                   statistics pass stops before the output embedding, so the forward-only method
                   peaks near inference memory at any batch (SmolLM2, q = 2: 993 MB at 4 windows,
                   1002 MB at 1; wanda-sp 935 MB; llm-pruner 3302 MB).
-  restore=auto    after SPSA the weights are read back from the model's safetensors when they can
-                  be verified against the drift bound (exact); otherwise the bounded drift stays.
+  restore=auto    the perturbed weights' bytes go to a scratch file before SPSA and come back
+                  after it: bit-identical for every source and dtype (zo.Snapshot: disk = those
+                  weights' bytes, memory = one tensor). `checkpoint`: read back from the model's
+                  own safetensors where verifiable (no scratch file); `arithmetic`: the bounded drift.
 """
 from __future__ import annotations
 
@@ -99,7 +101,7 @@ OPTIONS = {
     "layer_lambda": 0.3,      # layer space: weights rank-linear in [1-λ, 1+λ] (≤ 0.4 at ratio 0.5 on SmolLM2, see notes)
     "normalize": "param",     # param (per parameter) | standard (z-score per layer and kind) | unit (FLAP Eq. 5)
     "compensate": False,      # FLAP's baseline bias compensation after slicing (not in the paper)
-    "restore": "auto",        # auto (checkpoint if verifiable, else bounded drift) | arithmetic
+    "restore": "auto",        # auto (scratch-file snapshot: exact) | checkpoint (source safetensors) | arithmetic
     "batch_size": 4,          # calibration windows per forward (speed; memory barely depends on it, see below)
     "seed": -1,               # ZO direction seed; -1: the run's --seed
 }
@@ -118,7 +120,7 @@ CHOICES = {
     "members": ("all", "output"),
     "mask_groups": ("all", "heads"),
     "estimator": ("spsa", "coordinate"),
-    "restore": ("auto", "arithmetic"),
+    "restore": ("auto", "checkpoint", "arithmetic"),
     "normalize": ("param", "standard", "unit"),
 }
 
@@ -216,11 +218,18 @@ class WeightGradient:
         else:
             named = members
         t0 = time.perf_counter()
-        est = zo.spsa(lambda: zo.calibration_loss(model, windows, bs), named, options["eps"],
-                      options["directions"], seed, stream=0, progress=_progress("zo weight"))
+        snapshot = zo.Snapshot([t for _, t in named]) if options["restore"] == "auto" else None
+        try:
+            est = zo.spsa(lambda: zo.calibration_loss(model, windows, bs), named, options["eps"],
+                          options["directions"], seed, stream=0, progress=_progress("zo weight"))
+        finally:
+            restored = snapshot.restore([t for _, t in named]) if snapshot is not None else 0
         self.info.update(est.summary(), forwards=2 * est.q, perturbed=options["perturb"],
                          zo_seconds=round(time.perf_counter() - t0, 2))
-        if options["restore"] == "auto":
+        if snapshot is not None:
+            self.info.update(restore="snapshot", restored=restored, tensors=len(named),
+                             drift_bound=max(est.drift_bound), scratch_mb=round(snapshot.bytes / 2**20, 1))
+        elif options["restore"] == "checkpoint":
             self.info.update(zo.restore_from_checkpoint(model, named, est.drift_bound))
         else:
             self.info.update(restore="arithmetic", drift_bound=max(est.drift_bound))

@@ -16,6 +16,14 @@ reports) to remove. Two scopes:
 GQA in ``q-head`` mode removes the same number of q heads from every kv group of a layer (the
 lowest-scoring within each group), so `repeat_kv` stays valid. Each prunable layer keeps at least
 one head group and one channel unless ``allow_empty``.
+
+``round_to`` (off by default; LLM-Pruner's option, torch-pruning's `round_to`): every pruned layer
+keeps a multiple of `round_to` MLP channels (the nearest multiple to the budget's count, at least
+one multiple, at most all), so half-precision matmuls get aligned widths (tensor cores want
+multiples of 8, or 64 for best speed). Heads are not rounded (a head is head_dim wide already).
+The achieved ratio then differs from the target by up to round_to/2 channels per layer; the
+selection reports what it removed. torch-pruning rounds the kept count up, and a count already a
+multiple up by one more multiple; this rounds to the nearest (a deliberate difference).
 """
 from __future__ import annotations
 
@@ -69,10 +77,15 @@ def _lowest(gs, scores: torch.Tensor, n_remove: int, unit: int) -> list[int]:
 
 
 def select(model, scores: Scores, ratio: float, scope: str = "layer", layers=None,
-           head_mode: str = "q-head", layer_weights=None, allow_empty: bool = False) -> Selection:
-    """Build the plan that removes `ratio` of all parameters given per-group `scores`."""
+           head_mode: str = "q-head", layer_weights=None, allow_empty: bool = False,
+           round_to: int | None = None) -> Selection:
+    """Build the plan that removes `ratio` of all parameters given per-group `scores`.
+
+    `round_to`: each pruned layer keeps a multiple of this many MLP channels (module docstring)."""
     if not 0.0 < ratio < 1.0:
         raise UserError(f"ratio must be in (0, 1), got {ratio}")
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise UserError(f"round_to must be a positive integer, got {round_to!r}")
     if scope not in ("layer", "global"):
         raise UserError(f"unknown selection scope {scope!r}; choose layer or global")
     adapter = adapter_for(model)
@@ -90,6 +103,12 @@ def select(model, scores: Scores, ratio: float, scope: str = "layer", layers=Non
     nkv = {i: adapter.num_kv_heads(adapter.layers(model)[i]) for i in layers}
     pick = _select_global if scope == "global" else _select_layer
     counts = pick(sets, scores, target, head_mode, nkv, layer_weights, allow_empty)
+    if round_to and round_to > 1:
+        for gs in sets:
+            n = counts[(gs.layer, gs.kind)]
+            if gs.kind == "channels" and n > 0 and gs.count >= round_to:
+                kept = min(gs.count, max(round_to, round((gs.count - n) / round_to) * round_to))
+                counts[(gs.layer, gs.kind)] = gs.count - kept
     keep, removed = {}, 0
     for gs in sets:
         n = counts[(gs.layer, gs.kind)]

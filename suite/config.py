@@ -59,6 +59,11 @@ def positive_int(value, where):
     return value
 
 
+def positive_int_or_auto(value, where):
+    """A positive integer, or "auto" (lm-eval finds the largest batch that fits the device)."""
+    return value if value == "auto" else positive_int(value, where)
+
+
 def optional(check):
     return lambda value, where: None if value is None else check(value, where)
 
@@ -132,7 +137,7 @@ SCHEMA = {
         "max_tokens": (optional(positive_int), None),
         "tasks": (list_of(string, nonempty=False), PAPER_TASKS),
         "limit": (optional(positive_int), None),
-        "batch_size": (positive_int, 1),
+        "batch_size": (positive_int_or_auto, 1),  # zero-shot (lm-eval); "auto": its largest fitting batch
         "throughput": (boolean, True),
     },
     "device": (string, "cpu"),
@@ -166,7 +171,7 @@ def _fill(schema: dict, data: dict, where: str) -> dict:
 
 # --------------------------------------------------------------------------- methods registry
 # Options every method accepts: the pipeline takes them out before calling the method's scorer.
-SELECTION_OPTIONS = ("head_mode", "scope", "layers", "allow_empty")
+SELECTION_OPTIONS = ("head_mode", "scope", "layers", "allow_empty", "round_to")
 
 
 def _method_registry() -> dict | None:

@@ -245,7 +245,7 @@ def _metrics(raw: dict) -> dict:
     return out
 
 
-def zero_shot(model, tokenizer, tasks=PAPER_TASKS, limit=None, batch_size: int = 1, quiet: bool = False,
+def zero_shot(model, tokenizer, tasks=PAPER_TASKS, limit=None, batch_size: int | str = 1, quiet: bool = False,
               include_path: str | None = None) -> dict:
     """Zero-shot accuracy with lm-eval 0.4.13 (``HFLM`` around the in-memory model, ``simple_evaluate``).
 
@@ -255,6 +255,7 @@ def zero_shot(model, tokenizer, tasks=PAPER_TASKS, limit=None, batch_size: int =
     A task whose data is not available offline (not in the mirror, or loading fails) is skipped,
     not raised; an unknown task name is a `UserError`.
     `include_path`: extra lm-eval task YAML directory (``TaskManager(include_path=...)``).
+    `batch_size`: an integer, or "auto" (lm-eval's own search for the largest batch that fits).
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM

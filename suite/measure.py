@@ -1,7 +1,9 @@
 """Wall time and peak memory of one phase (load, score, prune, evaluate).
 
-On CUDA: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats` — the tensors' peak,
-which is what the pruning papers report for GPU memory.
+On CUDA: `torch.cuda.max_memory_allocated(device)` after `reset_peak_memory_stats(device)`, of
+the device the phase runs on (`measure(device)`; "cuda" is the current one, which in a grid cell
+is the one GPU `suite run` made visible to it) — the tensors' peak, which is what the pruning
+papers report for GPU memory.
 
 On CPU: the process's peak resident set size during the phase, read from the kernel's high-water
 mark `VmHWM` after resetting it at the phase start (writing "5" to /proc/self/clear_refs, Linux
@@ -83,9 +85,10 @@ def measure(device="cpu"):
     """`with measure() as m: ...` then m["seconds"], m["peak_mb"], m["peak_delta_mb"], m["peak_source"]."""
     out: dict = {}
     if _cuda(device):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start_mem = torch.cuda.memory_allocated()
+        device = torch.device(device)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start_mem = torch.cuda.memory_allocated(device)
     else:
         source = "vmhwm-reset" if _reset_hwm() else "lifetime"
         start_mem = (_status_kb("VmRSS") or 0) * 1024
@@ -94,8 +97,8 @@ def measure(device="cpu"):
         yield out
     finally:
         if _cuda(device):
-            torch.cuda.synchronize()
-            peak, source = torch.cuda.max_memory_allocated(), "cuda-max-allocated"
+            torch.cuda.synchronize(device)
+            peak, source = torch.cuda.max_memory_allocated(device), "cuda-max-allocated"
         else:
             peak = (_status_kb("VmHWM") or 0) * 1024
         out.update(

@@ -298,13 +298,22 @@ def _check_supported(model):
     return model
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Return the model named by `name_or_path` in eval mode (see module docstring for the forms)."""
+def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, device: str = "cpu"):
+    """Return the model named by `name_or_path` in eval mode (see module docstring for the forms).
+
+    `dtype` (float32 | bfloat16 | float16) is the weights' dtype, applied while loading
+    (`from_pretrained(dtype=...)`, or `suite.precision.cast_weights` for models built in code);
+    precision-sensitive buffers (LLaMA's rotary `inv_freq`) stay float32. The model is then moved
+    to `device` without any dtype change. Raises UserError for an unknown model or dtype.
+    """
     from transformers import AutoModelForCausalLM
 
+    from suite.precision import cast_weights, parse_dtype
+
+    dtype = parse_dtype(dtype)
     kind, where = resolve(name_or_path)
     if kind == "tiny":
-        model = _tiny_model(where)
+        model = cast_weights(_tiny_model(where), dtype)  # built in fp32 (the same weights at any dtype)
     elif kind == "pruned":
         from minillm.saving import load_pruned
 
@@ -319,7 +328,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
             model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype)
         except OSError as exc:
             raise UserError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
-    model = model.to(device=device, dtype=dtype).eval()
+    # device only: `.to(dtype=...)` would cast the rotary inv_freq buffer too (suite/precision.py)
+    model = model.to(device=device).eval()
     return _check_supported(model)
 
 
@@ -334,6 +344,40 @@ def load_tokenizer(name_or_path: str):
     if kind == "pruned":
         return AutoTokenizer.from_pretrained(str(where))
     return AutoTokenizer.from_pretrained(str(where))
+
+
+def skeleton(name_or_path: str):
+    """The model's architecture on the meta device, from its config alone: no weight is read or allocated.
+
+    A pruned directory is sliced by its plan and gets the biases its method added (names and shapes
+    from the safetensors headers only). Returns None for a .gguf file (its config is inside the
+    weights file: `suite info` loads it). Raises UserError for an unknown model or architecture.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kind, where = resolve(name_or_path)
+    if kind == "gguf":
+        return None
+    config = _tiny_config(where) if kind == "tiny" else _load_config(name_or_path, where)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    _check_supported(model)
+    if kind == "pruned":
+        from safetensors import safe_open
+
+        from minillm.plan import Plan, apply_plan
+        from minillm.saving import PLAN_FILE
+
+        apply_plan(model, Plan.load(where / PLAN_FILE))
+        for shard in sorted(where.glob("*.safetensors")):
+            with safe_open(str(shard), framework="pt") as f:  # the header only
+                for key in f.keys():
+                    module_name, _, leaf = key.rpartition(".")
+                    module = model.get_submodule(module_name) if module_name else model
+                    if leaf == "bias" and isinstance(module, torch.nn.Linear) and module.bias is None:
+                        shape = f.get_slice(key).get_shape()
+                        module.bias = torch.nn.Parameter(torch.empty(shape, device="meta"))
+    return model
 
 
 def describe(model) -> dict:

@@ -31,6 +31,7 @@ class PruneOutcome:
     params_dense: int = 0
     params_pruned: int = 0
     warnings: list = field(default_factory=list)
+    round_to: int | None = None
 
 
 def parse_layers(spec, n_layers: int) -> list[int]:
@@ -65,7 +66,8 @@ def calibration_settings(method, calib: dict | None) -> dict | None:
 
 def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, options: dict | None = None,
           calib: dict | None = None, head_mode: str = "q-head", scope: str | None = None, layers=None,
-          allow_empty: bool = False, device: str = "cpu", quiet: bool = False) -> PruneOutcome:
+          allow_empty: bool = False, device: str = "cpu", quiet: bool = False,
+          round_to: int | None = None) -> PruneOutcome:
     """Score, select and slice `model` in place; returns the selection and measured phases."""
     if not 0.0 < float(ratio) < 1.0:
         raise UserError(f"ratio must be in (0, 1), got {ratio}")
@@ -95,7 +97,8 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
         scoring = method.score(model, windows, group_sets, options, seed)
     with measure(device) as phases["prune"]:
         selection = select(model, scoring.scores, ratio, scope=scope, layers=layers, head_mode=head_mode,
-                           layer_weights=scoring.info.get("layer_weights"), allow_empty=allow_empty)
+                           layer_weights=scoring.info.get("layer_weights"), allow_empty=allow_empty,
+                           round_to=round_to)
         apply_plan(model, selection.plan)
         if dense - count_parameters(model) != selection.removed:
             raise AssertionError(f"budget bookkeeping: removed {dense - count_parameters(model)} "
@@ -103,7 +106,8 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
         if scoring.compensate is not None:  # may add parameters (FLAP creates biases on LLaMA)
             scoring.compensate(model, selection.plan)
     pruned = count_parameters(model)
-    return PruneOutcome(selection, scoring, options, settings, layers, scope, phases, dense, pruned, warnings)
+    return PruneOutcome(selection, scoring, options, settings, layers, scope, phases, dense, pruned,
+                        warnings=warnings, round_to=round_to)
 
 
 def outcome_record(outcome: PruneOutcome, ratio: float) -> dict:
@@ -115,13 +119,33 @@ def outcome_record(outcome: PruneOutcome, ratio: float) -> dict:
         "params": {"dense": outcome.params_dense, "pruned": outcome.params_pruned},
         "options": outcome.options,
         "calibration": outcome.calibration,
-        "selection": {"scope": outcome.scope, "layers": outcome.layers,
+        "selection": {"scope": outcome.scope, "layers": outcome.layers, "round_to": outcome.round_to,
                       "target_removed": sel.target_removed, "removed": sel.removed},
         "plan_summary": [{"heads": len(l.heads), "channels": len(l.channels)} for l in sel.plan.layers],
         "method_info": {k: v for k, v in outcome.scoring.info.items() if k != "layer_weights"},
         "phases": outcome.phases,
         **({"warnings": outcome.warnings} if outcome.warnings else {}),
     }
+
+
+SPEED_PROBE = {"min_run_time": 0.1, "max_run_time": 0.5, "warmup": 2}  # per regime and model: ≤ 3 s a cell (CI runs ~30 cells); believable numbers: `suite bench-speed`
+
+
+def speed_record(dense: list[dict], pruned: dict) -> dict:
+    """The record's `throughput`: prefill tokens/s (pruned, dense: the mean of the two dense medians' speeds),
+    per regime the speed-up over dense and the dense/dense control (first dense run / second), and the
+    timings themselves (median and IQR, suite/speed.py)."""
+    out = {}
+    for regime in ("prefill", "decode"):
+        d1, d2, p = (m[regime]["median_s"] for m in (*dense, pruned))
+        out[f"{regime}_speedup"] = round(((d1 + d2) / 2) / p, 4)
+        out[f"{regime}_dense_control"] = round(d2 / d1, 4)
+    tokens = pruned["batch_size"] * pruned["seqlen"]
+    dense_prefill = (dense[0]["prefill"]["median_s"] + dense[1]["prefill"]["median_s"]) / 2
+    out.update(pruned_tokens_per_s=pruned["prefill"]["tokens_per_s"], dense_tokens_per_s=tokens / dense_prefill,
+               probe="torch.utils.benchmark adaptive_autorange; prefill [batch, seqlen] and one decode step",
+               timings={"dense": dense[0], "dense_again": dense[1], "pruned": pruned})
+    return out
 
 
 def run_cell(cell: dict) -> dict:
@@ -141,9 +165,11 @@ def run_cell(cell: dict) -> dict:
     ev = cell.get("evaluation", {})
     warnings = [w for w in [evaluate.check_window(model, ev.get("seqlen", 128), "evaluation seqlen")] if w]
     bench = None
-    if ev.get("throughput", True):
+    if ev.get("throughput", True):  # dense twice (the dense/dense control), pruned once after (suite/speed.py)
+        from suite.speed import speed
+
         bench = eval_windows(tokenizer, "wikitext2", ev.get("seqlen", 128), max_tokens=8 * ev.get("seqlen", 128))
-        dense_tps = evaluate.throughput(model, bench)
+        dense_speed = [speed(model, bench, **SPEED_PROBE) for _ in range(2)]
     if cell["method"] == "dense":
         n = count_parameters(model)
         record.update(ratio_target=0.0, ratio_achieved=0.0, params={"dense": n, "pruned": n}, options={},
@@ -151,7 +177,7 @@ def run_cell(cell: dict) -> dict:
     else:
         calib = cell.get("calibration") or {}
         options = dict(cell.get("options") or {})
-        common = {k: options.pop(k) for k in ("head_mode", "scope", "layers", "allow_empty") if k in options}
+        common = {k: options.pop(k) for k in ("head_mode", "scope", "layers", "allow_empty", "round_to") if k in options}
         outcome = prune(model, tokenizer, cell["method"], cell["ratio"], seed=cell.get("seed", 0),
                         options=options, calib=calib, device=device, quiet=quiet, **common)
         record.update(outcome_record(outcome, cell["ratio"]))
@@ -170,8 +196,7 @@ def run_cell(cell: dict) -> dict:
     accs = [v["acc"] for v in record["zero_shot"].values() if "acc" in v]
     record["zero_shot_mean"] = sum(accs) / len(accs) if accs else None
     if bench is not None:
-        record["throughput"] = {"pruned_tokens_per_s": evaluate.throughput(model, bench),
-                                "dense_tokens_per_s": dense_tps}
+        record["throughput"] = speed_record(dense_speed, speed(model, bench, **SPEED_PROBE))
     if warnings:
         record["warnings"] = warnings
     record["torch_threads"] = torch.get_num_threads()  # the runner moves it into the provenance

@@ -40,8 +40,17 @@ def sha256_hex(obj) -> str:
 
 
 def cell_key(cell: dict) -> str:
-    """Stable id of a grid cell: sha256 of the canonical JSON of the fields that define it."""
-    return sha256_hex({key: cell.get(key) for key in CELL_KEYS})
+    """Stable id of a grid cell: sha256 of the canonical JSON of the fields that define it.
+
+    The device's type is one of them unless it is the CPU (so a CPU record never marks a CUDA cell
+    done, and CPU keys written before devices counted stay valid); its index is not (`suite run`
+    hands each CUDA cell whichever GPU is free).
+    """
+    fields = {key: cell.get(key) for key in CELL_KEYS}
+    device = str(cell.get("device") or "cpu").split(":")[0]
+    if device != "cpu":
+        fields["device"] = device
+    return sha256_hex(fields)
 
 
 # --------------------------------------------------------------------------- provenance

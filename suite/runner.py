@@ -6,6 +6,12 @@ set): on the 2-core box two 1-thread cells do 1.36x the work of one 2-thread cel
 neighbour; the record says how many cells ran at once and with how many threads. Peak memory is
 per process either way. Only this process writes the results file, so records stay whole lines.
 
+CUDA cells (`device: cuda`): each runs with `CUDA_VISIBLE_DEVICES` set to one GPU of those
+visible to the runner (`CUDA_VISIBLE_DEVICES`, else all that torch sees), taken from a pool and
+given back when the cell ends, so `--jobs N` runs at most one cell per GPU (a cell waits for a
+free one); its `cuda` is that GPU and its peak memory that GPU's. CPU cells run as before. The
+record's provenance says which GPU (`cuda_visible_devices`).
+
 Resumable: cells whose `cell_key` already has an `ok` record in the results file are skipped, so
 after a crash, a kill -9 or a Ctrl-C the same command goes on where it stopped (`--force` reruns
 everything). A failing cell is recorded with `status: "error"` and the grid goes on; the run then
@@ -28,6 +34,7 @@ import contextlib
 import datetime
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -60,9 +67,29 @@ def threads_per_cell(jobs: int) -> int | None:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-def run_cell_subprocess(cell: dict, threads: int | None = None) -> tuple[dict, str | None, str]:
-    """(record from the pipeline or {}, error message or None, stderr) for one cell in a new process."""
+def visible_gpus() -> list[str]:
+    """The GPU ids this process may hand out: `CUDA_VISIBLE_DEVICES` if set, else torch's count."""
+    ids = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if ids is not None:
+        return [i.strip() for i in ids.split(",") if i.strip() and i.strip() != "-1"]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def wants_a_gpu(cell: dict) -> bool:
+    """A cell on `cuda` (no index: the runner picks the GPU; `cuda:k` stays as the config says)."""
+    return str(cell.get("device") or "cpu") == "cuda"
+
+
+def run_cell_subprocess(cell: dict, threads: int | None = None,
+                        gpu: str | None = None) -> tuple[dict, str | None, str]:
+    """(record from the pipeline or {}, error message or None, stderr) for one cell in a new process.
+
+    `gpu`: the id the cell sees as its only CUDA device (`CUDA_VISIBLE_DEVICES`)."""
     env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_DIR), env.get("PYTHONPATH")) if p)
     if threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
@@ -91,7 +118,10 @@ def make_record(cell: dict, result: dict, error: str | None, stderr: str, second
     """
     result = dict(result)
     threads = result.pop("torch_threads", None)  # the cell's own: its timings depend on it
+    gpu = result.pop("cuda_visible_devices", None)
     prov = provenance(cell, cell["seed"])
+    if gpu is not None:
+        prov["hardware"]["cuda_visible_devices"] = gpu
     if threads is not None:
         prov["hardware"]["torch_threads"] = threads
     prov["concurrent_cells"] = jobs
@@ -104,18 +134,31 @@ def make_record(cell: dict, result: dict, error: str | None, stderr: str, second
     return record
 
 
-def _timed_cell(cell: dict, threads: int | None) -> tuple[dict, str | None, str, float]:
-    start = time.perf_counter()
-    return (*run_cell_subprocess(cell, threads), time.perf_counter() - start)
+def _timed_cell(cell: dict, threads: int | None, gpus: queue.Queue | None) -> tuple[dict, str | None, str, float]:
+    gpu = gpus.get() if gpus is not None and wants_a_gpu(cell) else None  # waits for a free GPU
+    try:
+        start = time.perf_counter()
+        result, error, stderr = run_cell_subprocess(cell, threads, gpu)
+        if gpu is not None:
+            result = {**result, "cuda_visible_devices": gpu}
+        return result, error, stderr, time.perf_counter() - start
+    finally:
+        if gpu is not None:
+            gpus.put(gpu)
 
 
 def run_cells_locally(todo: list[tuple[int, dict]], name: str, jobs: int = 1, quiet: bool = False):
     """The local backend: `jobs` cell processes at a time on this host; yields each finished cell as
     (index, cell, result, error, stderr, seconds, provenance additions), in finishing order."""
     threads = threads_per_cell(jobs)
+    gpus = None  # CUDA cells: one visible GPU each, handed out from a pool (one cell per GPU)
+    if any(wants_a_gpu(cell) for _, cell in todo) and (ids := visible_gpus()):
+        gpus = queue.Queue()
+        for gpu in ids:
+            gpus.put(gpu)
     pool = ThreadPoolExecutor(max_workers=jobs)  # threads only wait on their cell's process
     try:
-        running = {pool.submit(_timed_cell, cell, threads): (i, cell) for i, cell in todo}
+        running = {pool.submit(_timed_cell, cell, threads, gpus): (i, cell) for i, cell in todo}
         for future in tqdm(as_completed(running), total=len(todo), desc=name, unit="cell",
                            disable=quiet, file=sys.stderr):
             i, cell = running[future]
@@ -156,8 +199,6 @@ def foreign_grids(records: list[dict], config: dict, cells: list[dict]) -> list[
         elif record.get("cell_key") not in keys:
             found["legacy"] = "cells this grid does not have"
     return list(found.values())
-
-
 
 
 def run_grid(config_path, out=None, force: bool = False, quiet: bool = False, repair: bool = False,

@@ -313,9 +313,59 @@ def to_csv(records: list[dict]) -> str:
 FORMATS = {"md": to_markdown, "latex": to_latex, "csv": to_csv}
 
 
-def format_table(records: list[dict], fmt: str = "md", stderr: str = "auto", bare: bool = False) -> str:
+def format_table(records: list[dict], fmt: str = "md", stderr: str = "auto", bare: bool = False,
+                 costs: bool = False) -> str:
+    if costs:
+        return format_costs(records, fmt)
     if fmt == "csv":
         return to_csv(records)
     if fmt == "latex":
         return to_latex(records, stderr=stderr, bare=bare)
     return to_markdown(records, stderr=stderr)
+
+
+# --------------------------------------------------------------------------- costs (`suite table --costs`)
+PHASES = ("load", "calibrate", "score", "prune", "evaluate")
+SPEED = {"Prefill x": "prefill_speedup", "Prefill ctl": "prefill_dense_control",
+         "Decode x": "decode_speedup", "Decode ctl": "decode_dense_control",
+         "Dense tok/s": "dense_tokens_per_s", "Pruned tok/s": "pruned_tokens_per_s"}
+
+
+def costs_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per (model, label, ratio), seeds averaged, in the results table's order: every phase's
+    peak memory (MB, of the device the cell ran on: `peak_source` says which) and time (s), then the
+    record's `throughput`: speed-ups over dense and dense/dense controls (prefill, decode; suite/speed.py)
+    and prefill tokens/s. A value a record does not hold is NaN."""
+    order = results_frame(records)
+    ok = [r for r in latest(records) if r.get("status", "ok") == "ok"]
+    rows = []
+    for row in order.itertuples():
+        members = [r for r in ok if _identity(r)[:3] == (row.Model, row.Method, row.Ratio)]
+        out = {"Model": row.Model, "Method": row.Method, "Ratio": row.Ratio, "Device": ", ".join(sorted(
+            {str((r.get("cell") or {}).get("device", "cpu")) for r in members})) or MISSING}
+        phases = [p for p in PHASES if any(p in (r.get("phases") or {}) for r in ok)]
+        for phase in phases:
+            get = lambda r, key: ((r.get("phases") or {}).get(phase) or {}).get(key)
+            out[f"{phase} MB"] = _mean([get(r, "peak_mb") for r in members])
+            out[f"{phase} s"] = _mean([get(r, "seconds") for r in members])
+        for column, key in SPEED.items():
+            out[column] = _mean([(r.get("throughput") or {}).get(key) for r in members])
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
+def format_costs(records: list[dict], fmt: str = "md") -> str:
+    frame = costs_frame(records)
+    if frame.empty:
+        return "(no results)\n"
+    if fmt == "csv":
+        return frame.round(6).to_csv(index=False)
+    text = frame.copy()
+    text["Ratio"] = [f"{r * 100:.0f}%" for r in frame["Ratio"]]
+    for column in frame.columns[4:]:
+        fmt_value = "{:.3f}" if column in SPEED and "tok/s" not in column else "{:.1f}"
+        text[column] = [MISSING if math.isnan(v) else fmt_value.format(v) for v in frame[column]]
+    if fmt == "latex":
+        return tabulate(text.values.tolist(), list(text.columns), tablefmt="latex_booktabs",
+                        disable_numparse=True).replace(MISSING, "--") + "\n"
+    return tabulate(text.values.tolist(), list(text.columns), tablefmt="github", disable_numparse=True) + "\n"

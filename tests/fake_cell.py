@@ -27,4 +27,5 @@ def run_cell(cell: dict) -> dict:
         "zero_shot_mean": 0.6 - ratio / 2,
         "torch_threads": int(os.environ.get("OMP_NUM_THREADS") or 0) or None,  # as the pipeline reports it
         "fake_interval": [started, time.time()],
+        "fake_cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }

@@ -204,9 +204,9 @@ def test_spsa_converges_to_autograd_on_a_small_weight():
 def test_weights_after_scoring_are_within_the_stated_bound():
     model = load_model("tiny-llama-gqa")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = score(model, windows(), all_group_sets(model), opts(directions=3), seed=0)
+    result = score(model, windows(), all_group_sets(model), opts(directions=3, restore="arithmetic"), seed=0)
     info = result.info["weight"]
-    assert info["restore"] == "arithmetic"  # built in code: no checkpoint to restore from
+    assert info["restore"] == "arithmetic"
     bound = info["drift_bound"]
     assert 0 < bound < 1e-5  # O(q·ulp(W))
     drift = max(float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters())
@@ -220,7 +220,7 @@ def test_weights_are_restored_exactly_from_the_checkpoint(tmp_path):
     load_model("tiny-llama").save_pretrained(tmp_path / "m")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = score(model, windows(), all_group_sets(model), opts(directions=2), seed=0)
+    result = score(model, windows(), all_group_sets(model), opts(directions=2, restore="checkpoint"), seed=0)
     assert result.info["weight"]["restore"] == "checkpoint"
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from minillm.errors import UserError
+from suite.precision import add_dtype_argument
 
 NAME = "eval"
 HELP = "perplexity (wikitext2/ptb/c4) and lm-eval zero-shot accuracy of a model"
@@ -27,6 +28,17 @@ def epilog() -> str:
     return models_help()
 
 
+def _batch_size(value: str):
+    import argparse
+
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}") from None
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="model name, directory, .gguf file or hub id (listed below)")
     parser.add_argument("--ppl", type=_csv, default=["wikitext2"],
@@ -36,8 +48,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tasks", type=_csv, default=[],
                         help="comma-separated lm-eval tasks, or 'paper' for the 7 tasks pruning papers report")
     parser.add_argument("--limit", type=int, default=None, help="lm-eval: documents per task")
-    parser.add_argument("--batch-size", type=int, default=4, help="batch size (default 4)")
+    parser.add_argument("--batch-size", type=_batch_size, default=4,
+                        help="batch size (default 4); 'auto': lm-eval's largest batch that fits the device "
+                             "(perplexity then uses 4)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_dtype_argument(parser)
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the metrics as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -57,7 +72,8 @@ def run(args) -> int:
     from suite import data, evaluate
     from suite.models import load_model, load_tokenizer
 
-    if args.seqlen < 2 or args.batch_size < 1:
+    ppl_batch = 4 if args.batch_size == "auto" else args.batch_size
+    if args.seqlen < 2 or ppl_batch < 1:
         raise UserError("--seqlen must be >= 2 and --batch-size >= 1")
     for corpus in args.ppl:
         data.get_corpus(corpus)  # unknown corpus: fail before loading the model
@@ -66,7 +82,7 @@ def run(args) -> int:
         raise UserError("nothing to evaluate: give --ppl and/or --tasks")
     data.require_source()  # no mirror and no hub: one line now, not after loading the model
 
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
     warnings = [w for w in [evaluate.check_window(model, args.seqlen)] if w] if args.ppl else []
     tokenizer = load_tokenizer(args.model)
     result = {"model": args.model, "seqlen": args.seqlen, "max_tokens": args.max_tokens, "limit": args.limit,
@@ -76,7 +92,7 @@ def run(args) -> int:
     rows = []
     for corpus in args.ppl:
         ppl = evaluate.perplexity(model, tokenizer, corpus, seq_len=args.seqlen, max_tokens=args.max_tokens,
-                                  batch_size=args.batch_size, quiet=args.quiet)
+                                  batch_size=ppl_batch, quiet=args.quiet)
         result["perplexity"][corpus] = ppl
         rows.append((f"ppl {corpus}", f"{ppl:.3f}", ""))
     if tasks:

@@ -7,6 +7,8 @@ plan.json), an empty directory or a regular file is replaced, never another dire
 """
 from __future__ import annotations
 
+from suite.precision import add_dtype_argument
+
 NAME = "prune"
 HELP = "prune a model with one method to a parameter ratio and save it as a directory"
 
@@ -44,10 +46,13 @@ def add_arguments(parser):
     parser.add_argument("--layers", default=None,
                         help="prunable layers: all | start:end (indices) | 0.125:0.9375 (fractions of depth)")
     parser.add_argument("--allow-empty", action="store_true", help="allow dropping a whole attention/MLP block")
+    parser.add_argument("--round-to", type=int, default=None,
+                        help="each pruned layer keeps a multiple of this many MLP channels (LLM-Pruner's round_to; off)")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
     parser.add_argument("--ppl", default=None, help="also report perplexity before/after, e.g. wikitext2")
     parser.add_argument("--max-tokens", type=int, default=16384, help="token cap for --ppl")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
+    add_dtype_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -100,7 +105,7 @@ def run(args) -> int:
     if method.CALIBRATION is not None or args.ppl:
         require_source()
     out = Path(args.out)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(args.model)
     ppl = {}
     if args.ppl:
@@ -110,7 +115,7 @@ def run(args) -> int:
     calib = {"corpus": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen}
     outcome = prune(model, tokenizer, args.method, args.ratio, seed=args.seed, options=options, calib=calib,
                     head_mode=args.head_mode, scope=args.scope, layers=args.layers,
-                    allow_empty=args.allow_empty, device=args.device, quiet=args.quiet)
+                    allow_empty=args.allow_empty, device=args.device, quiet=args.quiet, round_to=args.round_to)
     if args.ppl:
         ppl["after"] = perplexity(model, tokenizer, args.ppl, max_tokens=args.max_tokens, quiet=args.quiet)
     record = {"model": args.model, "method": args.method, "seed": args.seed, **outcome_record(outcome, args.ratio)}

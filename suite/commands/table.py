@@ -18,6 +18,9 @@ def add_arguments(parser) -> None:
                              "capped the questions per task (a limit), on, off")
     parser.add_argument("--bare", action="store_true",
                         help="LaTeX: the tabular alone, without the table environment, caption and label")
+    parser.add_argument("--costs", action="store_true",
+                        help="the costs instead: every phase's peak memory and time, pruned/dense speed-ups "
+                             "with their dense/dense controls")
 
 
 def run(args) -> int:
@@ -26,7 +29,8 @@ def run(args) -> int:
 
     if not Path(args.results).exists():
         raise UserError(f"{args.results}: results file not found")
-    text = format_table(read_records(args.results), args.format, stderr=args.stderr, bare=args.bare)
+    text = format_table(read_records(args.results), args.format, stderr=args.stderr, bare=args.bare,
+                        costs=args.costs)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text, encoding="utf-8")

@@ -1,6 +1,8 @@
 """`python -m suite zo-diagnose`: forward-only gradient estimates vs the true gradient (minillm/diagnose.py)."""
 from __future__ import annotations
 
+from suite.precision import add_dtype_argument
+
 NAME = "zo-diagnose"
 HELP = "compare MINI-LLM's forward-only (SPSA) gradient with backprop: cosine and group-score rank agreement"
 
@@ -23,6 +25,7 @@ def add_arguments(parser):
                              "batch_size); estimator=coordinate applies to the mask and layer spaces")
     parser.add_argument("--json", default=None, metavar="OUT", help="write the record here (atomically)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, ...")
+    add_dtype_argument(parser)
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -126,7 +129,7 @@ def run(args) -> int:
     from minillm.scoring import merge_options
 
     options = {k: v for k, v in merge_options(NAME, OPTIONS, options).items() if k in allowed}
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(args.model)
     windows = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, seed=args.seed)
     group_sets = all_group_sets(model, args.head_mode)
