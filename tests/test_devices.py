@@ -45,11 +45,12 @@ def test_a_cpu_record_never_satisfies_a_cuda_cell(tmp_path, fake_env, monkeypatc
     assert cell_key({**cuda_cells[0], "device": "cuda:1"}) == cell_key(cuda_cells[0])  # the index is the runner's
     out = tmp_path / "r.jsonl"
     assert main(["run", str(cpu), "--out", str(out), "--quiet"]) == 0
-    assert main(["run", str(cuda), "--out", str(out), "--quiet"]) == 0  # runs: the CPU records don't count
+    # one file holding both versions of the grid is a deliberate merge (issue 17: refused otherwise)
+    assert main(["run", str(cuda), "--out", str(out), "--quiet", "--merge"]) == 0  # runs: the CPU records don't count
     records = read_records(out)
     assert len(records) == 4
     assert Counter(r["cell"]["device"] for r in records) == {"cpu": 2, "cuda": 2}
-    assert main(["run", str(cuda), "--out", str(out), "--quiet"]) == 0
+    assert main(["run", str(cuda), "--out", str(out), "--quiet", "--merge"]) == 0
     assert len(read_records(out)) == 4  # and a CUDA record does satisfy it
 
 
