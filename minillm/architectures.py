@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from minillm.errors import UserError
+from minillm.modeling_pruned import _AlibiHeadsBloomAttention
 
 HEAD_MODES = ("q-head", "kv-group")
 
@@ -86,6 +87,9 @@ class Adapter:
     # (name, dim, unit) where unit is "q" (indexed by q heads), "kv" (kv heads) or "qkv" (BLOOM fused)
     head_members: tuple[tuple[str, int, str], ...] = ()
     channel_members: tuple[tuple[str, int], ...] = ()
+    # Linear names (suffixes, PEFT's `target_modules`) that LoRA recovery adapts: LLM-Pruner's
+    # q/k/v/o/gate/up/down for LLaMA and each family's equivalents
+    lora_targets: tuple[str, ...] = ()
 
     def layers(self, model) -> list[nn.Module]:
         raise NotImplementedError
@@ -160,6 +164,7 @@ class LlamaAdapter(Adapter):
         ("self_attn.o_proj", 1, "q"),
     )
     channel_members = (("mlp.gate_proj", 0), ("mlp.up_proj", 0), ("mlp.down_proj", 1))
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     def layers(self, model):
         return list(model.model.layers)
@@ -191,6 +196,7 @@ class OPTAdapter(Adapter):
         ("self_attn.out_proj", 1, "q"),
     )
     channel_members = (("fc1", 0), ("fc2", 1))
+    lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
     def layers(self, model):
         return list(model.model.decoder.layers)
@@ -212,6 +218,7 @@ class BloomAdapter(Adapter):
     attention = "self_attention"
     head_members = (("self_attention.query_key_value", 0, "qkv"), ("self_attention.dense", 1, "q"))
     channel_members = (("mlp.dense_h_to_4h", 0), ("mlp.dense_4h_to_h", 1))
+    lora_targets = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
     def layers(self, model):
         return list(model.transformer.h)
@@ -219,11 +226,11 @@ class BloomAdapter(Adapter):
     def set_heads(self, layer, heads, kv_heads):
         """BLOOM builds ALiBi once for all n_head heads; a sliced layer must add its KEPT heads' slopes."""
         attn = layer.self_attention
-        original = getattr(attn, "alibi_heads", None)
+        original = getattr(attn, "kept_alibi_heads", None)
         if original is None:  # first slicing: remember the model-level head count
-            original = torch.arange(attn.num_heads)
+            original = list(range(attn.num_heads))
             attn.total_heads = attn.num_heads
-        attn.register_buffer("alibi_heads", original[torch.as_tensor(heads, dtype=torch.long)], persistent=False)
+        attn.kept_alibi_heads = [original[h] for h in heads]
         attn.num_heads = len(heads)
         layer.num_heads = len(heads)
         if not isinstance(attn, _PrunedBloomAttention):
@@ -237,14 +244,9 @@ def _bloom_dropped_forward(self, hidden_states, residual, *args, **kwargs):
     return residual + _constant_output(self.dense, hidden_states), None
 
 
-class _PrunedBloomAttention:
-    """Mixin: select this layer's kept heads from the model-wide ALiBi tensor before attention."""
-
-    def forward(self, hidden_states, residual, alibi, *args, **kwargs):
-        batch = hidden_states.shape[0]
-        alibi = alibi.view(batch, self.total_heads, *alibi.shape[1:])
-        alibi = alibi.index_select(1, self.alibi_heads).reshape(batch * self.num_heads, *alibi.shape[2:])
-        return super().forward(hidden_states, residual, alibi, *args, **kwargs)
+# the mixin that selects a sliced layer's kept heads' ALiBi slopes: the standard checkpoint's own
+# class (minillm/modeling_pruned.py), so sliced and reloaded models run the same code
+_PrunedBloomAttention = _AlibiHeadsBloomAttention
 
 
 _CLASS_CACHE: dict = {}

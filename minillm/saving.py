@@ -1,8 +1,19 @@
-"""Save step of the flow: a pruned model as a directory of safetensors + config + tokenizer +
-plan.json (nothing pickled), written to a temporary sibling and renamed into place so a killed
-run never leaves a half-written model. `load_pruned` rebuilds the unpruned architecture from the
-config, applies the plan (which also restores BLOOM's per-layer ALiBi head selection), creates
-any bias the pruning method added (FLAP compensation) and loads the weights strictly.
+"""Save step of the flow: a pruned model as a STANDARD transformers directory (nothing pickled).
+
+A pruned directory holds safetensors weights, the tokenizer, `plan.json` (kept heads / kv heads /
+channels in the original numbering) and a config that loads with plain transformers:
+the dense config plus ``pruned_layers`` (every layer's head, kv-head and channel counts, its
+biases, BLOOM's kept ALiBi heads) and ``auto_map`` naming `modeling_pruned.py`, which
+`save_pruned` copies beside it (see that file). So
+
+    AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
+
+loads it in any process (lm-eval's CLI, PEFT/TRL scripts, serving stacks). The directory is
+written to a temporary sibling and renamed into place, so a killed run never leaves a half-written
+model. `load_pruned` reads this format with the suite's own copy of the modeling classes, and the
+older one (dense config + plan.json, before the standard config existed) by deriving
+``pruned_layers`` from the plan and the weights' keys; either way transformers builds the model on
+the meta device and loads the pruned tensors into it: the dense model is never materialised.
 """
 from __future__ import annotations
 
@@ -12,11 +23,44 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from minillm.plan import Plan, apply_plan
+from minillm import modeling_pruned
+from minillm.architectures import adapter_for
+from minillm.errors import UserError
+from minillm.plan import Plan
 
 PLAN_FILE = "plan.json"
+MODELING_FILE = "modeling_pruned.py"
+
+
+def pruned_layers(model) -> list[dict]:
+    """The ``pruned_layers`` config entry of a (sliced) in-memory model: per-layer sizes and biases."""
+    adapter = adapter_for(model)
+    names = [m[0] for m in adapter.head_members] + [m[0] for m in adapter.channel_members]
+    out = []
+    for layer in adapter.layers(model):
+        spec = {"heads": adapter.num_heads(layer), "kv_heads": adapter.num_kv_heads(layer),
+                "channels": adapter.num_channels(layer),
+                "biases": [n for n in names if layer.get_submodule(n).bias is not None]}
+        if model.config.model_type == "bloom":
+            attn = adapter.attn(layer)
+            kept = getattr(attn, "kept_alibi_heads", None)
+            spec["alibi_heads"] = [int(h) for h in kept] if kept is not None else list(range(spec["heads"]))
+        out.append(spec)
+    return out
+
+
+def standard_config(config: dict, layers: list[dict]) -> dict:
+    """A dense config dict made the pruned directory's: `pruned_layers`, `auto_map`, `architectures`."""
+    cls = modeling_pruned.FAMILIES.get(config["model_type"])
+    if cls is None:
+        raise UserError(f"no standard pruned checkpoint for architecture {config['model_type']!r}; "
+                        f"supported: {', '.join(sorted(modeling_pruned.FAMILIES))}")
+    config = dict(config)
+    config[modeling_pruned.CONFIG_KEY] = layers
+    config["auto_map"] = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{cls.__name__}"}
+    config["architectures"] = [cls.__name__]
+    return config
 
 
 def save_pruned(model, tokenizer, plan: Plan, out_dir, extra: dict | None = None) -> Path:
@@ -25,8 +69,11 @@ def save_pruned(model, tokenizer, plan: Plan, out_dir, extra: dict | None = None
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        # config describes the UNPRUNED architecture; plan.json says how to slice it
         model.save_pretrained(tmp, safe_serialization=True)
+        config_path = tmp / "config.json"
+        config = standard_config(json.loads(config_path.read_text()), pruned_layers(model))
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        shutil.copyfile(modeling_pruned.__file__, tmp / MODELING_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         plan.save(tmp / PLAN_FILE)
@@ -41,27 +88,52 @@ def save_pruned(model, tokenizer, plan: Plan, out_dir, extra: dict | None = None
     return out_dir
 
 
+def _layers_from_plan(config, plan: Plan, keys: set[str]) -> list[dict]:
+    """`pruned_layers` of an old-format directory: counts from the plan, biases from the weight keys."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # the dense architecture's module names and sizes, no memory
+        dense = AutoModelForCausalLM.from_config(config)
+    adapter = adapter_for(dense)
+    names = [m[0] for m in adapter.head_members] + [m[0] for m in adapter.channel_members]
+    prefix = {id(layer): name for name, layer in dense.named_modules()}
+    out = []
+    for lp, layer in zip(plan.layers, adapter.layers(dense)):
+        nq, nkv = adapter.num_heads(layer), adapter.num_kv_heads(layer)
+        kv = lp.kv_heads if lp.kv_heads is not None else (lp.heads if nkv == nq else list(range(nkv)))
+        spec = {"heads": len(lp.heads), "kv_heads": len(kv) if nkv != nq else len(lp.heads),
+                "channels": len(lp.channels),
+                "biases": [n for n in names if f"{prefix[id(layer)]}.{n}.bias" in keys]}
+        if config.model_type == "bloom":
+            spec["alibi_heads"] = list(lp.heads)
+        out.append(spec)
+    return out
+
+
 def load_pruned(path, dtype: torch.dtype = torch.float32):
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A pruned directory (standard or old format) as the suite's pruned model class, in eval mode.
+
+    Raises ValueError when the weights do not match the config (a missing or extra tensor).
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    apply_plan(model, Plan.load(path / PLAN_FILE))
-    state = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        state.update(load_file(shard))
-    for key, tensor in state.items():  # biases created by the method (e.g. FLAP) on bias-free Linears
-        module_name, _, leaf = key.rpartition(".")
-        module = model.get_submodule(module_name)
-        if leaf == "bias" and isinstance(module, nn.Linear) and module.bias is None:
-            module.bias = nn.Parameter(torch.empty_like(tensor, dtype=dtype))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight") and config.tie_word_embeddings}
-    if set(missing) - tied or unexpected:
-        raise ValueError(f"pruned checkpoint mismatch: missing {sorted(set(missing) - tied)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
-    if tied:
-        model.tie_weights()
+    if not hasattr(config, modeling_pruned.CONFIG_KEY):  # old format: dense config + plan.json
+        keys = set()
+        for shard in sorted(path.glob("*.safetensors")):
+            with safe_open(shard, "pt") as f:
+                keys.update(f.keys())
+        layers = _layers_from_plan(config, Plan.load(path / PLAN_FILE), keys)
+        setattr(config, modeling_pruned.CONFIG_KEY, layers)
+    cls = modeling_pruned.FAMILIES.get(config.model_type)
+    if cls is None:
+        raise UserError(f"{path}: no pruned model class for architecture {config.model_type!r}")
+    model, info = cls.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
+    tied = {k for k in info["missing_keys"] if k.endswith("lm_head.weight") and config.tie_word_embeddings}
+    missing, unexpected = set(info["missing_keys"]) - tied, set(info["unexpected_keys"])
+    if missing or unexpected or info.get("mismatched_keys"):
+        raise ValueError(f"pruned checkpoint mismatch: missing {sorted(missing)[:5]}, unexpected "
+                         f"{sorted(unexpected)[:5]}, mismatched {list(info.get('mismatched_keys') or [])[:5]}")
     return model.eval()
