@@ -72,5 +72,5 @@ def pruned_tiny(name, seed=0):
     adapter = adapter_for(model)
     down = adapter.layers(model)[0].get_submodule(adapter.channel_members[-1][0])
     if down.bias is None:
-        down.bias = torch.nn.Parameter(torch.randn(down.out_features) * 0.1)
+        down.bias = torch.nn.Parameter(torch.randn(down.out_features, generator=torch.Generator().manual_seed(seed)) * 0.1)
     return model, plan

@@ -67,7 +67,7 @@ import transformers, safetensors, minillm.saving, minillm.modeling_pruned  # the
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 model = minillm.saving.load_pruned(sys.argv[1])
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+size = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
 print(base * 1024, peak * 1024, size)
 """
 

@@ -1,0 +1,121 @@
+"""LoRA recovery (suite/recovery.py): the merge is W + B·A·(alpha/r), runs are seed-reproducible,
+a diverging run fails cleanly, heterogeneous pruned models (a layer without attention) recover,
+and a recovered directory still loads with plain transformers."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minillm.saving import load_pruned, save_pruned
+from suite import recovery
+from suite.models import byte_tokenizer
+from tests.checkpoints import plain_transformers_logits, pruned_tiny
+
+# a few steps on the mirrored Alpaca rows: tests, not LLM-Pruner's run (byte tokens: the prompt alone is ~190)
+FAST = {"data": "tatsu-lab/alpaca", "batch_size": 4, "micro_batch_size": 2, "cutoff_len": 320,
+        "val_set_size": 4, "max_steps": 3, "warmup_steps": 0, "logging_steps": 1, "learning_rate": 1e-3}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_merged_weights_equal_base_plus_scaled_BA():
+    model, _ = pruned_tiny("tiny-llama-gqa")
+    settings = recovery.settings_with_defaults({**FAST, "lora_r": 4, "lora_alpha": 12})
+    names = recovery.lora_target_names(model)
+    base = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    peft_model = recovery.attach_lora(model, settings)
+    g = torch.Generator().manual_seed(0)
+    factors = {}
+    for n in names:  # B starts at zero: give every adapter a random non-zero B (as training would)
+        lora = peft_model.base_model.model.get_submodule(n)
+        with torch.no_grad():
+            lora.lora_B["default"].weight.copy_(torch.randn(lora.lora_B["default"].weight.shape, generator=g))
+        factors[n] = (lora.lora_A["default"].weight.detach().clone(), lora.lora_B["default"].weight.detach().clone())
+    merged = recovery.merge_lora(peft_model)
+    assert len(names) == 4 * 7 - 4  # layer 1 has no attention: its 4 zero-width projections are skipped
+    for n in names:
+        a, b = factors[n]
+        assert a.shape[0] == 4 and b.shape[1] == 4
+        expected = base[n] + (b @ a) * (12 / 4)
+        torch.testing.assert_close(merged.get_submodule(n).weight, expected, rtol=1e-6, atol=1e-6)
+        assert type(merged.get_submodule(n)) is torch.nn.Linear  # unloaded: plain Linears again
+
+
+def _recovered_state(seed):
+    model, _ = pruned_tiny("tiny-llama")
+    out = recovery.recover(model, byte_tokenizer(), FAST, seed=seed)
+    return {k: v.clone() for k, v in out.model.state_dict().items()}, out.info
+
+
+def test_recovery_is_seed_reproducible_and_changes_weights():
+    first, info = _recovered_state(0)
+    second, _ = _recovered_state(0)
+    other, _ = _recovered_state(1)
+    untouched, _ = pruned_tiny("tiny-llama")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(first[q], untouched.state_dict()[q])  # training moved the merged weights
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(first[emb], untouched.state_dict()[emb])  # only LoRA targets change
+    assert info["steps"] == 3 and info["examples"] == 102 - 4
+    assert len(info["loss_log"]) == 3 and info["train_loss_final"] == info["loss_log"][-1][1]
+    assert info["tokens_seen"] > 0 and info["lora"]["r"] == 8
+
+
+@pytest.mark.parametrize("name", ["tiny-llama-gqa", "tiny-opt", "tiny-bloom"])
+def test_heterogeneous_pruned_model_recovers_and_loads_plainly(tmp_path, name):
+    """Layers of different widths, layer 1 with no attention at all; then save and load with plain transformers."""
+    model, plan = pruned_tiny(name)
+    widths = [p.shape for p in model.parameters()]
+    out = recovery.recover(model, byte_tokenizer(), FAST, seed=0)
+    assert [p.shape for p in out.model.parameters()] == widths
+    assert out.info["steps"] == 3
+    d = save_pruned(out.model, byte_tokenizer(), plan, tmp_path / "recovered")
+    ids = torch.randint(3, 259, (2, 16), generator=torch.Generator().manual_seed(0))
+    (plain,) = plain_transformers_logits([d], ids, tmp_path)
+    with torch.no_grad():
+        expected = out.model(ids).logits
+        assert torch.equal(load_pruned(d)(ids).logits, expected)
+    assert ((plain - expected).norm() / expected.norm()).item() <= 1e-6
+
+
+def test_diverging_recovery_fails_with_one_line_and_no_directory(tmp_path):
+    """`suite recover` with a learning rate that blows the weights up: exit 2, `error: ...`, no output dir."""
+    model, plan = pruned_tiny("tiny-llama")
+    src = save_pruned(model, byte_tokenizer(), plan, tmp_path / "pruned")
+    out = tmp_path / "recovered"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    cmd = [sys.executable, "-m", "suite", "recover", "--model", str(src), "--out", str(out), "--quiet",
+           *[a for k, v in {**FAST, "learning_rate": 1e30}.items() for a in ("--set", f"{k}={v}")]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert lines[-1].startswith("error: recovery diverged") and "Traceback" not in proc.stderr
+    assert not out.exists() and not any(p.name.startswith(".recovered") for p in tmp_path.iterdir())
+
+
+def test_bad_settings_are_user_errors():
+    from minillm.errors import UserError
+
+    with pytest.raises(UserError, match="unknown recovery setting"):
+        recovery.settings_with_defaults({"lora_rank": 8})
+    with pytest.raises(UserError, match="multiple of micro_batch_size"):
+        recovery.settings_with_defaults({"batch_size": 6, "micro_batch_size": 4})
+    with pytest.raises(UserError, match="leaves no training data"):
+        recovery.split_train_val(list(range(10)), 10)
+
+
+def test_alpaca_labels_mask_the_prompt():
+    tok = byte_tokenizer()
+    settings = recovery.settings_with_defaults(FAST | {"cutoff_len": 4096})
+    row = {"instruction": "Add.", "input": "2+2", "output": "4"}
+    ex = recovery.tokenize_instruction(tok, row, settings)
+    prompt = ("Below is an instruction that describes a task, paired with an input that provides further "
+              "context. Write a response that appropriately completes the request.\n\n### Instruction:\nAdd."
+              "\n\n### Input:\n2+2\n\n### Response:\n")
+    n_prompt = len(tok(prompt)["input_ids"])
+    assert ex["input_ids"] == tok(prompt + "4")["input_ids"] + [tok.eos_token_id]
+    assert ex["labels"] == [-100] * n_prompt + ex["input_ids"][n_prompt:]
