@@ -29,6 +29,8 @@ PACKAGES = ("torch", "transformers", "lm_eval", "datasets", "numpy", "safetensor
 # What makes two grid cells the same experiment. `label` is only a display name and `device`
 # may change when a grid is resumed on another machine; dtype changes the numbers, so it counts.
 CELL_KEYS = ("model", "method", "options", "ratio", "seed", "calibration", "evaluation", "dtype")
+# Keys that count only when a cell has them, so adding one leaves older cells' keys unchanged
+OPTIONAL_CELL_KEYS = ("recovery",)
 
 
 def canonical_json(obj) -> str:
@@ -41,7 +43,9 @@ def sha256_hex(obj) -> str:
 
 def cell_key(cell: dict) -> str:
     """Stable id of a grid cell: sha256 of the canonical JSON of the fields that define it."""
-    return sha256_hex({key: cell.get(key) for key in CELL_KEYS})
+    key = {k: cell.get(k) for k in CELL_KEYS}
+    key.update({k: cell[k] for k in OPTIONAL_CELL_KEYS if cell.get(k) is not None})
+    return sha256_hex(key)
 
 
 # --------------------------------------------------------------------------- provenance

@@ -243,6 +243,7 @@ def train_lora(peft_model, tokenizer, train: list, val: list, settings: dict, se
             fp16=dtype == torch.float16, disable_tqdm=quiet, dataloader_num_workers=0,
             include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
         )
+        saved = tokenizer.pad_token_id, tokenizer.padding_side  # restored: evaluation shares the tokenizer
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token_id = 0  # post_training.py sets 0 unconditionally
         tokenizer.padding_side = "left"  # as post_training.py
@@ -252,7 +253,10 @@ def train_lora(peft_model, tokenizer, train: list, val: list, settings: dict, se
         if quiet:
             trainer.remove_callback(PrinterCallback)  # prints every log dict to stdout otherwise
         peft_model.config.use_cache = False
-        result = trainer.train()
+        try:
+            result = trainer.train()
+        finally:
+            tokenizer.pad_token_id, tokenizer.padding_side = saved
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         if not math.isfinite(result.training_loss):
             raise UserError(f"recovery diverged: mean training loss {result.training_loss}")

@@ -119,3 +119,68 @@ def test_alpaca_labels_mask_the_prompt():
     n_prompt = len(tok(prompt)["input_ids"])
     assert ex["input_ids"] == tok(prompt + "4")["input_ids"] + [tok.eos_token_id]
     assert ex["labels"] == [-100] * n_prompt + ex["input_ids"][n_prompt:]
+
+
+# --------------------------------------------------------------------------- grids, records, tables
+GRID = """name: t
+models: [tiny-llama]
+methods:
+  - magnitude
+  - {name: random, recovery: {lora_r: 4}}
+  - {name: wanda-sp, recovery: false}
+ratios: [0.2, 0.5]
+recovery: {ratios: [0.2], max_steps: 30, data: tatsu-lab/alpaca}
+"""
+
+
+def test_grid_recovery_block_per_method_and_ratio(tmp_path):
+    import hashlib
+
+    from suite.config import expand_cells, load_config
+    from suite.records import CELL_KEYS, canonical_json, cell_key
+
+    (tmp_path / "c.yaml").write_text(GRID)
+    cells = {(c["method"], c["ratio"]): c for c in expand_cells(load_config(tmp_path / "c.yaml"))}
+    defaults = recovery.DEFAULTS
+    assert cells[("magnitude", 0.2)]["recovery"] == {**defaults, "max_steps": 30, "data": "tatsu-lab/alpaca"}
+    assert cells[("random", 0.2)]["recovery"] == {**defaults, "max_steps": 30, "data": "tatsu-lab/alpaca", "lora_r": 4}
+    for key in [("magnitude", 0.5), ("random", 0.5), ("wanda-sp", 0.2), ("dense", 0.0)]:
+        assert "recovery" not in cells[key]
+        # a cell without recovery keeps the key it had before recovery existed
+        legacy = hashlib.sha256(canonical_json({k: cells[key].get(k) for k in CELL_KEYS}).encode()).hexdigest()
+        assert cell_key(cells[key]) == legacy
+    plain = dict(cells[("magnitude", 0.2)])
+    del plain["recovery"]
+    assert cell_key(plain) != cell_key(cells[("magnitude", 0.2)])  # the key includes the recovery settings
+    (tmp_path / "bad.yaml").write_text(GRID.replace("max_steps: 30", "max_step: 30"))
+    from minillm.errors import UserError
+
+    with pytest.raises(UserError, match=r"bad.yaml: recovery: unknown recovery setting\(s\) max_step"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_recovered_cell_record_and_table_rows():
+    """A recovered cell records metrics before and after; the table shows them as w/o / w/ tune rows."""
+    from suite.pipeline import run_cell
+    from suite.tables import to_csv, to_markdown
+
+    cell = {"model": "tiny-llama", "method": "magnitude", "label": "magnitude", "options": {}, "ratio": 0.2,
+            "seed": 0, "calibration": {}, "device": "cpu", "dtype": "float32",
+            "evaluation": {"perplexity": ["wikitext2"], "max_tokens": 1024, "tasks": [], "throughput": False},
+            "recovery": recovery.settings_with_defaults(FAST)}
+    record = run_cell(cell)
+    before, after = record["before_recovery"]["perplexity"]["wikitext2"], record["perplexity"]["wikitext2"]
+    assert before != after
+    assert record["recovery"]["steps"] == 3 and record["recovery"]["settings"] == cell["recovery"]
+    assert record["recovery"]["lora"]["targets"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj",
+                                                            "gate_proj", "up_proj", "down_proj"])
+    assert {"seconds", "peak_mb"} <= set(record["phases"]["recover"])
+    record.update(status="ok", cell=cell)
+    import io
+
+    import pandas as pd
+
+    frame = pd.read_csv(io.StringIO(to_csv([record])))
+    rows = dict(zip(frame["Method"], frame["WikiText-2"]))
+    assert rows == {"magnitude w/o tune": pytest.approx(before), "magnitude w/ tune": pytest.approx(after)}
+    assert "magnitude w/ tune" in to_markdown([record])
