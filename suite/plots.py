@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from suite.tables import METHOD_ORDER, latest  # noqa: E402
+from suite.tables import METHOD_ORDER, TUNE, latest, split_recovered  # noqa: E402
 
 CORPUS = "wikitext2"
 FIGSIZE = (11, 4)
@@ -24,18 +24,19 @@ MODEL_STYLES = ["-", ":", "-.", "--"]
 
 def _rank(label: str) -> tuple:
     """Plot methods in the table's order; a label like "minillm-fo" sorts with its method."""
-    base = next((m for m in METHOD_ORDER if label == m or label.startswith((m + "-", m + "_"))), None)
+    base = next((m for m in METHOD_ORDER if label == m or label.startswith((m + "-", m + "_", m + " "))), None)
     return (METHOD_ORDER.index(base) if base else len(METHOD_ORDER), label)
 
 
 def _series(records: list[dict]) -> dict:
-    """{(model, label): {ratio: [wikitext2 ppl, ...]}} over ok records with a finite perplexity."""
+    """{(model, label): {ratio: [wikitext2 ppl, ...]}} over ok records with a finite perplexity.
+    A recovered cell: its pruned value on the method's line, its recovered one on "label w/ tune"."""
     series: dict = {}
-    for r in latest(records):
+    for r in split_recovered(latest(records)):
         ppl = (r.get("perplexity") or {}).get(CORPUS)
         if r.get("status", "ok") != "ok" or ppl is None or not math.isfinite(ppl):
             continue
-        key = (r.get("model"), r.get("label") or r.get("method"))
+        key = (r.get("model"), (r.get("label") or r.get("method")).removesuffix(TUNE[0]))
         series.setdefault(key, {}).setdefault(float(r.get("ratio_target") or 0.0), []).append(ppl)
     return series
 

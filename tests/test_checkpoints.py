@@ -93,3 +93,44 @@ def test_smollm2_pruned_directory_plain_transformers_and_rss(tmp_path, smollm2):
     base, peak, size = map(int, proc.stdout.split()[-3:])
     assert size < sum(p.numel() * 4 for p in smollm2[0].parameters())  # pruned is smaller than dense
     assert peak <= base + 1.3 * size, (base, peak, size)
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_evaluates_pruned_smollm2_like_suite_eval(tmp_path, smollm2):
+    """`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` (its own CLI, in a process
+    without the suite) on mirrored ARC-Easy items gives `suite eval`'s accuracy on the same items."""
+    import copy
+
+    import yaml
+
+    from suite.data import mirror_root
+    from suite.evaluate import mirror_task_config, task_manager
+
+    model = copy.deepcopy(smollm2[0])
+    plan = heterogeneous_plan(model, seed=2, empty_attention_layer=3)
+    apply_plan(model, plan)
+    out = save_pruned(model, smollm2[1], plan, tmp_path / "smol")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    cfg = mirror_task_config(task_manager(tasks=("arc_easy",)), "arc_easy", mirror_root())
+    cfg.update(task="arc_easy_mirror")
+    cfg.pop("tag", None)
+    (tasks / "arc_easy_mirror.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    cli = [sys.executable, "-I", "-c", "import importlib.util, sys; assert importlib.util.find_spec('suite') is None;"
+           " from lm_eval.__main__ import cli_evaluate; sys.argv[0] = 'lm_eval'; sys.exit(cli_evaluate())",
+           "--model", "hf", "--model_args", f"pretrained={out},trust_remote_code=True,dtype=float32",
+           "--tasks", "arc_easy_mirror", "--include_path", str(tasks), "--limit", "40", "--batch_size", "4",
+           "--device", "cpu", "--output_path", str(tmp_path / "lm_eval_out")]
+    proc = subprocess.run(cli, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result_file,) = (tmp_path / "lm_eval_out").rglob("results_*.json")
+    cli_acc = json.loads(result_file.read_text())["results"]["arc_easy_mirror"]["acc,none"]
+    suite_env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "suite", "eval", "--model", str(out), "--ppl", "none",
+                           "--tasks", "arc_easy", "--limit", "40", "--batch-size", "4", "--quiet",
+                           "--json", str(tmp_path / "suite.json")], capture_output=True, text=True, env=suite_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    suite_acc = json.loads((tmp_path / "suite.json").read_text())["zero_shot"]["arc_easy"]["acc"]
+    assert cli_acc == suite_acc
