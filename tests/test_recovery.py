@@ -188,3 +188,18 @@ def test_recovered_cell_record_and_table_rows():
 
     series = _series([record])  # the plot: pruned value on the method's line, recovered on its own
     assert series == {("tiny-llama", "magnitude"): {0.2: [before]}, ("tiny-llama", "magnitude w/ tune"): {0.2: [after]}}
+
+
+def test_c4_recovery_documents_avoid_calibration_and_heldout():
+    from suite.data import C4_HELDOUT_DOCS, c4_recovery_documents, calibration_windows, load_rows
+
+    tok = byte_tokenizer()
+    calib = {"corpus": "c4", "nsamples": 4, "seqlen": 64}
+    recovery_docs = c4_recovery_documents(tok, calib, seed=3)
+    docs = [r["text"] for r in load_rows("allenai/c4", "en", "train")]
+    pool, heldout = docs[:-C4_HELDOUT_DOCS], docs[-C4_HELDOUT_DOCS:]
+    assert len(pool) - 4 <= len(recovery_docs) < len(pool)
+    assert not set(heldout) & set(recovery_docs)
+    for window in calibration_windows(tok, "c4", 4, 64, seed=3):  # each window's document is left out
+        text = tok.decode(window.tolist())
+        assert any(text in d for d in pool) and not any(text in d for d in recovery_docs)

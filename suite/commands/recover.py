@@ -73,6 +73,8 @@ def run(args) -> int:
     if out.exists() and any(out.iterdir()) and not (out / PLAN_FILE).exists():
         raise UserError(f"{out} exists and is not a pruned-model directory; refusing to overwrite it")
     kind, where = resolve(args.model)
+    if kind == "pruned" and not (where / PLAN_FILE).is_file():
+        raise UserError(f"{where} has no {PLAN_FILE}: the recovered directory could not name its kept heads/channels")
     source = json.loads((where / "pruning.json").read_text()) if kind == "pruned" and (where / "pruning.json").is_file() else {}
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     tokenizer = load_tokenizer(args.model)
