@@ -11,7 +11,7 @@ import torch
 
 from minillm.architectures import adapter_for
 from minillm.plan import apply_plan
-from minillm.saving import PLAN_FILE, load_pruned, save_pruned
+from minillm.saving import load_pruned, save_pruned
 from suite.models import byte_tokenizer
 from tests.checkpoints import heterogeneous_plan, plain_transformers_logits, pruned_tiny
 

@@ -1,7 +1,6 @@
 """LoRA recovery (suite/recovery.py): the merge is W + B·A·(alpha/r), runs are seed-reproducible,
 a diverging run fails cleanly, heterogeneous pruned models (a layer without attention) recover,
 and a recovered directory still loads with plain transformers."""
-import json
 import os
 import subprocess
 import sys
