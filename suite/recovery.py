@@ -156,11 +156,13 @@ def plain_text_examples(tokenizer, texts: list[str], cutoff: int) -> list[dict]:
 
 def recovery_examples(tokenizer, settings: dict, calibration: dict | None = None, seed: int = 0):
     """(train, validation) tokenised examples for `settings["data"]`; `calibration` (c4 only): the
-    pruning's calibration settings, whose documents are excluded."""
+    pruning's calibration settings (corpus, nsamples, seqlen and, optionally, the pruning's `seed`), whose documents
+    are excluded."""
     if settings["data"] == "c4":
         from suite.data import c4_recovery_documents
 
-        docs = plain_text_examples(tokenizer, c4_recovery_documents(tokenizer, calibration, seed),
+        calib_seed = (calibration or {}).get("seed", seed)  # the pruning's seed drew its windows
+        docs = plain_text_examples(tokenizer, c4_recovery_documents(tokenizer, calibration, calib_seed),
                                    settings["cutoff_len"])
         train, val = split_train_val(docs, settings["val_set_size"])
     else:

@@ -84,8 +84,9 @@ def run(args) -> int:
         from suite.evaluate import perplexity
 
         ppl["before"] = perplexity(model, tokenizer, args.ppl, max_tokens=args.max_tokens, quiet=args.quiet)
+    calibration = dict(source["calibration"], seed=source.get("seed", 0)) if source.get("calibration") else None
     with measure(args.device) as phase:
-        outcome = recovery.recover(model, tokenizer, settings, seed=args.seed, calibration=source.get("calibration"),
+        outcome = recovery.recover(model, tokenizer, settings, seed=args.seed, calibration=calibration,
                                    device=args.device, quiet=args.quiet)
     info = {**outcome.info, "phase": phase}
     if args.ppl:
