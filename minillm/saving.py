@@ -14,6 +14,8 @@ model. `load_pruned` reads this format with the suite's own copy of the modeling
 older one (dense config + plan.json, before the standard config existed) by deriving
 ``pruned_layers`` from the plan and the weights' keys; either way transformers builds the model on
 the meta device and loads the pruned tensors into it: the dense model is never materialised.
+A family that `modeling_pruned.FAMILIES` does not list yet is saved and loaded as before (dense
+config + plan.json, rebuilt and sliced), so adding an architecture adapter never breaks saving.
 """
 from __future__ import annotations
 
@@ -70,10 +72,11 @@ def save_pruned(model, tokenizer, plan: Plan, out_dir, extra: dict | None = None
         shutil.rmtree(tmp)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        config_path = tmp / "config.json"
-        config = standard_config(json.loads(config_path.read_text()), pruned_layers(model))
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        shutil.copyfile(modeling_pruned.__file__, tmp / MODELING_FILE)
+        if model.config.model_type in modeling_pruned.FAMILIES:  # else: the dense config + plan.json
+            config_path = tmp / "config.json"
+            config = standard_config(json.loads(config_path.read_text()), pruned_layers(model))
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            shutil.copyfile(modeling_pruned.__file__, tmp / MODELING_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         plan.save(tmp / PLAN_FILE)
@@ -120,6 +123,8 @@ def load_pruned(path, dtype: torch.dtype = torch.float32):
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
+    if config.model_type not in modeling_pruned.FAMILIES:
+        return _load_by_slicing(path, config, dtype)
     if not hasattr(config, modeling_pruned.CONFIG_KEY):  # old format: dense config + plan.json
         keys = set()
         for shard in sorted(path.glob("*.safetensors")):
@@ -127,13 +132,40 @@ def load_pruned(path, dtype: torch.dtype = torch.float32):
                 keys.update(f.keys())
         layers = _layers_from_plan(config, Plan.load(path / PLAN_FILE), keys)
         setattr(config, modeling_pruned.CONFIG_KEY, layers)
-    cls = modeling_pruned.FAMILIES.get(config.model_type)
-    if cls is None:
-        raise UserError(f"{path}: no pruned model class for architecture {config.model_type!r}")
+    cls = modeling_pruned.FAMILIES[config.model_type]
     model, info = cls.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
     tied = {k for k in info["missing_keys"] if k.endswith("lm_head.weight") and config.tie_word_embeddings}
     missing, unexpected = set(info["missing_keys"]) - tied, set(info["unexpected_keys"])
     if missing or unexpected or info.get("mismatched_keys"):
         raise ValueError(f"pruned checkpoint mismatch: missing {sorted(missing)[:5]}, unexpected "
                          f"{sorted(unexpected)[:5]}, mismatched {list(info.get('mismatched_keys') or [])[:5]}")
+    return model.eval()
+
+
+def _load_by_slicing(path: Path, config, dtype):
+    """A family without a pruned class in modeling_pruned.py: the dense model from its config, sliced
+    to plan.json, biases the method created (FLAP) added, the weights loaded strictly."""
+    from safetensors.torch import load_file
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    from minillm.plan import apply_plan
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    apply_plan(model, Plan.load(path / PLAN_FILE))
+    state = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        state.update(load_file(shard))
+    for key, tensor in state.items():
+        module_name, _, leaf = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        if leaf == "bias" and isinstance(module, nn.Linear) and module.bias is None:
+            module.bias = nn.Parameter(torch.empty_like(tensor, dtype=dtype))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and config.tie_word_embeddings}
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"pruned checkpoint mismatch: missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    if tied:
+        model.tie_weights()
     return model.eval()

@@ -134,3 +134,17 @@ def test_lm_eval_cli_evaluates_pruned_smollm2_like_suite_eval(tmp_path, smollm2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     suite_acc = json.loads((tmp_path / "suite.json").read_text())["zero_shot"]["arc_easy"]["acc"]
     assert cli_acc == suite_acc
+
+
+def test_family_without_pruned_class_saves_and_loads_as_before(tmp_path, monkeypatch):
+    """An architecture adapter whose family modeling_pruned.py does not list: dense config + plan.json, sliced on load."""
+    from minillm import modeling_pruned
+
+    monkeypatch.delitem(modeling_pruned.FAMILIES, "opt")
+    model, plan = pruned_tiny("tiny-opt")
+    out = save_pruned(model, byte_tokenizer(), plan, tmp_path / "m")
+    assert not (out / "modeling_pruned.py").exists()
+    assert "pruned_layers" not in json.loads((out / "config.json").read_text())
+    ids = torch.randint(3, 259, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(load_pruned(out)(ids).logits, model(ids).logits)

@@ -96,6 +96,28 @@ def test_diverging_recovery_fails_with_one_line_and_no_directory(tmp_path):
     assert not out.exists() and not any(p.name.startswith(".recovered") for p in tmp_path.iterdir())
 
 
+def test_recover_command_writes_a_recovered_pruned_directory(tmp_path):
+    """`suite recover` happy path: the output is a pruned directory with the same plan, new weights and
+    a `recovery` entry (steps, LoRA, phase time and peak) in pruning.json."""
+    import json
+
+    model, plan = pruned_tiny("tiny-opt")
+    src = save_pruned(model, byte_tokenizer(), plan, tmp_path / "pruned", extra={"method": "test"})
+    out = tmp_path / "recovered"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    cmd = [sys.executable, "-m", "suite", "recover", "--model", str(src), "--out", str(out), "--quiet",
+           "--max-steps", "1", *[a for k, v in FAST.items() if k != "max_steps" for a in ("--set", f"{k}={v}")]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "plan.json").read_text() == (src / "plan.json").read_text()
+    record = json.loads((out / "pruning.json").read_text())
+    assert record["method"] == "test" and record["recovery"]["steps"] == 1
+    assert record["recovery"]["settings"]["learning_rate"] == FAST["learning_rate"]
+    assert {"seconds", "peak_mb"} <= set(record["recovery"]["phase"])
+    before, after = load_pruned(src).state_dict(), load_pruned(out).state_dict()
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+
+
 def test_bad_settings_are_user_errors():
     from minillm.errors import UserError
 
