@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from minillm.errors import UserError
+from minillm.modeling_pruned import _AlibiHeadsBloomAttention, _keep_cache_length
 
 HEAD_MODES = ("q-head", "kv-group")
 
@@ -98,6 +99,9 @@ class Adapter:
     # (name, dim, unit) where unit is "q" (indexed by q heads), "kv" (kv heads) or "qkv" (BLOOM fused)
     head_members: tuple[tuple[str, int, str], ...] = ()
     channel_members: tuple[tuple[str, int], ...] = ()
+    # Linear names (suffixes, PEFT's `target_modules`) that LoRA recovery adapts: LLM-Pruner's
+    # q/k/v/o/gate/up/down for LLaMA and each family's equivalents
+    lora_targets: tuple[str, ...] = ()
 
     def layers(self, model) -> list[nn.Module]:
         raise NotImplementedError
@@ -215,6 +219,7 @@ class LlamaAdapter(Adapter):
         ("self_attn.o_proj", 1, "q"),
     )
     channel_members = (("mlp.gate_proj", 0), ("mlp.up_proj", 0), ("mlp.down_proj", 1))
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     def layers(self, model):
         return list(model.model.layers)
@@ -356,6 +361,7 @@ class OPTAdapter(Adapter):
         ("self_attn.out_proj", 1, "q"),
     )
     channel_members = (("fc1", 0), ("fc2", 1))
+    lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
     def layers(self, model):
         return list(model.model.decoder.layers)
@@ -378,6 +384,7 @@ class BloomAdapter(Adapter):
     position_encoding = "alibi"
     head_members = (("self_attention.query_key_value", 0, "qkv"), ("self_attention.dense", 1, "q"))
     channel_members = (("mlp.dense_h_to_4h", 0), ("mlp.dense_4h_to_h", 1))
+    lora_targets = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
     def layers(self, model):
         return list(model.transformer.h)
@@ -385,11 +392,11 @@ class BloomAdapter(Adapter):
     def set_heads(self, layer, heads, kv_heads):
         """BLOOM builds ALiBi once for all n_head heads; a sliced layer must add its KEPT heads' slopes."""
         attn = layer.self_attention
-        original = getattr(attn, "alibi_heads", None)
+        original = getattr(attn, "kept_alibi_heads", None)
         if original is None:  # first slicing: remember the model-level head count
-            original = torch.arange(attn.num_heads)
+            original = list(range(attn.num_heads))
             attn.total_heads = attn.num_heads
-        attn.register_buffer("alibi_heads", original[torch.as_tensor(heads, dtype=torch.long)], persistent=False)
+        attn.kept_alibi_heads = [original[h] for h in heads]
         attn.num_heads = len(heads)
         layer.num_heads = len(heads)
         if not isinstance(attn, _PrunedBloomAttention):
@@ -453,14 +460,10 @@ def _tensor_parallel(linear: nn.Linear, tp: int, kept: torch.Tensor, width: int)
     linear.register_buffer("tp_shard", shard[kept.to(shard.device)].to(linear.weight.device), persistent=False)
 
 
-class _PrunedBloomAttention:
-    """Mixin: select this layer's kept heads from the model-wide ALiBi tensor before attention."""
 
-    def forward(self, hidden_states, residual, alibi, *args, **kwargs):
-        batch = hidden_states.shape[0]
-        alibi = alibi.view(batch, self.total_heads, *alibi.shape[1:])
-        alibi = alibi.index_select(1, self.alibi_heads).reshape(batch * self.num_heads, *alibi.shape[2:])
-        return super().forward(hidden_states, residual, alibi, *args, **kwargs)
+# the mixin that selects a sliced layer's kept heads' ALiBi slopes: the standard checkpoint's own
+# class (minillm/modeling_pruned.py), so sliced and reloaded models run the same code
+_PrunedBloomAttention = _AlibiHeadsBloomAttention
 
 
 _CLASS_CACHE: dict = {}
@@ -489,25 +492,6 @@ def _dropped(base, forward):
 
         _CLASS_CACHE[key] = type(f"Dropped{base.__name__}", (base,), {"forward": dropped_forward})
     return _CLASS_CACHE[key]
-
-
-CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")  # names across versions/models
-
-
-def _keep_cache_length(attn, hidden_states: torch.Tensor, kwargs: dict) -> None:
-    """Write a one-head all-zero key/value entry [batch, 1, new tokens, head_dim] for a dropped attention.
-
-    transformers reads the cached sequence length (positions, causal mask) from layer 0's entry
-    (`Cache.get_seq_length(layer_idx=0)`) and counts an entry with no elements as empty, so a dropped
-    attention that wrote nothing (or zero heads) made cached decoding use wrong positions. Nothing
-    reads the placeholder; it costs one head of cache per dropped layer.
-    """
-    cache = next((kwargs[k] for k in CACHE_ARGUMENTS if kwargs.get(k) is not None), None)
-    if cache is None or not hasattr(cache, "update"):
-        return
-    batch, length = hidden_states.shape[:2]
-    placeholder = hidden_states.new_zeros(batch, 1, length, attn.head_dim)
-    cache.update(placeholder, placeholder, attn.layer_idx)
 
 
 # --------------------------------------------------------------------------- registry

@@ -1,11 +1,25 @@
-"""Save step of the flow: a pruned model as a directory of safetensors + config + tokenizer +
-plan.json (nothing pickled), written to a temporary sibling and renamed into place so a killed
-run never leaves a half-written model. Every file gets the mode of a file this process creates
-(0644 under the usual umask 022): safetensors writes its file 0600, the rest follow the umask.
-Replacing an existing `out_dir` is the caller's decision (`suite prune --force`). `load_pruned` rebuilds the unpruned architecture from the
-config, applies the plan (which also restores BLOOM's per-layer ALiBi head selection), creates
-any bias the pruning method added (FLAP compensation) and loads the weights strictly. The loaded
-model carries its plan (`minillm.plan.carried_plan`), so pruning it again composes.
+"""Save step of the flow: a pruned model as a STANDARD transformers directory (nothing pickled).
+
+A pruned directory holds safetensors weights, the tokenizer, `plan.json` (kept heads / kv heads /
+channels in the original numbering) and a config that loads with plain transformers:
+the dense config plus ``pruned_layers`` (every layer's head, kv-head and channel counts, its
+biases, BLOOM's kept ALiBi heads) and ``auto_map`` naming `modeling_pruned.py`, which
+`save_pruned` copies beside it (see that file). So
+
+    AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
+
+loads it in any process (lm-eval's CLI, PEFT/TRL scripts, serving stacks). The directory is
+written to a temporary sibling and renamed into place, so a killed run never leaves a half-written
+model. `load_pruned` reads this format with the suite's own copy of the modeling classes, and the
+older one (dense config + plan.json, before the standard config existed) by deriving
+``pruned_layers`` from the plan and the weights' keys; either way transformers builds the model on
+the meta device and loads the pruned tensors into it: the dense model is never materialised.
+A family that `modeling_pruned.FAMILIES` does not list yet is saved and loaded as before (dense
+config + plan.json, rebuilt and sliced), so adding an architecture adapter never breaks saving.
+Every file gets the mode of a file this process creates (0644 under the usual umask 022):
+safetensors writes its file 0600, the rest follow the umask. Replacing an existing `out_dir` is the
+caller's decision (`suite prune --force`). A loaded model carries its plan
+(`minillm.plan.carried_plan`, from plan.json), so pruning it again composes.
 """
 from __future__ import annotations
 
@@ -15,11 +29,57 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from minillm.plan import Plan, apply_plan
+from minillm import modeling_pruned
+from minillm.architectures import adapter_for
+from minillm.errors import UserError
+from minillm.plan import PLAN_ATTRIBUTE, Plan
 
 PLAN_FILE = "plan.json"
+MODELING_FILE = "modeling_pruned.py"
+
+
+def pruned_layers(model) -> list[dict]:
+    """The ``pruned_layers`` config entry of a (sliced) in-memory model: per-layer sizes and biases."""
+    adapter = adapter_for(model)
+    names = [m[0] for m in adapter.head_members] + [m[0] for m in adapter.channel_members]
+    out = []
+    for layer in adapter.layers(model):
+        spec = {"heads": adapter.num_heads(layer), "kv_heads": adapter.num_kv_heads(layer),
+                "channels": adapter.num_channels(layer),
+                "biases": [n for n in names if layer.get_submodule(n).bias is not None]}
+        if model.config.model_type == "bloom":
+            attn = adapter.attn(layer)
+            kept = getattr(attn, "kept_alibi_heads", None)
+            spec["alibi_heads"] = [int(h) for h in kept] if kept is not None else list(range(spec["heads"]))
+        out.append(spec)
+    return out
+
+
+def standard_config(config: dict, layers: list[dict]) -> dict:
+    """A dense config dict made the pruned directory's: `pruned_layers`, `auto_map`, `architectures`."""
+    cls = modeling_pruned.FAMILIES.get(config["model_type"])
+    if cls is None:
+        raise UserError(f"no standard pruned checkpoint for architecture {config['model_type']!r}; "
+                        f"supported: {', '.join(sorted(modeling_pruned.FAMILIES))}")
+    config = dict(config)
+    config[modeling_pruned.CONFIG_KEY] = layers
+    config["auto_map"] = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{cls.__name__}"}
+    config["architectures"] = [cls.__name__]
+    return config
+
+
+def standard_format(config) -> bool:
+    """Whether a pruned model of this config is saved as a standard checkpoint (modeling_pruned.py).
+
+    Not for families modeling_pruned.py does not list yet, nor for BLOOM with ``pretraining_tp > 1``
+    and ``slow_but_exact``: its sliced projections sum by original shard (`TensorParallelSum`),
+    which only the suite's slicing reproduces; those keep the dense config + plan.json format.
+    """
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    if get("model_type") not in modeling_pruned.FAMILIES:
+        return False
+    return not (get("model_type") == "bloom" and (get("pretraining_tp") or 1) > 1 and get("slow_but_exact"))
 
 
 def save_pruned(model, tokenizer, plan: Plan, out_dir, extra: dict | None = None) -> Path:
@@ -28,8 +88,12 @@ def save_pruned(model, tokenizer, plan: Plan, out_dir, extra: dict | None = None
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        # config describes the UNPRUNED architecture; plan.json says how to slice it
         model.save_pretrained(tmp, safe_serialization=True)
+        if standard_format(model.config):  # else: the dense config + plan.json
+            config_path = tmp / "config.json"
+            config = standard_config(json.loads(config_path.read_text()), pruned_layers(model))
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            shutil.copyfile(modeling_pruned.__file__, tmp / MODELING_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         plan.save(tmp / PLAN_FILE)
@@ -50,18 +114,85 @@ def save_pruned(model, tokenizer, plan: Plan, out_dir, extra: dict | None = None
     return out_dir
 
 
+def _layers_from_plan(config, plan: Plan, keys: set[str]) -> list[dict]:
+    """`pruned_layers` of an old-format directory: counts from the plan, biases from the weight keys."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # the dense architecture's module names and sizes, no memory
+        dense = AutoModelForCausalLM.from_config(config)
+    adapter = adapter_for(dense)
+    names = [m[0] for m in adapter.head_members] + [m[0] for m in adapter.channel_members]
+    prefix = {id(layer): name for name, layer in dense.named_modules()}
+    out = []
+    for lp, layer in zip(plan.layers, adapter.layers(dense)):
+        nq, nkv = adapter.num_heads(layer), adapter.num_kv_heads(layer)
+        kv = lp.kv_heads if lp.kv_heads is not None else (lp.heads if nkv == nq else list(range(nkv)))
+        spec = {"heads": len(lp.heads), "kv_heads": len(kv) if nkv != nq else len(lp.heads),
+                "channels": len(lp.channels),
+                "biases": [n for n in names if f"{prefix[id(layer)]}.{n}.bias" in keys]}
+        if config.model_type == "bloom":
+            spec["alibi_heads"] = list(lp.heads)
+        out.append(spec)
+    return out
+
+
 def load_pruned(path, dtype: torch.dtype = torch.float32):
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A pruned directory (standard or old format) as the suite's pruned model class, in eval mode.
+
+    Raises ValueError when the weights do not match the config (a missing or extra tensor).
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
+    if not standard_format(config):
+        return _load_by_slicing(path, config, dtype)
+    plan = Plan.load(path / PLAN_FILE) if (path / PLAN_FILE).is_file() else None
+    if not hasattr(config, modeling_pruned.CONFIG_KEY):  # old format: dense config + plan.json
+        keys = set()
+        for shard in sorted(path.glob("*.safetensors")):
+            with safe_open(shard, "pt") as f:
+                keys.update(f.keys())
+        layers = _layers_from_plan(config, plan, keys)
+        setattr(config, modeling_pruned.CONFIG_KEY, layers)
+    cls = modeling_pruned.FAMILIES[config.model_type]
+    model, info = cls.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
+    tied = {k for k in info["missing_keys"] if k.endswith("lm_head.weight") and config.tie_word_embeddings}
+    missing, unexpected = set(info["missing_keys"]) - tied, set(info["unexpected_keys"])
+    if missing or unexpected or info.get("mismatched_keys"):
+        raise ValueError(f"pruned checkpoint mismatch: missing {sorted(missing)[:5]}, unexpected "
+                         f"{sorted(unexpected)[:5]}, mismatched {list(info.get('mismatched_keys') or [])[:5]}")
+    if plan is not None:  # as apply_plan leaves a sliced model: pruning it again composes (plan.compose)
+        setattr(model, PLAN_ATTRIBUTE, _carried(config, plan))
+    return model.eval()
+
+
+def _carried(config, plan: Plan) -> Plan:
+    """plan.json as `apply_plan` carries it: kv heads listed for every GQA layer (original numbering)."""
+    nq = config.num_attention_heads
+    nkv = getattr(config, "num_key_value_heads", None) or nq
+    for lp in plan.layers:
+        if lp.kv_heads is None and nkv != nq:
+            lp.kv_heads = list(range(nkv))
+    return plan
+
+
+def _load_by_slicing(path: Path, config, dtype):
+    """A family without a pruned class in modeling_pruned.py: the dense model from its config, sliced
+    to plan.json, biases the method created (FLAP) added, the weights loaded strictly."""
+    from safetensors.torch import load_file
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    from minillm.plan import apply_plan
+
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     apply_plan(model, Plan.load(path / PLAN_FILE))
     state = {}
     for shard in sorted(path.glob("*.safetensors")):
         state.update(load_file(shard))
-    for key, tensor in state.items():  # biases created by the method (e.g. FLAP) on bias-free Linears
+    for key, tensor in state.items():
         module_name, _, leaf = key.rpartition(".")
         module = model.get_submodule(module_name)
         if leaf == "bias" and isinstance(module, nn.Linear) and module.bias is None:

@@ -113,11 +113,33 @@ def method(value, where):
     return entry
 
 
+def recovery_block(value, where):
+    """`recovery:` (grid-wide or per method): LoRA settings (suite/recovery.py DEFAULTS) plus
+    `ratios` (recover only those ratios' cells; default all); `false` (per method): no recovery."""
+    if value is False:
+        return False
+    value = dict(_expect(dict, value, where))
+    ratios = value.pop("ratios", None)
+    if ratios is not None:
+        ratios = list_of(ratio)(ratios, f"{where}.ratios")
+    from suite.recovery import settings_with_defaults
+
+    for key in ("learning_rate", "lora_dropout"):
+        if key in value:
+            value[key] = _expect(float, value[key], f"{where}.{key}")
+    try:
+        settings_with_defaults(value)
+    except UserError as exc:
+        raise _Invalid(where, str(exc)) from None
+    return {**value, "ratios": ratios}
+
+
 # --------------------------------------------------------------------------- schema
 METHOD_SCHEMA = {
     "name": (string, REQUIRED),
     "label": (optional(string), None),
     "options": (lambda v, w: dict(_expect(dict, v, w)), {}),
+    "recovery": (optional(recovery_block), None),
 }
 SCHEMA = {
     "name": (file_name, REQUIRED),
@@ -143,6 +165,8 @@ SCHEMA = {
     "device": (string, "cpu"),
     "dtype": (one_of(*DTYPES), "float32"),
     "dense": (boolean, True),
+    # LoRA recovery after pruning (LLM-Pruner's post-training; suite/recovery.py): null = none
+    "recovery": (optional(recovery_block), None),
 }
 
 
@@ -298,7 +322,25 @@ def expand_cells(config: dict) -> list[dict]:
                           "ratio": 0.0, "seed": config["seeds"][0], **shared})
         for entry in config["methods"]:
             for ratio in config["ratios"]:
+                recovery = cell_recovery(config.get("recovery"), entry.get("recovery"), ratio)
                 for seed in config["seeds"]:
                     cells.append({"model": model, "method": entry["name"], "label": entry["label"],
-                                  "options": entry["options"], "ratio": ratio, "seed": seed, **shared})
+                                  "options": entry["options"], "ratio": ratio, "seed": seed, **shared,
+                                  **({"recovery": recovery} if recovery else {})})
     return [copy.deepcopy(cell) for cell in cells]  # independent dicts: no cell shares a nested one
+
+
+def cell_recovery(grid: dict | None, method: dict | bool | None, ratio: float) -> dict | None:
+    """A cell's full recovery settings (defaults filled, so the cell key names them), or None.
+
+    The method's block overrides the grid's key by key; `false` on the method turns recovery off."""
+    grid = grid or None  # `recovery: false` at the grid level: none
+    if method is False or (grid is None and method is None):
+        return None
+    block = {**(grid or {}), **{k: v for k, v in (method or {}).items() if v is not None or k != "ratios"}}
+    ratios = block.pop("ratios", None)
+    if ratios is not None and ratio not in ratios:
+        return None
+    from suite.recovery import settings_with_defaults
+
+    return settings_with_defaults(block)

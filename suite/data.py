@@ -184,14 +184,15 @@ def eval_windows(tokenizer, corpus: str, seqlen: int = 128, max_tokens: int | No
 
 
 def calibration_windows(tokenizer, corpus: str = "c4", nsamples: int = 128, seqlen: int = 128,
-                        seed: int = 0) -> torch.Tensor:
+                        seed: int = 0, drawn: set | None = None) -> torch.Tensor:
     """[nsamples, seqlen] random calibration windows, as Wanda/SparseGPT ``get_c4`` draws them.
 
     C4: with ``random.Random(seed)`` pick a random (non-held-out) document, redraw until its
     tokenisation has more than `seqlen` tokens, then take a random `seqlen`-token window of it.
     WikiText-2 / PTB (one running text): random windows of the tokenised *test* text, as Wanda's
     ``get_wikitext2`` does with the train text. Note that calibrating on WikiText-2 test then leaks
-    into WikiText-2 perplexity (FLAP issue #13); use c4 for fair comparisons.
+    into WikiText-2 perplexity (FLAP issue #13); use c4 for fair comparisons. `drawn` (a set, c4):
+    receives the indices of the documents the windows come from.
     """
     c = get_corpus(corpus)
     rng = random.Random(seed)
@@ -212,6 +213,8 @@ def calibration_windows(tokenizer, corpus: str = "c4", nsamples: int = 128, seql
             d = rng.randint(0, len(docs) - 1)
             ids = _encoded(tokenizer, docs[d])
             if ids.numel() > seqlen:
+                if drawn is not None:
+                    drawn.add(d)
                 break
             too_short.add(d)
             if len(too_short) == len(docs):
@@ -219,3 +222,14 @@ def calibration_windows(tokenizer, corpus: str = "c4", nsamples: int = 128, seql
         i = rng.randint(0, ids.numel() - seqlen - 1)
         windows.append(ids[i: i + seqlen])
     return torch.stack(windows)
+
+
+def c4_recovery_documents(tokenizer, calibration: dict | None = None, seed: int = 0) -> list[str]:
+    """C4 train documents for LoRA recovery on plain text: those neither calibration (its draw with
+    `calibration`'s nsamples/seqlen and `seed`, when it calibrated on c4) nor C4 perplexity (the
+    held-out tail) use."""
+    docs = _split_documents(get_corpus("c4"))[0]
+    drawn: set[int] = set()
+    if calibration and calibration.get("corpus") == "c4":
+        calibration_windows(tokenizer, "c4", calibration["nsamples"], calibration["seqlen"], seed, drawn=drawn)
+    return [doc for i, doc in enumerate(docs) if i not in drawn]

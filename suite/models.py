@@ -8,7 +8,8 @@ Accepted forms (`load_model(name_or_path)`):
     ``tiny-qwen2``, ``tiny-qwen3``, ``tiny-gemma2``, ``tiny-gemma3``, ``tiny-phi3``: seeded
     random-init models built from a config in code, with a byte-level tokenizer (exact tests, no
     download).
-  - a directory written by this suite's ``prune`` (it holds ``plan.json``): rebuilt and sliced.
+  - a directory written by this suite's ``prune`` or ``recover`` (``plan.json`` and/or a config with
+    ``pruned_layers``, see minillm/saving.py): built in its pruned shapes, nothing dense materialised.
   - any local model directory, a path to a ``.gguf`` file, or a hub id.
 
 A spec that is none of these fails at once with one line (`UserError`) and no network traffic when
@@ -257,6 +258,14 @@ def _hub_cached(repo_id: str) -> bool:
 
 
 # --------------------------------------------------------------------------- entry points
+def _has_pruned_layers(config_path: Path) -> bool:
+    """A standard pruned checkpoint (minillm/modeling_pruned.py) also when plan.json was not kept with it."""
+    try:
+        return "pruned_layers" in json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def resolve(name_or_path: str):
     """Classify a model spec: ('tiny', name) | ('dir', path) | ('pruned', path) | ('gguf', path) | ('hub', id)."""
     spec = str(name_or_path)
@@ -268,7 +277,7 @@ def resolve(name_or_path: str):
     if path.is_file() and path.suffix == ".gguf":
         return "gguf", path
     if path.is_dir():
-        if (path / "plan.json").is_file():
+        if (path / "plan.json").is_file() or _has_pruned_layers(path / "config.json"):
             return "pruned", path
         if (path / "config.json").is_file():
             return "dir", path

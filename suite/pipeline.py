@@ -1,4 +1,4 @@
-"""The whole flow in one place: load -> calibrate -> score groups -> select -> slice -> evaluate -> record.
+"""The whole flow in one place: load -> calibrate -> score groups -> select -> slice -> (recover) -> evaluate -> record.
 
 `prune` is what `python -m suite prune` runs; `run_cell` is one cell of an experiment grid (the
 runner calls it in a fresh subprocess). Every phase is timed and its peak memory recorded.
@@ -148,8 +148,26 @@ def speed_record(dense: list[dict], pruned: dict) -> dict:
     return out
 
 
+def _evaluate(model, tokenizer, ev: dict, quiet: bool) -> dict:
+    """The metrics part of a record: perplexity per corpus, zero-shot per task, their mean accuracy."""
+    from suite import evaluate
+
+    out = {"perplexity": {corpus: evaluate.perplexity(model, tokenizer, corpus, seq_len=ev.get("seqlen", 128),
+                                                      max_tokens=ev.get("max_tokens"), quiet=quiet)
+                          for corpus in ev.get("perplexity", ["wikitext2", "ptb", "c4"])}}
+    tasks = ev.get("tasks") or []
+    zs = evaluate.zero_shot(model, tokenizer, tasks, limit=ev.get("limit"),
+                            batch_size=ev.get("batch_size", 1), quiet=quiet) if tasks else {}
+    out["zero_shot"] = {k: v for k, v in zs.items() if not k.startswith("_")}
+    accs = [v["acc"] for v in out["zero_shot"].values() if "acc" in v]
+    out["zero_shot_mean"] = sum(accs) / len(accs) if accs else None
+    return out
+
+
 def run_cell(cell: dict) -> dict:
-    """One grid cell: load, (prune), evaluate. Returns the record (the runner adds provenance)."""
+    """One grid cell: load, (prune), (recover), evaluate. Returns the record (the runner adds
+    provenance). A recovered cell's record holds the metrics before recovery in `before_recovery`,
+    the recovery's settings, steps, tokens and losses in `recovery`, its cost in `phases.recover`."""
     from suite import evaluate
     from suite.data import eval_windows
     from suite.models import load_model, load_tokenizer
@@ -183,18 +201,18 @@ def run_cell(cell: dict) -> dict:
         record.update(outcome_record(outcome, cell["ratio"]))
         warnings = record.pop("warnings", []) + warnings
         record["phases"] = {**phases, **outcome.phases}
+    recovery = cell.get("recovery")
+    if recovery:  # evaluate the pruned model, recover it (LoRA, merged), evaluate again
+        with measure(device) as record["phases"]["evaluate_before_recovery"]:
+            record["before_recovery"] = _evaluate(model, tokenizer, ev, quiet)
+        from suite.recovery import recover
+
+        with measure(device) as record["phases"]["recover"]:
+            outcome = recover(model, tokenizer, recovery, seed=cell.get("seed", 0),
+                              calibration=record.get("calibration"), device=device, quiet=quiet)
+        model, record["recovery"] = outcome.model, outcome.info
     with measure(device) as record["phases"]["evaluate"]:
-        record["perplexity"] = {
-            corpus: evaluate.perplexity(model, tokenizer, corpus, seq_len=ev.get("seqlen", 128),
-                                        max_tokens=ev.get("max_tokens"), quiet=quiet)
-            for corpus in ev.get("perplexity", ["wikitext2", "ptb", "c4"])
-        }
-        tasks = ev.get("tasks") or []
-        zs = evaluate.zero_shot(model, tokenizer, tasks, limit=ev.get("limit"),
-                                batch_size=ev.get("batch_size", 1), quiet=quiet) if tasks else {}
-    record["zero_shot"] = {k: v for k, v in zs.items() if not k.startswith("_")}
-    accs = [v["acc"] for v in record["zero_shot"].values() if "acc" in v]
-    record["zero_shot_mean"] = sum(accs) / len(accs) if accs else None
+        record.update(_evaluate(model, tokenizer, ev, quiet))
     if bench is not None:
         record["throughput"] = speed_record(dense_speed, speed(model, bench, **SPEED_PROBE))
     if warnings:

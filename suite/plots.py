@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from suite.tables import METHOD_ORDER, latest  # noqa: E402
+from suite.tables import METHOD_ORDER, TUNE, latest, split_recovered  # noqa: E402
 
 CORPORA = {"wikitext2": "WikiText-2", "ptb": "PTB"}
 FIGSIZE = (13, 8)
@@ -33,16 +33,19 @@ RATIO_HATCHES = ["", "//", "..", "xx"]
 
 def _rank(label: str) -> tuple:
     """Plot methods in the table's order; a label like "minillm-fo" sorts with its method."""
-    base = next((m for m in METHOD_ORDER if label == m or label.startswith((m + "-", m + "_"))), None)
+    base = next((m for m in METHOD_ORDER if label == m or label.startswith((m + "-", m + "_", m + " "))), None)
     return (METHOD_ORDER.index(base) if base else len(METHOD_ORDER), label)
 
 
 def _ok(records: list[dict]) -> list[dict]:
-    return [r for r in latest(records) if r.get("status", "ok") == "ok"]
+    """The ok records; a recovered cell as two (`split_recovered`): "label w/o tune", "label w/ tune"."""
+    return [r for r in split_recovered(latest(records)) if r.get("status", "ok") == "ok"]
 
 
 def _key(record: dict) -> tuple:
-    return record.get("model"), record.get("label") or record.get("method")
+    """(model, line label): a recovered cell's pruned value stays on its method's line, its recovered
+    one gets its own "label w/ tune" line."""
+    return record.get("model"), (record.get("label") or record.get("method")).removesuffix(TUNE[0])
 
 
 def _ratio(record: dict) -> float:

@@ -29,6 +29,8 @@ PACKAGES = ("torch", "transformers", "lm_eval", "datasets", "numpy", "safetensor
 # What makes two grid cells the same experiment. `label` is only a display name and `device`
 # may change when a grid is resumed on another machine; dtype changes the numbers, so it counts.
 CELL_KEYS = ("model", "method", "options", "ratio", "seed", "calibration", "evaluation", "dtype")
+# Keys that count only when a cell has them, so adding one leaves older cells' keys unchanged
+OPTIONAL_CELL_KEYS = ("recovery",)
 
 
 def canonical_json(obj) -> str:
@@ -47,6 +49,7 @@ def cell_key(cell: dict) -> str:
     hands each CUDA cell whichever GPU is free).
     """
     fields = {key: cell.get(key) for key in CELL_KEYS}
+    fields.update({k: cell[k] for k in OPTIONAL_CELL_KEYS if cell.get(k) is not None})  # recovery, when set
     device = str(cell.get("device") or "cpu").split(":")[0]
     if device != "cpu":
         fields["device"] = device

@@ -24,6 +24,8 @@ Conventions (the paper's Table 1 layout):
   - a caption line states the evaluation caps read from the records (`cell.evaluation`: window
     length, token cap, questions per task) and these conventions; LaTeX comes as a `table`
     environment with \\caption and \\label (`bare=True`: the `tabular` alone, caption as comments);
+  - a cell recovered by LoRA (`recovery:` in the config) gives two rows, as the papers: "label
+    w/o tune" (the pruned model) and "label w/ tune" (after recovery), see `split_recovered`;
   - a cell that only failed stays in the table as a row "label (failed)" with empty metrics, and
     its error is listed under the table (Markdown) or as `%` comments after it (LaTeX).
 CSV holds the raw numbers (no rounding, no bold) plus `Error`, `Seeds` (the ok seeds averaged) and,
@@ -48,6 +50,7 @@ COSTS = {"Score mem (MB)": ("peak_mb", "{:.1f}"), "Score added (MB)": ("peak_del
 MISSING = "–"
 STD = " std"  # suffix of a metric's seed standard-deviation column
 SE = " se"  # suffix of an accuracy's standard-error column (x 100)
+TUNE = (" w/o tune", " w/ tune")  # row suffixes of a recovered cell (split_recovered)
 
 
 def _identity(record: dict) -> tuple:
@@ -63,6 +66,24 @@ def latest(records: list[dict]) -> list[dict]:
         if key not in chosen or record.get("status", "ok") == "ok" or chosen[key].get("status", "ok") != "ok":
             chosen[key] = record
     return [chosen[key] for key in dict.fromkeys(_identity(r) for r in records)]
+
+
+def split_recovered(records: list[dict]) -> list[dict]:
+    """The papers' "w/o tune" / "w/ tune" rows: a recovered record (LoRA, suite/recovery.py) becomes
+    two, "label w/o tune" with its `before_recovery` metrics and "label w/ tune" with its own; a
+    failed recovered cell is its "w/ tune" row. Other records pass unchanged."""
+    out = []
+    for record in records:
+        label = record.get("label") or record.get("method")
+        if record.get("before_recovery") and record.get("status", "ok") == "ok":
+            before = {k: v for k, v in record.items() if k not in ("recovery", "before_recovery")}
+            out += [{**before, **record["before_recovery"], "label": label + TUNE[0]},
+                    {**record, "label": label + TUNE[1]}]
+        elif (record.get("cell") or {}).get("recovery"):
+            out.append({**record, "label": label + TUNE[1]})
+        else:
+            out.append(record)
+    return out
 
 
 def _columns(records: list[dict]) -> tuple[list[str], list[str]]:
@@ -87,7 +108,7 @@ def _grid_order(names, records: list[dict], name_of) -> dict:
 
 def results_frame(records: list[dict]) -> pd.DataFrame:
     """The table as numbers: one row per (model, label, ratio), seeds averaged, in display order."""
-    records = latest(records)
+    records = split_recovered(latest(records))
     corpora, tasks = _columns(records)
     groups: dict[tuple, list[dict]] = {}
     for record in records:

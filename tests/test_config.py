@@ -44,7 +44,8 @@ def test_minimal_config_gets_every_default(tmp_path, registry):
                                     "tasks": PAPER_TASKS, "limit": None, "batch_size": 1, "throughput": True}
     assert PAPER_TASKS == ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
     assert (config["device"], config["dtype"], config["dense"]) == ("cpu", "float32", True)
-    assert config["methods"] == [{"name": "random", "label": "random", "options": {}}]
+    assert config["methods"] == [{"name": "random", "label": "random", "options": {}, "recovery": None}]
+    assert config["recovery"] is None  # no LoRA recovery unless asked for
 
 
 @pytest.mark.parametrize("name,cells", [("smoke", 9), ("demo", 13), ("demo-full", 13), ("paper", 39)])

@@ -157,10 +157,16 @@ def drop(model, layer, what):
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-llama-gqa", "tiny-opt", "tiny-bloom"])
-@pytest.mark.parametrize("layer,what", [(0, "attention"), (1, "attention"), (0, "mlp")])
-def test_cached_decoding_equals_uncached_after_a_dropped_block(name, layer, what):
-    """Each cached step's logits equal a full uncached forward over the whole sequence so far."""
+@pytest.mark.parametrize("layer,what,reload", [(0, "attention", False), (1, "attention", False), (0, "mlp", False),
+                                               (0, "attention", True)])
+def test_cached_decoding_equals_uncached_after_a_dropped_block(name, layer, what, reload, tmp_path):
+    """Each cached step's logits equal a full uncached forward over the whole sequence so far; also for
+    the saved standard checkpoint reloaded (its own modeling file's dropped attention)."""
     model = drop(load_model(name), layer, what)
+    if reload:
+        save_pruned(model, None, carried_plan(model), tmp_path / "pruned")
+        model = load_model(str(tmp_path / "pruned"))
+        assert not any(isinstance(m, torch.nn.Linear) and m.weight.is_meta for m in model.modules())
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 259, (2, 7), generator=gen)
     with torch.no_grad():

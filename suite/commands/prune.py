@@ -106,6 +106,9 @@ def run(args) -> int:
         require_source()
     out = Path(args.out)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
+    if getattr(model.config, "pruned_layers", None) is not None and carried_plan(model) is None:
+        raise UserError(f"{args.model} is a pruned model without plan.json: its heads' and channels' original "
+                        "numbering is unknown, so a second pruning could not be saved correctly")
     tokenizer = load_tokenizer(args.model)
     ppl = {}
     if args.ppl:

@@ -1,0 +1,179 @@
+"""Pruned LLaMA / OPT / BLOOM as plain `transformers` models: the modeling file of a pruned directory.
+
+`save_pruned` copies THIS FILE into every pruned directory and points the config's ``auto_map`` at
+it, so ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` loads a pruned model
+in any process (lm-eval, PEFT/TRL scripts, serving stacks) without this suite, the mechanism the
+hub's heterogeneous models use. It must therefore import nothing but torch and transformers.
+
+The config is the dense model's config plus ``pruned_layers``, one entry per decoder layer:
+
+    {"heads": 6, "kv_heads": 2, "channels": 1200, "biases": ["mlp.down_proj", ...],
+     "alibi_heads": [0, 3, ...]}            # BLOOM only: the kept heads' original indices
+
+Each class builds the dense architecture (transformers builds it on the meta device inside
+`from_pretrained`, so nothing dense is materialised) and then replaces every prunable Linear by one
+of the pruned shape, with a bias exactly where ``biases`` says (FLAP adds some). A layer with zero
+heads outputs its out-projection bias (or zeros) from attention, as `minillm/architectures.py`'s
+sliced models do, and writes a one-head placeholder into the KV cache (`_keep_cache_length`);
+BLOOM layers add their kept heads' own ALiBi slopes. Plan indices (which heads
+were kept, in the original numbering) stay in ``plan.json`` beside the config.
+
+A LLaMA-like family (q/k/v/o + gate/up/down, `num_key_value_groups`) is added with one line in
+FAMILIES naming its transformers CausalLM class.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import BloomForCausalLM, LlamaForCausalLM, OPTForCausalLM
+
+CONFIG_KEY = "pruned_layers"
+
+
+def _replace_linear(layer: nn.Module, name: str, in_features: int, out_features: int, bias: bool) -> None:
+    parent, _, leaf = name.rpartition(".")
+    owner = layer.get_submodule(parent) if parent else layer
+    old = getattr(owner, leaf)
+    setattr(owner, leaf, nn.Linear(in_features, out_features, bias=bias,
+                                   device=old.weight.device, dtype=old.weight.dtype))
+
+
+def _zero_heads_output(out_proj: nn.Linear, like: torch.Tensor) -> torch.Tensor:
+    shape = (*like.shape[:-1], out_proj.out_features)
+    if out_proj.bias is None:
+        return like.new_zeros(shape)
+    return out_proj.bias.expand(shape).to(like.dtype)
+
+
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")  # names across versions/models
+
+
+def _keep_cache_length(attn, hidden_states: torch.Tensor, kwargs: dict) -> None:
+    """Write a one-head all-zero key/value entry [batch, 1, new tokens, head_dim] for a dropped attention.
+
+    transformers reads the cached sequence length (positions, causal mask) from layer 0's entry
+    (`Cache.get_seq_length(layer_idx=0)`) and counts an entry with no elements as empty, so a dropped
+    attention that wrote nothing (or zero heads) made cached decoding use wrong positions. Nothing
+    reads the placeholder; it costs one head of cache per dropped layer.
+    """
+    cache = next((kwargs[k] for k in CACHE_ARGUMENTS if kwargs.get(k) is not None), None)
+    if cache is None or not hasattr(cache, "update"):
+        return
+    batch, length = hidden_states.shape[:2]
+    placeholder = hidden_states.new_zeros(batch, 1, length, attn.head_dim)
+    cache.update(placeholder, placeholder, attn.layer_idx)
+
+
+# --------------------------------------------------------------------------- LLaMA-like
+class _NoHeadsLlamaAttention:
+    def forward(self, hidden_states, *args, **kwargs):
+        _keep_cache_length(self, hidden_states, kwargs)
+        return _zero_heads_output(self.o_proj, hidden_states), None
+
+
+def _prune_llama_layer(layer, spec: dict, config) -> None:
+    attn, hidden = layer.self_attn, config.hidden_size
+    hd, biases = attn.head_dim, set(spec.get("biases", ()))
+    q, kv, ch = spec["heads"] * hd, spec["kv_heads"] * hd, spec["channels"]
+    for name, fin, fout in (("self_attn.q_proj", hidden, q), ("self_attn.k_proj", hidden, kv),
+                            ("self_attn.v_proj", hidden, kv), ("self_attn.o_proj", q, hidden),
+                            ("mlp.gate_proj", hidden, ch), ("mlp.up_proj", hidden, ch),
+                            ("mlp.down_proj", ch, hidden)):
+        _replace_linear(layer, name, fin, fout, name in biases)
+    attn.num_key_value_groups = spec["heads"] // spec["kv_heads"] if spec["heads"] else 1
+    if not spec["heads"]:
+        attn.__class__ = type(f"NoHeads{type(attn).__name__}", (_NoHeadsLlamaAttention, type(attn)), {})
+
+
+# --------------------------------------------------------------------------- OPT
+class _NoHeadsOPTAttention:
+    def forward(self, hidden_states, *args, **kwargs):
+        _keep_cache_length(self, hidden_states, kwargs)
+        return _zero_heads_output(self.out_proj, hidden_states), None
+
+
+def _prune_opt_layer(layer, spec: dict, config) -> None:
+    attn, hidden = layer.self_attn, config.hidden_size
+    q, ch, biases = spec["heads"] * attn.head_dim, spec["channels"], set(spec.get("biases", ()))
+    for name, fin, fout in (("self_attn.q_proj", hidden, q), ("self_attn.k_proj", hidden, q),
+                            ("self_attn.v_proj", hidden, q), ("self_attn.out_proj", q, hidden),
+                            ("fc1", hidden, ch), ("fc2", ch, hidden)):
+        _replace_linear(layer, name, fin, fout, name in biases)
+    attn.num_heads = spec["heads"]
+    if not spec["heads"]:
+        attn.__class__ = type(f"NoHeads{type(attn).__name__}", (_NoHeadsOPTAttention, type(attn)), {})
+
+
+# --------------------------------------------------------------------------- BLOOM
+class _AlibiHeadsBloomAttention:
+    """Select this layer's kept heads from the model-wide ALiBi tensor (built for n_head heads)."""
+
+    def forward(self, hidden_states, residual, alibi, *args, **kwargs):
+        batch = hidden_states.shape[0]
+        alibi = alibi.view(batch, self.total_heads, *alibi.shape[1:])
+        heads = torch.as_tensor(self.kept_alibi_heads, dtype=torch.long, device=alibi.device)
+        alibi = alibi.index_select(1, heads).reshape(batch * self.num_heads, *alibi.shape[2:])
+        return super().forward(hidden_states, residual, alibi, *args, **kwargs)
+
+
+class _NoHeadsBloomAttention:
+    def forward(self, hidden_states, residual, *args, **kwargs):
+        _keep_cache_length(self, hidden_states, kwargs)
+        return residual + _zero_heads_output(self.dense, hidden_states), None
+
+
+def _prune_bloom_layer(layer, spec: dict, config) -> None:
+    attn, hidden = layer.self_attention, config.hidden_size
+    q, ch, biases = spec["heads"] * attn.head_dim, spec["channels"], set(spec.get("biases", ()))
+    for name, fin, fout in (("self_attention.query_key_value", hidden, 3 * q), ("self_attention.dense", q, hidden),
+                            ("mlp.dense_h_to_4h", hidden, ch), ("mlp.dense_4h_to_h", ch, hidden)):
+        _replace_linear(layer, name, fin, fout, name in biases)
+    heads = spec.get("alibi_heads", list(range(spec["heads"])))
+    attn.kept_alibi_heads = [int(h) for h in heads]  # a plain list: meta-device loading leaves it alone
+    attn.total_heads = config.n_head
+    attn.num_heads = layer.num_heads = spec["heads"]
+    mixin = _AlibiHeadsBloomAttention if spec["heads"] else _NoHeadsBloomAttention
+    attn.__class__ = type(f"Pruned{type(attn).__name__}", (mixin, type(attn)), {})
+
+
+# --------------------------------------------------------------------------- model classes
+class _Pruned:
+    """Mixin of the pruned classes: the dense __init__, then every layer cut to its `pruned_layers` entry."""
+
+    def __init__(self, config):
+        super().__init__(config)  # the transformers class after this mixin: the dense architecture
+        layers, specs = self._decoder_layers(), getattr(config, CONFIG_KEY)
+        if len(specs) != len(layers):
+            raise ValueError(f"{CONFIG_KEY} has {len(specs)} entries, the model has {len(layers)} layers")
+        for layer, spec in zip(layers, specs):
+            self._prune_layer(layer, spec, config)
+
+
+class PrunedLlamaForCausalLM(_Pruned, LlamaForCausalLM):
+    _prune_layer = staticmethod(_prune_llama_layer)
+
+    def _decoder_layers(self):
+        return self.model.layers
+
+
+class PrunedOPTForCausalLM(_Pruned, OPTForCausalLM):
+    _prune_layer = staticmethod(_prune_opt_layer)
+
+    def _decoder_layers(self):
+        return self.model.decoder.layers
+
+
+class PrunedBloomForCausalLM(_Pruned, BloomForCausalLM):
+    _prune_layer = staticmethod(_prune_bloom_layer)
+
+    def _decoder_layers(self):
+        return self.transformer.h
+
+
+# model_type -> pruned class. A LLaMA-like family: a subclass of PrunedLlamaForCausalLM's pattern,
+# `class PrunedXForCausalLM(_Pruned, XForCausalLM)` with the LLaMA `_prune_layer`, and one entry here
+FAMILIES = {
+    "llama": PrunedLlamaForCausalLM,
+    "opt": PrunedOPTForCausalLM,
+    "bloom": PrunedBloomForCausalLM,
+}

@@ -1,0 +1,104 @@
+"""`python -m suite recover`: LoRA recovery of a pruned model (suite/recovery.py), merged and saved.
+
+    python -m suite recover --model out/flap --out out/flap-tuned                  # LLM-Pruner's recovery
+    python -m suite recover --model out/flap --out out/flap-tuned --data tatsu-lab/alpaca \\
+        --set val_set_size=8 --set max_steps=30 --ppl wikitext2                     # a short CPU run
+
+The output is a pruned directory like the input (standard config, plan.json, safetensors), its
+`pruning.json` extended by a `recovery` entry (settings, LoRA, steps, tokens seen, losses, time and
+peak memory). Written only when the run succeeded: a diverging run exits 2 and writes nothing.
+"""
+from __future__ import annotations
+
+NAME = "recover"
+HELP = "LoRA-recover a pruned model (LLM-Pruner's post-training defaults), merge and save it"
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", required=True, help="pruned directory (or any model `suite info` accepts)")
+    parser.add_argument("--out", required=True, help="output directory (written atomically, only on success)")
+    parser.add_argument("--data", default=None,
+                        help="instruction dataset (Alpaca fields; default yahma/alpaca-cleaned) or c4 (plain text)")
+    parser.add_argument("--max-steps", type=int, default=None, help="cap on optimiser steps (default: 2 epochs)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any recovery setting (suite/recovery.py DEFAULTS), e.g. lora_r=16 (repeatable)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ppl", default=None, help="also report perplexity before/after, e.g. wikitext2")
+    parser.add_argument("--max-tokens", type=int, default=16384, help="token cap for --ppl")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def parse_settings(pairs) -> dict:
+    import yaml
+
+    from minillm.errors import UserError
+
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects KEY=VALUE, got {pair!r}")
+        parsed = yaml.safe_load(value) if value.strip() else None
+        try:  # YAML 1.1 reads `1e-4` as a string
+            parsed = float(parsed) if isinstance(parsed, str) and "e" in parsed.lower() else parsed
+        except ValueError:
+            pass
+        settings[key.strip()] = parsed
+    return settings
+
+
+def run(args) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from minillm.errors import UserError
+    from minillm.plan import Plan, full_plan
+    from minillm.saving import PLAN_FILE, save_pruned
+    from suite import recovery
+    from suite.measure import measure
+    from suite.models import load_model, load_tokenizer, resolve
+    from suite.records import provenance
+
+    settings = parse_settings(args.set)
+    if args.data is not None:
+        settings["data"] = args.data
+    if args.max_steps is not None:
+        settings["max_steps"] = args.max_steps
+    settings = recovery.settings_with_defaults(settings)  # bad settings: fail before loading anything
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (out / PLAN_FILE).exists():
+        raise UserError(f"{out} exists and is not a pruned-model directory; refusing to overwrite it")
+    kind, where = resolve(args.model)
+    if kind == "pruned" and not (where / PLAN_FILE).is_file():
+        raise UserError(f"{where} has no {PLAN_FILE}: the recovered directory could not name its kept heads/channels")
+    source = json.loads((where / "pruning.json").read_text()) if kind == "pruned" and (where / "pruning.json").is_file() else {}
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    tokenizer = load_tokenizer(args.model)
+    plan = Plan.load(where / PLAN_FILE) if kind == "pruned" else full_plan(model)
+    ppl = {}
+    if args.ppl:
+        from suite.evaluate import perplexity
+
+        ppl["before"] = perplexity(model, tokenizer, args.ppl, max_tokens=args.max_tokens, quiet=args.quiet)
+    calibration = dict(source["calibration"], seed=source.get("seed", 0)) if source.get("calibration") else None
+    with measure(args.device) as phase:
+        outcome = recovery.recover(model, tokenizer, settings, seed=args.seed, calibration=calibration,
+                                   device=args.device, quiet=args.quiet)
+    info = {**outcome.info, "phase": phase}
+    if args.ppl:
+        ppl["after"] = perplexity(outcome.model, tokenizer, args.ppl, max_tokens=args.max_tokens, quiet=args.quiet)
+        info["perplexity"] = {args.ppl: ppl}
+    record = {**source, "recovery": info,
+              "recovery_provenance": provenance(config=vars(args) | {"_run": None}, seed=args.seed)}
+    save_pruned(outcome.model, tokenizer, plan, out, extra=record)
+    print(f"recovered {args.model}: {info['steps']} steps, {info['tokens_seen']:,} tokens, final training loss "
+          f"{info['train_loss_final']:.4f}" + (f", validation loss {info['eval_loss']:.4f}" if "eval_loss" in info else ""))
+    print(f"recovery: {phase['seconds']:.1f} s, peak {phase['peak_mb']:.0f} MB ({phase['peak_source']})")
+    if ppl:
+        print(f"{args.ppl} perplexity: {ppl['before']:.2f} -> {ppl['after']:.2f}")
+    print(f"saved to {out}")
+    return 0
