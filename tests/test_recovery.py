@@ -205,9 +205,9 @@ def test_recovered_cell_record_and_table_rows():
     rows = dict(zip(frame["Method"], frame["WikiText-2"]))
     assert rows == {"magnitude w/o tune": pytest.approx(before), "magnitude w/ tune": pytest.approx(after)}
     assert "magnitude w/ tune" in to_markdown([record])
-    from suite.plots import _series
+    from suite.plots import _perplexity, _series
 
-    series = _series([record])  # the plot: pruned value on the method's line, recovered on its own
+    series = _series([record], _perplexity("wikitext2"))  # the plot: pruned value on the method's line, recovered on its own
     assert series == {("tiny-llama", "magnitude"): {0.2: [before]}, ("tiny-llama", "magnitude w/ tune"): {0.2: [after]}}
 
 

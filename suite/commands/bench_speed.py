@@ -17,10 +17,10 @@ def add_arguments(parser):
     parser.add_argument("--model", required=True, help="the dense model (name, directory, .gguf or hub id)")
     parser.add_argument("--pruned", required=True, help="comma list of pruned directories (`suite prune --out`)")
     parser.add_argument("--runs", type=int, default=5, help="repetitions of the dense/pruned/dense sequence")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per prefill / decode step (default 4)")
+    parser.add_argument("--seqlen", type=int, default=128, help="prefill length in tokens (default 128)")
     parser.add_argument("--max-run-time", type=float, default=5.0, help="seconds per timing at most")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
     add_dtype_argument(parser)
     parser.add_argument("--json", default=None, metavar="OUT", help="write every timing here (atomically)")
 

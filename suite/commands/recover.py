@@ -10,6 +10,8 @@ peak memory). Written only when the run succeeded: a diverging run exits 2 and w
 """
 from __future__ import annotations
 
+from suite.precision import add_dtype_argument
+
 NAME = "recover"
 HELP = "LoRA-recover a pruned model (LLM-Pruner's post-training defaults), merge and save it"
 
@@ -22,12 +24,13 @@ def add_arguments(parser):
     parser.add_argument("--max-steps", type=int, default=None, help="cap on optimiser steps (default: 2 epochs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any recovery setting (suite/recovery.py DEFAULTS), e.g. lora_r=16 (repeatable)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of LoRA's initialisation, dropout and data order (default 0)")
     parser.add_argument("--ppl", default=None, help="also report perplexity before/after, e.g. wikitext2")
     parser.add_argument("--max-tokens", type=int, default=16384, help="token cap for --ppl")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quiet", action="store_true")
+    add_dtype_argument(parser)
+    parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out (an earlier pruned model or a file)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def parse_settings(pairs) -> dict:
@@ -61,6 +64,7 @@ def run(args) -> int:
     from suite import recovery
     from suite.measure import measure
     from suite.models import load_model, load_tokenizer, resolve
+    from suite.commands.prune import check_out
     from suite.records import provenance
 
     settings = parse_settings(args.set)
@@ -70,8 +74,7 @@ def run(args) -> int:
         settings["max_steps"] = args.max_steps
     settings = recovery.settings_with_defaults(settings)  # bad settings: fail before loading anything
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not (out / PLAN_FILE).exists():
-        raise UserError(f"{out} exists and is not a pruned-model directory; refusing to overwrite it")
+    check_out(out, args.force)  # as prune: nothing is replaced silently
     kind, where = resolve(args.model)
     if kind == "pruned" and not (where / PLAN_FILE).is_file():
         raise UserError(f"{where} has no {PLAN_FILE}: the recovered directory could not name its kept heads/channels")
