@@ -71,9 +71,12 @@ def _accuracy(r: dict):
 
 
 def _score_memory(records: list[dict]) -> dict:
-    """{(model, label): {ratio: (mean MB added by scoring, mean process peak MB)}} over ok scored records."""
+    """{(model, label): {ratio: (mean MB added by scoring, mean process peak MB)}} over ok scored records.
+    A recovered cell's "w/ tune" row is left out: its scoring is the "w/o tune" row's, not a second one."""
     memory: dict = {}
     for r in _ok(records):
+        if (r.get("label") or "").endswith(TUNE[1]):
+            continue
         score = (r.get("phases") or {}).get("score") or {}
         if score.get("peak_mb") is not None:
             added = score.get("peak_delta_mb", math.nan)

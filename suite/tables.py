@@ -346,7 +346,7 @@ def format_table(records: list[dict], fmt: str = "md", stderr: str = "auto", bar
 
 
 # --------------------------------------------------------------------------- costs (`suite table --costs`)
-PHASES = ("load", "calibrate", "score", "prune", "evaluate")
+PHASES = ("load", "calibrate", "score", "prune", "recover", "evaluate")
 SPEED = {"Prefill x": "prefill_speedup", "Prefill ctl": "prefill_dense_control",
          "Decode x": "decode_speedup", "Decode ctl": "decode_dense_control",
          "Dense tok/s": "dense_tokens_per_s", "Pruned tok/s": "pruned_tokens_per_s"}
@@ -358,7 +358,7 @@ def costs_frame(records: list[dict]) -> pd.DataFrame:
     record's `throughput`: speed-ups over dense and dense/dense controls (prefill, decode; suite/speed.py)
     and prefill tokens/s. A value a record does not hold is NaN."""
     order = results_frame(records)
-    ok = [r for r in latest(records) if r.get("status", "ok") == "ok"]
+    ok = [r for r in split_recovered(latest(records)) if r.get("status", "ok") == "ok"]  # rows as the table's
     rows = []
     for row in order.itertuples():
         members = [r for r in ok if _identity(r)[:3] == (row.Model, row.Method, row.Ratio)]

@@ -81,6 +81,29 @@ def test_heterogeneous_pruned_model_recovers_and_loads_plainly(tmp_path, name):
     assert ((plain - expected).norm() / expected.norm()).item() <= 1e-6
 
 
+@pytest.mark.parametrize("name", ["tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3"])
+def test_newer_families_recover_on_their_lora_targets(tmp_path, name):
+    """Issue 14's families on a heterogeneous pruned model (layer 1 without attention): LoRA on the
+    adapter's `lora_targets` (Phi-3: fused qkv_proj / gate_up_proj) changes every non-empty target
+    weight and nothing else, keeps every width, and the saved directory reloads to the same logits."""
+    from minillm.architectures import adapter_for
+
+    model, plan = pruned_tiny(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = recovery.recover(model, byte_tokenizer(), FAST, seed=0)
+    after = out.model.state_dict()
+    assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
+    targets = set(adapter_for(out.model).lora_targets)
+    expected = {k for k, v in before.items()
+                if k.endswith(".weight") and k.rsplit(".", 2)[-2] in targets and v.numel()}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert expected and changed == expected
+    d = save_pruned(out.model, byte_tokenizer(), plan, tmp_path / "recovered")
+    ids = torch.randint(3, 259, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(d)(ids).logits, out.model(ids).logits, rtol=1e-6, atol=1e-6)
+
+
 def test_diverging_recovery_fails_with_one_line_and_no_directory(tmp_path):
     """`suite recover` with a learning rate that blows the weights up: exit 2, `error: ...`, no output dir."""
     model, plan = pruned_tiny("tiny-llama")
@@ -208,6 +231,11 @@ def test_recovered_cell_record_and_table_rows():
     from suite.plots import _perplexity, _series
 
     series = _series([record], _perplexity("wikitext2"))  # the plot: pruned value on the method's line, recovered on its own
+    from suite.plots import _score_memory
+
+    memory = _score_memory([record])  # scoring ran once: one bar, on the pruned (w/o tune) row's line
+    assert list(memory) == [("tiny-llama", "magnitude")]
+    assert memory[("tiny-llama", "magnitude")][0.2][1] == record["phases"]["score"]["peak_mb"]
     assert series == {("tiny-llama", "magnitude"): {0.2: [before]}, ("tiny-llama", "magnitude w/ tune"): {0.2: [after]}}
 
 
