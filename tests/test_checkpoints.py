@@ -14,12 +14,9 @@ from minillm.plan import apply_plan
 from minillm.saving import load_pruned, save_pruned
 from suite.models import byte_tokenizer
 from tests.checkpoints import heterogeneous_plan, plain_transformers_logits, pruned_tiny
+from tests.reference import rel_err
 
 TINY = ["tiny-llama", "tiny-llama-gqa", "tiny-opt", "tiny-bloom"]
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_plain_transformers_loads_pruned_tiny(tmp_path):

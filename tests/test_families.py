@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from minillm import zo
-from minillm.architectures import adapter_for, all_group_sets
+from minillm.architectures import all_group_sets
 from minillm.plan import LayerPlan, Plan, apply_plan
 from minillm.saving import save_pruned
 from minillm.select import select
 from suite.models import byte_tokenizer, load_model
+from tests.reference import masked_logits, rel_err
 
 FAMILIES = ["tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3"]
 KV_GROUPED = ["tiny-mistral", "tiny-qwen2", "tiny-gemma2", "tiny-phi3"]  # >= 2 kv heads: kv-group applies
@@ -35,10 +36,6 @@ def ids(n=2, seqlen=40, seed=0):
     return torch.randint(3, 259, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
 def random_plan(model, rng, mode, untouched=1):
     """Non-uniform plan from the config's sizes: layer `untouched` keeps everything."""
     c = model.config
@@ -56,24 +53,6 @@ def random_plan(model, rng, mode, untouched=1):
                 heads = sorted(j * per + h for j in range(nkv) for h in rng.sample(range(per), k))
         layers.append(LayerPlan(heads=heads, channels=channels, kv_heads=kv))
     return Plan(arch=c.model_type, layers=layers, head_mode=mode)
-
-
-def masked_logits(model, plan, x):
-    """The unsliced model with removed heads/channels zeroed at the input of o_proj / down_proj."""
-    hd, handles = getattr(model.config, "head_dim", None), []
-    hd = hd if hd else model.config.hidden_size // model.config.num_attention_heads
-    for lp, layer in zip(plan.layers, model.model.layers):
-        for linear, kept, width in ((layer.self_attn.o_proj, lp.heads, hd), (layer.mlp.down_proj, lp.channels, 1)):
-            mask = torch.zeros(linear.in_features)
-            for g in kept:
-                mask[g * width:(g + 1) * width] = 1.0
-            handles.append(linear.register_forward_pre_hook(lambda m, a, mask=mask: (a[0] * mask,)))
-    try:
-        with torch.no_grad():
-            return model(x).logits
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # --------------------------------------------------------------------------- exact slicing

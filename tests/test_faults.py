@@ -12,38 +12,11 @@ from minillm.errors import UserError
 from minillm.plan import LayerPlan, Plan, apply_plan, carried_plan, compose, full_plan
 from minillm.saving import load_pruned, save_pruned
 from suite.models import load_model
-
-OUT_PROJ = {"llama": ("self_attn.o_proj", "mlp.down_proj"), "opt": ("self_attn.out_proj", "fc2"),
-            "bloom": ("self_attention.dense", "mlp.dense_4h_to_h")}
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
+from tests.reference import masked_logits, rel_err
 
 def logits(model, ids):
     with torch.no_grad():
         return model(ids).logits
-
-
-def masked_logits(model, plan, ids):
-    """Logits of the UNSLICED `model` with the heads/channels `plan` removes zeroed at the input of
-    the out-projections (masks from raw head_dim and column ranges, not from the suite's groups)."""
-    attn_out, mlp_out = OUT_PROJ[model.config.model_type]
-    handles = []
-    for lp, layer in zip(plan.layers, adapter_for(model).layers(model)):
-        hd = adapter_for(model).attn(layer).head_dim
-        for name, kept, width in ((attn_out, lp.heads, hd), (mlp_out, lp.channels, 1)):
-            linear = layer.get_submodule(name)
-            mask = torch.zeros(linear.in_features)
-            for g in kept:
-                mask[g * width:(g + 1) * width] = 1.0
-            handles.append(linear.register_forward_pre_hook(lambda m, a, mask=mask: (a[0] * mask,)))
-    try:
-        return logits(model, ids)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # --------------------------------------------------------------------------- 1. re-pruning a pruned model

@@ -11,12 +11,9 @@ import torch
 
 from minillm.architectures import adapter_for
 from minillm.errors import UserError
-from minillm.plan import LayerPlan, Plan, apply_plan, full_plan
+from minillm.plan import Plan, apply_plan, full_plan
 from suite.models import load_model
-
-OUT_PROJ = {"llama": ("self_attn.o_proj", "mlp.down_proj"), "opt": ("self_attn.out_proj", "fc2"),
-            "bloom": ("self_attention.dense", "mlp.dense_4h_to_h")}
-
+from tests.reference import masked_logits, rel_err
 
 def random_plan(model, rng, untouched=1, kv_mode=False):
     """Non-uniform plan: layers keep different counts; layer `untouched` keeps everything."""
@@ -38,31 +35,6 @@ def random_plan(model, rng, untouched=1, kv_mode=False):
             k = rng.randint(1, per - 1) if i % 2 else per - 1
             lp.heads = sorted(j * per + h for j in range(nkv) for h in rng.sample(range(per), k))
     return plan
-
-
-def masked_logits(model, plan, ids):
-    """Logits of the UNSLICED model with removed heads/channels zeroed at the out-projection input."""
-    attn_out, mlp_out = OUT_PROJ[model.config.model_type]
-    adapter = adapter_for(model)
-    handles = []
-    for lp, layer in zip(plan.layers, adapter.layers(model)):
-        hd = adapter.attn(layer).head_dim
-        for name, kept, width in ((attn_out, lp.heads, hd), (mlp_out, lp.channels, 1)):
-            linear = layer.get_submodule(name)
-            mask = torch.zeros(linear.in_features)
-            for g in kept:
-                mask[g * width:(g + 1) * width] = 1.0
-            handles.append(linear.register_forward_pre_hook(lambda m, a, mask=mask: (a[0] * mask,)))
-    try:
-        with torch.no_grad():
-            return model(ids).logits
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 CASES = [("tiny-llama", False), ("tiny-llama-gqa", False), ("tiny-llama-gqa", True), ("tiny-opt", False),

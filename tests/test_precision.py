@@ -172,27 +172,13 @@ def test_sliced_equals_masked_in_bf16(name):
     import random
 
     from minillm.plan import apply_plan
-    from tests.test_plan import OUT_PROJ, random_plan, rel_err
+    from tests.reference import masked_logits, rel_err
+    from tests.test_plan import random_plan
 
     model = load_model(name, dtype=torch.bfloat16)
     plan = random_plan(model, random.Random(7))
     ids = torch.randint(3, 259, (2, 40), generator=torch.Generator().manual_seed(0))
-    from minillm.architectures import adapter_for
-
-    adapter, handles = adapter_for(model), []
-    attn_out, mlp_out = OUT_PROJ[model.config.model_type]
-    for lp, layer in zip(plan.layers, adapter.layers(model)):
-        hd = adapter.head_dim(layer)
-        for sub, kept, width in ((attn_out, lp.heads, hd), (mlp_out, lp.channels, 1)):
-            linear = layer.get_submodule(sub)
-            mask = torch.zeros(linear.in_features, dtype=torch.bfloat16)
-            for g in kept:
-                mask[g * width:(g + 1) * width] = 1
-            handles.append(linear.register_forward_pre_hook(lambda m, a, mask=mask: (a[0] * mask,)))
-    with torch.no_grad():
-        reference = model(ids).logits.float()
-    for h in handles:
-        h.remove()
+    reference = masked_logits(model, plan, ids).float()
     apply_plan(model, plan)
     with torch.no_grad():
         sliced = model(ids).logits.float()

@@ -83,7 +83,6 @@ def check_out(out, force: bool) -> None:
 
 
 def run(args) -> int:
-    import json
     from pathlib import Path
 
     from minillm.errors import UserError
