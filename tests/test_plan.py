@@ -1,7 +1,7 @@
 """Exactness of slicing: a sliced model equals the unsliced one with the same groups zeroed.
 
-The reference masks are built here from the architecture's raw attributes (head_dim, column
-ranges), not from the suite's GroupSet/gates code, so a slicing bug cannot hide behind a shared
+The reference masks (tests/reference.py) are built from the architecture's raw attributes
+(head_dim, column ranges), not from the suite's GroupSet/gates code, so a slicing bug cannot hide behind a shared
 helper. For BLOOM this is what proves the ALiBi slopes follow the kept heads.
 """
 import random
