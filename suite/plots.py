@@ -28,6 +28,7 @@ CORPORA = {"wikitext2": "WikiText-2", "ptb": "PTB"}
 FIGSIZE = (13, 8)
 DPI = 100
 MODEL_STYLES = ["-", ":", "-.", "--"]
+MODEL_MARKERS = ["o", "s", "^", "D"]  # a single ratio shows no line style: models differ by marker too
 RATIO_HATCHES = ["", "//", "..", "xx"]
 
 
@@ -112,7 +113,8 @@ def _draw_lines(ax, series: dict, models: list, color, name) -> None:
                        label=name(model, label))
             continue
         style = MODEL_STYLES[models.index(model) % len(MODEL_STYLES)]
-        ax.plot(ratios, means, marker="o", linestyle=style, color=color(label), label=name(model, label))
+        marker = MODEL_MARKERS[models.index(model) % len(MODEL_MARKERS)]
+        ax.plot(ratios, means, marker=marker, linestyle=style, color=color(label), label=name(model, label))
         several = [(r, v) for r in ratios if len(by_ratio[r]) > 1 for v in by_ratio[r]]
         if several:
             ax.scatter(*zip(*several), s=14, alpha=0.45, color=color(label), linewidths=0)
@@ -136,6 +138,7 @@ def _draw_memory(ax, memory: dict, color, name) -> None:
     ax.set_ylabel("added by scoring (MB)")
     ax.set_title("Scoring memory above the loaded model (bars)\nnumbers: whole process peak (MB)", fontsize="medium")
     ax.margins(y=0.25)
+    ax.set_ylim(bottom=0, top=max(1.0, ax.get_ylim()[1]))  # bars start at 0 MB; an all-zero panel stays readable
     if ratios:
         from matplotlib.patches import Patch
 
@@ -156,12 +159,20 @@ def make_figure(records: list[dict]):
     labels = sorted({label for _, label in keys if label != "dense"}, key=_rank)
     color = lambda label: "gray" if label == "dense" else f"C{labels.index(label) % 10}"
     name = lambda model, label: f"{label} ({model})" if len(models) > 1 else label
+    ratios = sorted({r for series in panels.values() for (_, label), by in series.items() if label != "dense"
+                     for r in by})
     for panel, series in panels.items():
         ax = axes[panel]
+        if not any(label != "dense" for _, label in series):  # e.g. a grid without PTB or without tasks
+            ax.text(0.5, 0.5, "not evaluated in these records", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
         _draw_lines(ax, series, models, color, name)
+        if ratios and any(label != "dense" for _, label in series):
+            ax.set_xticks(ratios, [f"{r:g}" for r in ratios])  # the grid's ratios, however few
         ax.set_xlabel("pruning ratio (fraction of all parameters removed)")
         if panel in CORPORA:
-            if series:
+            if any(label != "dense" for _, label in series):
                 ax.set_yscale("log")
             ax.set_ylabel(f"{CORPORA[panel]} perplexity (log)")
             ax.set_title(f"{CORPORA[panel]} perplexity (lower is better)", fontsize="medium")

@@ -1,5 +1,6 @@
 """Test helpers: heterogeneous pruned models, and loading a directory with PLAIN transformers in a
-subprocess where this suite cannot be imported (`python -I`: no PYTHONPATH, no cwd on sys.path)."""
+subprocess where this suite cannot be imported (`python -I`: no PYTHONPATH, no cwd on sys.path; and
+`HIDE_SUITE`, since tox installs the suite into its environment)."""
 import os
 import random
 import subprocess
@@ -11,11 +12,27 @@ from safetensors.torch import load_file, save_file
 from minillm.architectures import adapter_for
 from minillm.plan import apply_plan, full_plan
 
-PLAIN_SCRIPT = r"""
-import importlib.util, sys
+# Prelude of a subprocess that must run without this suite: its packages raise on import even where
+# the environment has the suite installed (tox's editable install), and the script checks they do.
+HIDE_SUITE = r"""
+import importlib, importlib.abc, sys
+SUITE_PACKAGES = ("suite", "minillm", "baselines")
+class _HideSuite(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in SUITE_PACKAGES:
+            raise ModuleNotFoundError(f"No module named {name!r} (a process without the suite)")
+sys.meta_path.insert(0, _HideSuite())
+for _name in SUITE_PACKAGES:
+    try:
+        importlib.import_module(_name)
+    except ModuleNotFoundError:
+        continue
+    raise SystemExit(f"{_name} is importable")
+"""
+
+PLAIN_SCRIPT = HIDE_SUITE + r"""
 import torch
 from safetensors.torch import load_file, save_file
-assert importlib.util.find_spec("minillm") is None and importlib.util.find_spec("suite") is None
 from transformers import AutoModelForCausalLM
 ids = load_file(sys.argv[1])["ids"]
 out = {}

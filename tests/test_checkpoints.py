@@ -13,7 +13,7 @@ from minillm.architectures import adapter_for
 from minillm.plan import apply_plan
 from minillm.saving import load_pruned, save_pruned
 from suite.models import byte_tokenizer
-from tests.checkpoints import heterogeneous_plan, plain_transformers_logits, pruned_tiny
+from tests.checkpoints import HIDE_SUITE, heterogeneous_plan, plain_transformers_logits, pruned_tiny
 from tests.reference import rel_err
 
 TINY = ["tiny-llama", "tiny-llama-gqa", "tiny-opt", "tiny-bloom"]
@@ -115,8 +115,8 @@ def test_lm_eval_cli_evaluates_pruned_smollm2_like_suite_eval(tmp_path, smollm2)
     (tasks / "arc_easy_mirror.yaml").write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    cli = [sys.executable, "-I", "-c", "import importlib.util, sys; assert importlib.util.find_spec('suite') is None;"
-           " from lm_eval.__main__ import cli_evaluate; sys.argv[0] = 'lm_eval'; sys.exit(cli_evaluate())",
+    cli = [sys.executable, "-I", "-c", HIDE_SUITE + "from lm_eval.__main__ import cli_evaluate\n"
+           "sys.argv[0] = 'lm_eval'\nsys.exit(cli_evaluate())",
            "--model", "hf", "--model_args", f"pretrained={out},trust_remote_code=True,dtype=float32",
            "--tasks", "arc_easy_mirror", "--include_path", str(tasks), "--limit", "40", "--batch_size", "4",
            "--device", "cpu", "--output_path", str(tmp_path / "lm_eval_out")]

@@ -193,6 +193,23 @@ def test_figure_lines_match_records(records):
     assert legend.get_window_extent().x0 / fig.bbox.width >= right
 
 
+def test_figure_one_ratio_no_ptb_several_models_stays_readable():
+    """The README's smoke grid: one ratio, no PTB, three models. Ticks are the grid's ratios, a corpus
+    no record evaluated says so instead of an empty frame, models differ by marker (one point per line
+    shows no line style), and the memory axis starts at 0."""
+    records = [{"model": m, "method": meth, "label": meth, "ratio_target": r, "status": "ok",
+                "perplexity": {"wikitext2": ppl}, "zero_shot_mean": None,
+                "phases": {"score": {"peak_mb": 600.0, "peak_delta_mb": 0.0, "seconds": 0.1}} if r else {}}
+               for m, meth, r, ppl in [("tiny-a", "dense", 0.0, 50.0), ("tiny-a", "random", 0.2, 90.0),
+                                       ("tiny-b", "dense", 0.0, 60.0), ("tiny-b", "random", 0.2, 80.0)]]
+    fig, axes = make_figure(records)
+    assert list(axes["wikitext2"].get_xticks()) == [0.2]
+    assert [t.get_text() for t in axes["ptb"].texts] == ["not evaluated in these records"]
+    markers = {line.get_label(): line.get_marker() for line in axes["wikitext2"].get_lines() if "random" in line.get_label()}
+    assert len(set(markers.values())) == 2
+    assert axes["memory"].get_ylim()[0] == 0 and axes["memory"].get_ylim()[1] >= 1
+
+
 def test_plot_command_writes_png(tmp_path):
     out = tmp_path / "fig.png"
     assert main(["plot", str(RESULTS), "--out", str(out)]) == 0
