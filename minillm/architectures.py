@@ -33,7 +33,12 @@ import torch
 from torch import nn
 
 from minillm.errors import UserError
-from minillm.modeling_pruned import _AlibiHeadsBloomAttention, _keep_cache_length
+from minillm.modeling_pruned import (
+    _AlibiHeadsBloomAttention,
+    _NoHeadsBloomAttention,
+    _NoHeadsLlamaAttention,
+    _NoHeadsOPTAttention,
+)
 
 HEAD_MODES = ("q-head", "kv-group")
 
@@ -200,14 +205,6 @@ def _expand(groups, width) -> torch.Tensor:
     return (g[:, None] * width + torch.arange(width)).reshape(-1)
 
 
-def _constant_output(out_proj: nn.Linear, like: torch.Tensor) -> torch.Tensor:
-    """What an attention block with zero heads outputs: its out-projection bias (or zeros)."""
-    shape = (*like.shape[:-1], out_proj.out_features)
-    if out_proj.bias is None or isinstance(out_proj, TensorParallelSum):  # BLOOM's slow path adds no bias
-        return like.new_zeros(shape)
-    return out_proj.bias.expand(shape).to(like.dtype)
-
-
 # --------------------------------------------------------------------------- LLaMA
 class LlamaAdapter(Adapter):
     model_types = ("llama",)
@@ -233,11 +230,7 @@ class LlamaAdapter(Adapter):
         layer.self_attn.num_key_value_groups = len(heads) // len(kv_heads) if heads else 1
 
     def drop_attention(self, layer):
-        layer.self_attn.__class__ = _dropped(type(layer.self_attn), _llama_like_dropped_forward)
-
-
-def _llama_like_dropped_forward(self, hidden_states, *args, **kwargs):
-    return _constant_output(self.o_proj, hidden_states), None
+        layer.self_attn.__class__ = _subclass("dropped", _NoHeadsLlamaAttention, type(layer.self_attn), "Dropped")
 
 
 # --------------------------------------------------------------------------- LLaMA-like families
@@ -370,11 +363,7 @@ class OPTAdapter(Adapter):
         layer.self_attn.num_heads = len(heads)
 
     def drop_attention(self, layer):
-        layer.self_attn.__class__ = _dropped(type(layer.self_attn), _opt_dropped_forward)
-
-
-def _opt_dropped_forward(self, hidden_states, *args, **kwargs):
-    return _constant_output(self.out_proj, hidden_states), None
+        layer.self_attn.__class__ = _subclass("dropped", _NoHeadsOPTAttention, type(layer.self_attn), "Dropped")
 
 
 # --------------------------------------------------------------------------- BLOOM
@@ -417,11 +406,8 @@ class BloomAdapter(Adapter):
             mlp.slow_but_exact = False
 
     def drop_attention(self, layer):
-        layer.self_attention.__class__ = _dropped(type(layer.self_attention), _bloom_dropped_forward)
-
-
-def _bloom_dropped_forward(self, hidden_states, residual, *args, **kwargs):
-    return residual + _constant_output(self.dense, hidden_states), None
+        layer.self_attention.__class__ = _subclass("dropped", _NoHeadsBloomAttention, type(layer.self_attention),
+                                                   "Dropped")
 
 
 class TensorParallelSum(nn.Linear):
@@ -436,6 +422,7 @@ class TensorParallelSum(nn.Linear):
 
     tp_shard: torch.Tensor
     tp: int
+    adds_bias = False  # a dropped attention then outputs zeros (modeling_pruned._zero_heads_output)
 
     def forward(self, x):
         out = x.new_zeros(*x.shape[:-1], self.out_features)
@@ -473,24 +460,14 @@ def _pruned_bloom_class(base):
     return _subclass("bloom", _PrunedBloomAttention, base)
 
 
-def _subclass(tag, mixin, base):
-    """The (cached) class `mixin` + `base`: a sliced module keeps its type's behaviour and name."""
+def _subclass(tag, mixin, base, prefix="Pruned"):
+    """The (cached) class `mixin` + `base`: a sliced module keeps its type's behaviour and name.
+
+    Dropped attentions use the standard checkpoint's own zero-head mixins (minillm/modeling_pruned.py:
+    out-projection bias as output, KV-cache placeholder), so sliced and reloaded models run one code."""
     key = (tag, base)
     if key not in _CLASS_CACHE:
-        _CLASS_CACHE[key] = type(f"Pruned{base.__name__}", (mixin, base), {})
-    return _CLASS_CACHE[key]
-
-
-def _dropped(base, forward):
-    """A subclass of an attention class whose forward returns the constant output of zero heads
-    (`forward`) and keeps the KV cache's length (`_keep_cache_length`)."""
-    key = ("dropped", base)
-    if key not in _CLASS_CACHE:
-        def dropped_forward(self, hidden_states, *args, **kwargs):
-            _keep_cache_length(self, hidden_states, kwargs)
-            return forward(self, hidden_states, *args, **kwargs)
-
-        _CLASS_CACHE[key] = type(f"Dropped{base.__name__}", (base,), {"forward": dropped_forward})
+        _CLASS_CACHE[key] = type(f"{prefix}{base.__name__}", (mixin, base), {})
     return _CLASS_CACHE[key]
 
 

@@ -39,8 +39,11 @@ def _replace_linear(layer: nn.Module, name: str, in_features: int, out_features:
 
 
 def _zero_heads_output(out_proj: nn.Linear, like: torch.Tensor) -> torch.Tensor:
+    """What an attention block with zero heads outputs: its out-projection's bias (or zeros; also
+    where the projection's forward adds no bias, `adds_bias = False`, as the suite's BLOOM
+    `TensorParallelSum`)."""
     shape = (*like.shape[:-1], out_proj.out_features)
-    if out_proj.bias is None:
+    if out_proj.bias is None or not getattr(out_proj, "adds_bias", True):
         return like.new_zeros(shape)
     return out_proj.bias.expand(shape).to(like.dtype)
 
