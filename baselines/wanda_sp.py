@@ -14,15 +14,18 @@ an MLP channel is one column. Groups are ranked per layer (FLAP prunes wanda-sp 
 Differences from the FLAP script, all documented:
   - FLAP's `scaler_row` is sum_tokens x_j^2 / nsamples, i.e. ||X_j||_2^2 / N; the constant 1/sqrt(N)
     does not change any ranking, so ||X_j||_2 is used as in Wanda's Eq. 1.
-  - FLAP prunes layer by layer and feeds the PRUNED layer's output to the next layer's statistics;
-    the method contract here scores all layers first (the selection ratio is not known to `score`),
-    so every layer's statistics come from the dense model (one-shot, like FLAP's own `flap`).
+  - none in the order: like FLAP's loop, the default (`sequential=true`) prunes layer by layer and
+    gathers layer l+1's statistics on the PRUNED layers' outputs (`minillm.sequential`: the shared
+    per-layer budget, each layer's lowest-scoring groups removed, FLAP uses a per-layer threshold
+    at the same ratio). `sequential=false` scores every layer on the dense model first (one-shot,
+    like FLAP's own `flap`): this suite's earlier variant, recorded as `wanda-sp (one-shot)`.
   - Calibration: FLAP's wanda_sp draws 128 C4 samples of model.seqlen = 128 tokens (FLAP sets
     seqlen 128 in `get_llm`); that is the default here (Wanda's paper used 128 x 2048 for
     unstructured sparsity; 2048-token windows are out of reach on the 2-core CPU this suite targets).
 
 Option `batch_size` (default 1): windows per forward pass while collecting ||X_j||; FLAP's script
 feeds the calibration samples one at a time. Larger batches change nothing but the peak memory.
+Option `sequential` (default true, FLAP's `prune_wanda_sp`): see above.
 """
 from __future__ import annotations
 
@@ -33,12 +36,18 @@ from minillm.architectures import GroupSet
 from minillm.scoring import Scoring
 
 NAME = "wanda-sp"
-OPTIONS = {"batch_size": 1}
+OPTIONS = {"batch_size": 1, "sequential": True}
 CALIBRATION = {
     "corpus": "c4", "nsamples": 128, "seqlen": 128,
     "source": "FLAP repo lib/prune.py prune_wanda_sp: get_loaders('c4', nsamples=128, seqlen=model.seqlen=128)",
 }
 SELECTION = {"scope": "layer", "layers": "all"}
+STATISTICS = "output"  # sequential pruning hooks only the output projections' inputs
+
+
+def sequential(options: dict) -> bool:
+    """Pruned layer by layer (FLAP's prune_wanda_sp), unless `sequential=false` (one-shot)."""
+    return bool(options["sequential"])
 
 
 def output_only(group_sets) -> list[GroupSet]:
@@ -46,9 +55,9 @@ def output_only(group_sets) -> list[GroupSet]:
     return [GroupSet(gs.layer, gs.kind, gs.count, (gs.output,), gs.module) for gs in group_sets]
 
 
-def score(model, windows, group_sets, options, seed) -> Scoring:
-    batch_size = max(1, int(options["batch_size"]))
-    stats = input_stats(model, windows, output_only(group_sets), batch_size=batch_size)
+def score_layer(group_sets, stats, options) -> dict:
+    """Scores of the groups in `group_sets` (one layer's, or all layers') from their output
+    projections' input statistics `stats[(layer, member name)]`: s_j summed per group."""
     scores = {}
     with torch.no_grad():
         for gs in group_sets:
@@ -57,4 +66,11 @@ def score(model, windows, group_sets, options, seed) -> Scoring:
             norm = stats[(gs.layer, out.name)].l2.to(weight.device)          # ||X_j||_2, [in_features]
             column = weight.double().abs().mean(dim=0) * norm                # s_j
             scores[(gs.layer, gs.kind)] = column.view(gs.count, out.width).sum(1).cpu()
-    return Scoring(scores, info={"tokens": int(windows.numel())})
+    return scores
+
+
+def score(model, windows, group_sets, options, seed) -> Scoring:
+    """One-shot (`sequential=false`): every layer scored on the dense model's statistics."""
+    batch_size = max(1, int(options["batch_size"]))
+    stats = input_stats(model, windows, output_only(group_sets), batch_size=batch_size)
+    return Scoring(score_layer(group_sets, stats, options), info={"tokens": int(windows.numel()), "sequential": False})

@@ -1,7 +1,7 @@
 """Calibrate step of the flow: input-activation statistics of every prunable Linear.
 
-One pass of the model over the calibration windows with forward pre-hooks; for each Linear that
-holds a group member we accumulate, per input feature j over all N calibration tokens, in float64:
+One layer-by-layer pass over the calibration windows (`layerwise.LayerPass`) with forward
+pre-hooks; for each Linear that holds a group member we accumulate, per input feature j over all N calibration tokens, in float64:
     sum x_j, sum x_j^2, sum |x_j|.
 From these: Wanda's ||X_j||_2 (Sun et al. 2023, Eq. 1), FLAP's fluctuation (sample variance of
 x_j, An et al. 2024, Eq. 4) and its baseline E[x_j] (bias compensation, Eq. 6), and mean |x_j|.
@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from minillm.architectures import GroupSet, decoder_and_head
+from minillm.architectures import GroupSet
+from minillm.layerwise import LayerPass
 
 
 @dataclass
@@ -41,39 +42,58 @@ class InputStats:
         return self.sum_abs / self.n
 
 
-def input_stats(model, windows: torch.Tensor, group_sets: list[GroupSet], batch_size: int = 1,
-                progress=None) -> dict:
-    """Stats keyed by (layer, member name) for every member Linear of `group_sets`."""
-    stats, handles = {}, []
-    seen = set()
+def _members(group_sets) -> dict:
+    """{(layer, member name): Linear} for every member of `group_sets`, each Linear once."""
+    out = {}
     for gs in group_sets:
         for member in gs.members:
-            key = (gs.layer, member.name)
-            if key in seen:
-                continue
-            seen.add(key)
-            linear = gs.linear(member)
-            acc = {"n": 0, "sum": 0.0, "sum_sq": 0.0, "sum_abs": 0.0}
-            stats[key] = acc
+            out.setdefault((gs.layer, member.name), gs.linear(member))
+    return out
 
-            def hook(module, args, acc=acc):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                acc["n"] += x.shape[0]
-                acc["sum"] = acc["sum"] + x.sum(0)
-                acc["sum_sq"] = acc["sum_sq"] + (x * x).sum(0)
-                acc["sum_abs"] = acc["sum_abs"] + x.abs().sum(0)
 
-            handles.append(linear.register_forward_pre_hook(hook))
-    device = next(model.parameters()).device
-    # no prunable Linear reads the logits: run the decoder only, never the [batch, seq, vocab] tensor
-    base, _ = decoder_and_head(model)
-    decoder = model if base is None else base
+def layer_stats(lp: LayerPass, i: int, group_sets) -> tuple[dict, list]:
+    """Layer i's input statistics of the members of `group_sets` (all in layer i) from the pass's
+    current hidden states, and the layer's outputs (ready for `lp.advance`)."""
+    accs, handles = {}, []
+    for key, linear in _members(group_sets).items():
+        acc = accs[key] = {"n": 0, "sum": 0.0, "sum_sq": 0.0, "sum_abs": 0.0}
+
+        def hook(module, args, acc=acc):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            acc["n"] += x.shape[0]
+            acc["sum"] = acc["sum"] + x.sum(0)
+            acc["sum_sq"] = acc["sum_sq"] + (x * x).sum(0)
+            acc["sum_abs"] = acc["sum_abs"] + x.abs().sum(0)
+
+        handles.append(linear.register_forward_pre_hook(hook))
     try:
-        with torch.inference_mode():
-            starts = range(0, len(windows), batch_size)
-            for start in (progress(starts) if progress else starts):
-                decoder(windows[start:start + batch_size].to(device), use_cache=False)
+        outputs = lp.forward(i)
     finally:
         for h in handles:
             h.remove()
-    return {k: InputStats(**v) for k, v in stats.items()}
+    return {k: InputStats(**v) for k, v in accs.items()}, outputs
+
+
+def input_stats(model, windows: torch.Tensor, group_sets: list[GroupSet], batch_size: int = 1,
+                hidden_device=None) -> dict:
+    """Stats keyed by (layer, member name) for every member Linear of `group_sets`, on the dense model.
+
+    Runs layer by layer (`layerwise.LayerPass`: one layer resident, the [batch, seq, vocab] logits
+    never computed) up to the last layer `group_sets` mention; equal to one whole-model forward
+    with hooks on those Linears (tests/test_layerwise.py)."""
+    by_layer = {}
+    for gs in group_sets:
+        by_layer.setdefault(gs.layer, []).append(gs)
+    stats = {}
+    if not by_layer:
+        return stats
+    lp = LayerPass(model, windows, batch_size, hidden_device=hidden_device)
+    for i in range(max(by_layer) + 1):
+        with lp.resident(i):
+            if i in by_layer:
+                part, outputs = layer_stats(lp, i, by_layer[i])
+                stats.update(part)
+            else:
+                outputs = lp.forward(i)
+        lp.advance(outputs)
+    return stats

@@ -111,6 +111,11 @@ class Adapter:
     def layers(self, model) -> list[nn.Module]:
         raise NotImplementedError
 
+    def tail(self, model) -> list[nn.Module]:
+        """Modules the decoder applies after its last layer, in order (the final norm), so that
+        ``head(tail(h))`` are the logits of last-layer outputs h (`layerwise.LayerPass.finish`)."""
+        return [model.base_model.norm]
+
     # ---- sizes of a (possibly sliced) decoder layer
     def head_dim(self, layer) -> int:
         return self.attn(layer).head_dim
@@ -359,6 +364,10 @@ class OPTAdapter(Adapter):
     def layers(self, model):
         return list(model.model.decoder.layers)
 
+    def tail(self, model):
+        decoder = model.model.decoder
+        return [m for m in (decoder.final_layer_norm, decoder.project_out) if m is not None]
+
     def set_heads(self, layer, heads, kv_heads):
         layer.self_attn.num_heads = len(heads)
 
@@ -377,6 +386,9 @@ class BloomAdapter(Adapter):
 
     def layers(self, model):
         return list(model.transformer.h)
+
+    def tail(self, model):
+        return [model.transformer.ln_f]
 
     def set_heads(self, layer, heads, kv_heads):
         """BLOOM builds ALiBi once for all n_head heads; a sliced layer must add its KEPT heads' slopes."""

@@ -76,12 +76,28 @@ def _lowest(gs, scores: torch.Tensor, n_remove: int, unit: int) -> list[int]:
     return [g for g in range(gs.count) if g not in removed]
 
 
-def select(model, scores: Scores, ratio: float, scope: str = "layer", layers=None,
-           head_mode: str = "q-head", layer_weights=None, allow_empty: bool = False,
-           round_to: int | None = None) -> Selection:
-    """Build the plan that removes `ratio` of all parameters given per-group `scores`.
+@dataclass
+class Budget:
+    """How many groups each prunable (layer, kind) removes, fixed before any group is chosen.
 
-    `round_to`: each pruned layer keeps a multiple of this many MLP channels (module docstring)."""
+    counts: (layer, kind) -> groups to remove; units: (layer, kind) -> removal unit (nkv q heads
+    in GQA q-head mode, else 1); sets: the GroupSets the counts refer to."""
+    counts: dict
+    units: dict
+    sets: list
+    target_removed: int
+    removed: int
+    total: int
+
+    def keep(self, gs, scores: torch.Tensor) -> list[int]:
+        """Kept group indices of `gs`: its count of lowest `scores` removed (per kv group if GQA)."""
+        key = (gs.layer, gs.kind)
+        if scores.shape != (gs.count,):
+            raise UserError(f"method gave no scores of shape ({gs.count},) for layer {gs.layer} {gs.kind}")
+        return _lowest(gs, scores, self.counts[key], self.units[key])
+
+
+def _budget(model, ratio, scope, layers, head_mode, allow_empty, round_to, scores=None, layer_weights=None) -> Budget:
     if not 0.0 < ratio < 1.0:
         raise UserError(f"ratio must be in (0, 1), got {ratio}")
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
@@ -96,10 +112,11 @@ def select(model, scores: Scores, ratio: float, scope: str = "layer", layers=Non
     total = sum(p.numel() for p in model.parameters())
     target = round(ratio * total)
     sets = all_group_sets(model, head_mode, layers=set(layers))
-    for gs in sets:
-        s = scores.get((gs.layer, gs.kind))
-        if s is None or s.shape != (gs.count,):
-            raise UserError(f"method gave no scores of shape ({gs.count},) for layer {gs.layer} {gs.kind}")
+    if scores is not None:
+        for gs in sets:
+            s = scores.get((gs.layer, gs.kind))
+            if s is None or s.shape != (gs.count,):
+                raise UserError(f"method gave no scores of shape ({gs.count},) for layer {gs.layer} {gs.kind}")
     nkv = {i: adapter.num_kv_heads(adapter.layers(model)[i]) for i in layers}
     pick = _select_global if scope == "global" else _select_layer
     counts = pick(sets, scores, target, head_mode, nkv, layer_weights, allow_empty)
@@ -109,13 +126,30 @@ def select(model, scores: Scores, ratio: float, scope: str = "layer", layers=Non
             if gs.kind == "channels" and n > 0 and gs.count >= round_to:
                 kept = min(gs.count, max(round_to, round((gs.count - n) / round_to) * round_to))
                 counts[(gs.layer, gs.kind)] = gs.count - kept
-    keep, removed = {}, 0
-    for gs in sets:
-        n = counts[(gs.layer, gs.kind)]
-        keep[(gs.layer, gs.kind)] = _lowest(gs, scores[(gs.layer, gs.kind)], n, _units(gs, head_mode, nkv[gs.layer]))
-        removed += n * gs.params_per_group()
+    units = {(gs.layer, gs.kind): _units(gs, head_mode, nkv[gs.layer]) for gs in sets}
+    removed = sum(counts[(gs.layer, gs.kind)] * gs.params_per_group() for gs in sets)
+    return Budget(counts, units, sets, target, removed, total)
+
+
+def layer_budget(model, ratio: float, layers=None, head_mode: str = "q-head", allow_empty: bool = False,
+                 round_to: int | None = None) -> Budget:
+    """The ``layer`` scope's per-layer removal counts, which depend on the model's shapes only: what
+    sequential pruning (`minillm.sequential`) fixes before it scores layer 0. Same counts as
+    `select(..., scope="layer")` for any scores."""
+    return _budget(model, ratio, "layer", layers, head_mode, allow_empty, round_to)
+
+
+def select(model, scores: Scores, ratio: float, scope: str = "layer", layers=None,
+           head_mode: str = "q-head", layer_weights=None, allow_empty: bool = False,
+           round_to: int | None = None) -> Selection:
+    """Build the plan that removes `ratio` of all parameters given per-group `scores`.
+
+    `round_to`: each pruned layer keeps a multiple of this many MLP channels (module docstring)."""
+    budget = _budget(model, ratio, scope, layers, head_mode, allow_empty, round_to, scores=scores,
+                     layer_weights=layer_weights)
+    keep = {(gs.layer, gs.kind): budget.keep(gs, scores[(gs.layer, gs.kind)]) for gs in budget.sets}
     plan = plan_from_keep(model, keep, head_mode=head_mode, allow_empty=allow_empty)
-    return Selection(plan=plan, target_removed=target, removed=removed, total=total)
+    return Selection(plan=plan, target_removed=budget.target_removed, removed=budget.removed, total=budget.total)
 
 
 def _max_removable(gs, allow_empty, unit):

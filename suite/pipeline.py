@@ -55,6 +55,12 @@ def parse_layers(spec, n_layers: int) -> list[int]:
     return sorted(int(i) for i in spec)
 
 
+def is_sequential(method, options: dict) -> bool:
+    """Whether the method prunes layer by layer (its `sequential(options)`; one-shot if absent)."""
+    check = getattr(method, "sequential", None)
+    return bool(check and check(options))
+
+
 def calibration_settings(method, calib: dict | None) -> dict | None:
     """The method's paper defaults, overridden by the user's (corpus, nsamples, seqlen)."""
     if method.CALIBRATION is None:
@@ -93,13 +99,25 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
     dense = count_parameters(model)
     torch.manual_seed(seed)
     group_sets = all_group_sets(model, head_mode)
-    with measure(device) as phases["score"]:
-        scoring = method.score(model, windows, group_sets, options, seed)
+    if is_sequential(method, options):  # score, select and slice one layer at a time (minillm/sequential.py)
+        if scope != "layer":
+            raise UserError(f"{method_name} with sequential=true prunes every layer to its own budget: "
+                            f"scope {scope!r} needs --opt sequential=false")
+        from minillm.sequential import prune_sequentially
+
+        with measure(device) as phases["score"]:
+            selection, scoring = prune_sequentially(model, windows, method, options, ratio, layers,
+                                                    head_mode=head_mode, allow_empty=allow_empty, round_to=round_to,
+                                                    batch_size=int(options.get("batch_size", 1)))
+    else:
+        with measure(device) as phases["score"]:
+            scoring = method.score(model, windows, group_sets, options, seed)
     with measure(device) as phases["prune"]:
-        selection = select(model, scoring.scores, ratio, scope=scope, layers=layers, head_mode=head_mode,
-                           layer_weights=scoring.info.get("layer_weights"), allow_empty=allow_empty,
-                           round_to=round_to)
-        apply_plan(model, selection.plan)
+        if not scoring.info.get("sequential"):
+            selection = select(model, scoring.scores, ratio, scope=scope, layers=layers, head_mode=head_mode,
+                               layer_weights=scoring.info.get("layer_weights"), allow_empty=allow_empty,
+                               round_to=round_to)
+            apply_plan(model, selection.plan)
         if dense - count_parameters(model) != selection.removed:
             raise AssertionError(f"budget bookkeeping: removed {dense - count_parameters(model)} "
                                  f"!= planned {selection.removed}")

@@ -1,0 +1,190 @@
+"""The layer-by-layer pass: calibration hidden states carried through the decoder one layer at a time.
+
+The mechanism of the field's own pruning code (SparseGPT `llama_sequential`, Wanda and FLAP
+`lib/prune.py`: `prepare_calibration_input`, then per layer `outs[j] = layer(inps[j], ...)` and
+`inps, outs = outs, inps`), written once for every method and architecture:
+
+1. `LayerPass(model, windows)` runs the model's embeddings on the calibration windows and stops at
+   the first decoder layer, keeping per micro-batch the layer's input hidden states
+   [batch, seq, hidden], and the keyword arguments the model itself builds for each layer
+   (attention mask, position ids, rotary `position_embeddings`, BLOOM's ALiBi, Gemma 3's per-type
+   masks...; the layers' forwards are stubbed for that pass), so every architecture's own masking
+   and positions are used, not re-derived here.
+2. For layer i: `with lp.resident(i) as layer:` brings the layer to the compute device (no-op when
+   it already lives there; see `resident`), `lp.forward(i)` runs every micro-batch through it
+   (with whatever hooks the caller registered), the caller may score, select and slice the layer,
+   and `lp.advance(outputs)` makes the outputs the next layer's inputs (recompute them first with
+   another `lp.forward(i)` if the layer changed: sequential pruning, FLAP's `prune_wanda_sp`).
+3. `lp.finish(hidden)` applies what follows the last layer inside the decoder (final norm, OPT's
+   `project_out`): `head(lp.finish(h))` are the logits.
+
+Memory: one layer's weights and activations plus the carried hidden states
+(nsamples × seqlen × hidden × bytes; `hidden_device="cpu"` keeps them in host memory and moves one
+micro-batch at a time to the device). A pass equals one whole-model forward of the same
+micro-batches (tests/test_layerwise.py: per-layer input statistics ≤ 1e-5 relative).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from minillm.architectures import adapter_for
+
+
+class _Captured(Exception):
+    """Raised by the first layer's pre-hook: the embeddings' work is done."""
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    hook = getattr(module, "_hf_hook", None)  # accelerate-dispatched: its execution device
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return torch.device("cpu")
+
+
+def _move(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_move(v, device) for v in value)
+    return value
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and torch.equal(a, b.to(a.device)))
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a is b or a == b
+
+
+def _hidden(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class LayerPass:
+    """Calibration hidden states of the decoder layers, advanced one layer at a time.
+
+    model:          a causal LM with an adapter (`architectures.adapter_for`)
+    windows:        [nsamples, seqlen] token ids
+    batch_size:     windows per micro-batch (FLAP and Wanda feed one at a time: 1)
+    device:         compute device (default: the input embedding's device)
+    hidden_device:  where the carried hidden states live between layers ("cpu" or the device)
+
+    Attributes: `layers` (the decoder layers), `hidden` (list of [b, seq, hidden] tensors, the
+    current layer's inputs), `kwargs[i][b]` (layer i's keyword arguments for micro-batch b, as the
+    model builds them; identical ones are one shared object).
+    """
+
+    def __init__(self, model, windows: torch.Tensor, batch_size: int = 1, device=None, hidden_device=None):
+        self.model = model
+        self.adapter = adapter_for(model)
+        self.layers = list(self.adapter.layers(model))
+        embed = model.get_input_embeddings()
+        self.device = torch.device(device) if device is not None else _device_of(embed)
+        self.hidden_device = torch.device(hidden_device) if hidden_device is not None else self.device
+        self.hidden: list[torch.Tensor] = []
+        self.kwargs: list[dict] = []
+        self._capture(windows, max(1, int(batch_size)))
+
+    def _capture(self, windows: torch.Tensor, batch_size: int) -> None:
+        # Every layer's keyword arguments are recorded (Gemma 3 gives sliding and full-attention
+        # layers different masks and rotary tables); the layers' own forwards are stubbed out for
+        # this pass, since the models build all of them before their layer loop.
+        n = len(self.layers)
+        grabbed: dict = {}
+
+        def grab(j):
+            def hook(module, args, kwargs):
+                if j == 0:
+                    grabbed["hidden"] = args[0] if args else kwargs["hidden_states"]
+                grabbed[j] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                if j == n - 1:
+                    raise _Captured
+            return hook
+
+        def passthrough(*args, **kwargs):
+            return args[0] if args else kwargs["hidden_states"]
+
+        handles = [layer.register_forward_pre_hook(grab(j), with_kwargs=True) for j, layer in enumerate(self.layers)]
+        saved = [layer.__dict__.get("forward") for layer in self.layers]  # accelerate's wrapper, if any
+        for layer in self.layers:
+            layer.forward = passthrough
+        base = getattr(self.model, "base_model", None) or self.model
+        embed_device = _device_of(self.model.get_input_embeddings())
+        self.kwargs = [[] for _ in range(n)]
+        shared: list[dict] = []
+        try:
+            with torch.no_grad():
+                for batch in windows.split(batch_size):
+                    grabbed.clear()
+                    try:
+                        base(input_ids=batch.to(embed_device), use_cache=False)
+                    except _Captured:
+                        pass
+                    else:
+                        raise RuntimeError("the last decoder layer was never called")
+                    self.hidden.append(grabbed["hidden"].detach().to(self.hidden_device))
+                    for j in range(n):
+                        kwargs = {k: _move(v, self.device) for k, v in grabbed[j].items()}
+                        # equal micro-batches and layers of one type get equal masks / positions: one copy
+                        kwargs = next((e for e in shared if e.keys() == kwargs.keys()
+                                       and all(_same(e[k], kwargs[k]) for k in kwargs)), kwargs)
+                        if not any(e is kwargs for e in shared):
+                            shared.append(kwargs)
+                        self.kwargs[j].append(kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+            for layer, forward in zip(self.layers, saved):
+                if forward is None:
+                    del layer.forward
+                else:
+                    layer.forward = forward
+
+    @property
+    def tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+    @contextmanager
+    def resident(self, i: int):
+        """Layer i on the compute device for the duration of the block (SparseGPT's
+        `layers[i].to(dev)` ... `layers[i] = layer.cpu()`): moved there and back when it lives
+        elsewhere, untouched when it already lives on the device."""
+        layer = self.layers[i]
+        home = _device_of(layer)
+        if home == self.device:
+            yield layer
+            return
+        layer.to(self.device)
+        try:
+            yield layer
+        finally:
+            layer.to(home)
+
+    def forward(self, i: int, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Layer i's outputs for every micro-batch (on `hidden_device`), from `inputs` (default: the
+        current hidden states). Runs under no_grad; hooks the caller registered on the layer fire."""
+        layer = self.layers[i]
+        outputs = []
+        with torch.no_grad():
+            for h, kwargs in zip(self.hidden if inputs is None else inputs, self.kwargs[i]):
+                out = _hidden(layer(h.to(self.device), **kwargs))
+                outputs.append(out.to(self.hidden_device))
+        return outputs
+
+    def advance(self, outputs: list[torch.Tensor]) -> None:
+        """The next layer's inputs are `outputs` (from `forward`)."""
+        self.hidden = outputs
+
+    def finish(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the decoder applies after its last layer (final norm; OPT's project_out)."""
+        for module in self.adapter.tail(self.model):
+            hidden = module(hidden)
+        return hidden
