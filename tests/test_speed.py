@@ -46,8 +46,9 @@ def test_speed_times_prefill_and_decode_separately():
     model = Stub()
     windows = torch.zeros(6, 32, dtype=torch.long)
     r = speed(model, windows, batch_size=4, min_run_time=0.2, max_run_time=1.0, warmup=1)
-    assert abs(r["prefill"]["median_s"] - PREFILL_S) <= 0.3 * PREFILL_S
-    assert abs(r["decode"]["median_s"] - DECODE_S) <= 0.6 * DECODE_S
+    # a sleep never ends early; on busy shared cores it may end late (27.7 ms for 20 ms seen at load 14)
+    assert PREFILL_S <= r["prefill"]["median_s"] <= 3 * PREFILL_S
+    assert DECODE_S <= r["decode"]["median_s"] <= 5 * DECODE_S
     assert r["prefill"]["tokens_per_s"] == 4 * 32 / r["prefill"]["median_s"]
     assert r["decode"]["tokens_per_s"] == 4 / r["decode"]["median_s"]
     assert r["prefill"]["iqr_s"] >= 0 and r["decode"]["runs"] >= 3
@@ -223,7 +224,7 @@ def test_bench_speed_command_writes_every_run(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     out = tmp_path / "speed.json"
     assert main(["bench-speed", "--model", "tiny-llama", "--pruned", str(pruned), "--runs", "2", "--rounds", "3",
-                 "--threads", "1", "--batch-size", "2", "--seqlen", "16", "--json", str(out)]) == 0
+                 "--threads", "1", "--batch-size", "2", "--seqlen", "16", "--json", str(out), "--quiet"]) == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith(str(pruned)[-32:])]
     assert len(printed) == 2 and printed[0].split()[1:] == ["0", "1.000", "(0.000)"] * 1 + ["1.000", "(0.000)"] * 3
     data = json.loads(out.read_text())

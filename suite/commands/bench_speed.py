@@ -29,6 +29,7 @@ def add_arguments(parser):
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
     add_dtype_argument(parser)
     parser.add_argument("--json", default=None, metavar="OUT", help="write every timing here (atomically)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args) -> int:
