@@ -8,10 +8,10 @@ Two regimes, as inference has two:
 
 `compare(dense, pruned, windows)` (`suite bench-speed`): the design, and why.
   The first probe timed dense, pruned, dense again once each (A B A, `adaptive_autorange`) and on
-  mostly idle cores put the dense/dense control at 0.82-1.22. Its faults: a [4, 128] SmolLM2 prefill
-  takes ~1 s on 2 cores, so `adaptive_autorange` (5 % IQR threshold) stopped after 1-3 calls, i.e. a
-  timing was one or two calls; and one A B A sequence lets every slow drift (CPU frequency, other load,
-  caches) land in the ratios whole. Now:
+  mostly idle cores put the dense/dense control at 0.82-1.22 (results/notes/precision.md section 5).
+  Its faults: a [4, 128] SmolLM2 prefill takes ~1 s on 2 cores, so `adaptive_autorange` (5 % IQR
+  threshold) stopped after 1-3 calls, i.e. a timing was one or two calls; and one A B A sequence
+  lets every slow drift (CPU frequency, other load, caches) land in the ratios whole. Now:
   - arms: dense, every pruned model, and `dense_again`: a second copy of the dense model
     (`copy.deepcopy` by default), timed as if it were one more pruned model. Its "speed-up" over dense
     is the control: it has its own tensor storage like a pruned model, so it measures what a speed-up
@@ -21,9 +21,9 @@ Two regimes, as inference has two:
     then decode blocks), the arms in a cyclically rotated order (`round_order`: round r starts
     at arm r mod n), so over n rounds every arm holds every position once and a drift within a round
     favours no arm;
-  - a block: `number` calls (sized once from the warm-up so that a dense block takes ~`block_s`, the
-    same number for every arm), each timed on its own; the block's time is their median (one call
-    hit by other load does not move it);
+  - a block: `number` calls (sized once, from one dense call after the warm-up, so that a dense block
+    takes ~`block_s`; the same number for every arm), each timed on its own; the block's time is
+    their median (one call hit by other load does not move it);
   - per round the ratio dense seconds / arm seconds; the speed-up (and the control) is the median of
     the per-round ratios, with their interquartile range (IQR, `statistics.quantiles` inclusive):
     a drift slower than a round cancels in each ratio, and a disturbed round is one outlier among many;
