@@ -147,12 +147,16 @@ def outcome_record(outcome: PruneOutcome, ratio: float) -> dict:
 
 
 SPEED_PROBE = {"min_run_time": 0.1, "max_run_time": 0.5, "warmup": 2}  # per regime and model: ≤ 3 s a cell (CI runs ~30 cells); believable numbers: `suite bench-speed`
+PROBE_NOTE = ("cheap probe, indicative only: torch.utils.benchmark adaptive_autorange (0.1-0.5 s) of prefill [batch, "
+              "seqlen] and one decode step; dense twice before pruning, pruned once after evaluation, not interleaved "
+              "(a control 0.8-1.2 on 2 CPU cores); believable speed-ups: `suite bench-speed` (suite/speed.py compare)")
 
 
 def speed_record(dense: list[dict], pruned: dict) -> dict:
     """The record's `throughput`: prefill tokens/s (pruned, dense: the mean of the two dense medians' speeds),
-    per regime the speed-up over dense and the dense/dense control (first dense run / second), and the
-    timings themselves (median and IQR, suite/speed.py)."""
+    per regime the speed-up over dense and the dense/dense control (first dense run / second), the
+    timings themselves (median and IQR, suite/speed.py `speed`), and what the probe is worth (`probe`,
+    `interleaved: false`: the cheap cell probe, not `suite bench-speed`'s interleaved comparison)."""
     out = {}
     for regime in ("prefill", "decode"):
         d1, d2, p = (m[regime]["median_s"] for m in (*dense, pruned))
@@ -161,8 +165,7 @@ def speed_record(dense: list[dict], pruned: dict) -> dict:
     tokens = pruned["batch_size"] * pruned["seqlen"]
     dense_prefill = (dense[0]["prefill"]["median_s"] + dense[1]["prefill"]["median_s"]) / 2
     out.update(pruned_tokens_per_s=pruned["prefill"]["tokens_per_s"], dense_tokens_per_s=tokens / dense_prefill,
-               probe="torch.utils.benchmark adaptive_autorange; prefill [batch, seqlen] and one decode step",
-               timings={"dense": dense[0], "dense_again": dense[1], "pruned": pruned})
+               probe=PROBE_NOTE, interleaved=False, timings={"dense": dense[0], "dense_again": dense[1], "pruned": pruned})
     return out
 
 

@@ -1,31 +1,42 @@
 """`python -m suite bench-speed --model DENSE --pruned DIR[,DIR...] [--runs 5]`: pruned-vs-dense speed.
 
-Each run times dense, pruned, dense again (suite/speed.py: torch.utils.benchmark, median and IQR,
-prefill and per-token decode separately) for every pruned model, and prints per run the speed-ups
-and the dense/dense control; `--json OUT` writes every timing. The control says how far two
-timings of the same model drift apart on this machine at this moment: run it on idle cores.
+Each run is one interleaved comparison (suite/speed.py `compare`): the dense model, every pruned
+model and a second copy of the dense model (the control) timed in `--rounds` rotated rounds of
+prefill and per-token decode blocks; the speed-ups and the dense/dense control are medians of the
+per-round ratios, with their IQR. Prints per run and pruned model the speed-ups and the control
+(the same for every pruned model of a run); `--json OUT` writes every timing. The control says how
+far two timings of the same model drift apart on this machine at this moment: run it on idle cores.
 """
 from __future__ import annotations
 
 from suite.precision import add_dtype_argument
 
 NAME = "bench-speed"
-HELP = "pruned vs dense prefill and decode speed, with a dense/dense control (torch.utils.benchmark)"
+HELP = "pruned vs dense prefill and decode speed, with a dense/dense control (interleaved rounds)"
 
 
 def add_arguments(parser):
     parser.add_argument("--model", required=True, help="the dense model (name, directory, .gguf or hub id)")
     parser.add_argument("--pruned", required=True, help="comma list of pruned directories (`suite prune --out`)")
-    parser.add_argument("--runs", type=int, default=5, help="repetitions of the dense/pruned/dense sequence")
+    parser.add_argument("--runs", type=int, default=5, help="independent comparisons (default 5)")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds per run (default 8)")
+    parser.add_argument("--block-s", type=float, default=0.5,
+                        help="seconds a dense block of calls should take (>= 1 call; default 0.5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per model and regime per run (default 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's current count)")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per prefill / decode step (default 4)")
     parser.add_argument("--seqlen", type=int, default=128, help="prefill length in tokens (default 128)")
-    parser.add_argument("--max-run-time", type=float, default=5.0, help="seconds per timing at most")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
     add_dtype_argument(parser)
     parser.add_argument("--json", default=None, metavar="OUT", help="write every timing here (atomically)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args) -> int:
+    import copy
+
+    import torch
+
     from minillm.errors import UserError
     from suite.commands.eval import write_json_atomic
     from suite.data import eval_windows
@@ -33,27 +44,38 @@ def run(args) -> int:
     from suite.records import provenance
     from suite.speed import compare
 
-    if args.runs < 1 or args.batch_size < 1 or args.seqlen < 2:
-        raise UserError("--runs and --batch-size must be >= 1, --seqlen >= 2")
+    if min(args.runs, args.rounds, args.batch_size, args.threads or 1) < 1 or args.seqlen < 2 or args.block_s <= 0 \
+            or args.warmup < 0:
+        raise UserError("--runs, --rounds, --batch-size and --threads must be >= 1, --seqlen >= 2, "
+                        "--block-s > 0, --warmup >= 0")
     pruned_dirs = [p.strip() for p in args.pruned.split(",") if p.strip()]
+    if not pruned_dirs or len(set(pruned_dirs)) < len(pruned_dirs):
+        raise UserError("--pruned: one or more distinct directories, comma separated")
     dense = load_model(args.model, dtype=args.dtype, device=args.device)
+    dense_again = copy.deepcopy(dense)  # the control: the dense weights in their own storage, like a pruned model
     pruned = {p: load_model(p, dtype=args.dtype, device=args.device) for p in pruned_dirs}
     windows = eval_windows(load_tokenizer(args.model), "wikitext2", args.seqlen,
                            max_tokens=args.batch_size * args.seqlen)
-    kw = dict(batch_size=args.batch_size, max_run_time=args.max_run_time)
-    results = {p: [] for p in pruned_dirs}
-    print(f"{'pruned':<32} {'run':>3} {'prefill x':>9} {'control':>8} {'decode x':>9} {'control':>8}")
+    threads = args.threads or torch.get_num_threads()
+    kw = dict(batch_size=args.batch_size, rounds=args.rounds, block_s=args.block_s, warmup=args.warmup,
+              threads=threads, dense_again=dense_again)
+    runs = []
+    print(f"threads {threads}, {args.rounds} rounds per run; medians of per-round ratios (IQR)")
+    print(f"{'pruned':<32} {'run':>3} {'prefill x':>15} {'control':>15} {'decode x':>15} {'control':>15}")
+    cell = lambda r, key: f"{r[key]:.3f} ({r[key + '_iqr']:.3f})"  # noqa: E731
     for run_index in range(args.runs):
-        for path, model in pruned.items():
-            r = compare(dense, model, windows, **kw)
-            results[path].append(r)
-            print(f"{path[-32:]:<32} {run_index:>3} {r['prefill_speedup']:>9.3f} {r['prefill_dense_control']:>8.3f} "
-                  f"{r['decode_speedup']:>9.3f} {r['decode_dense_control']:>8.3f}")
+        r = compare(dense, pruned, windows, **kw)
+        runs.append(r)
+        for path, s in r["speedups"].items():
+            print(f"{path[-32:]:<32} {run_index:>3} {cell(s, 'prefill_speedup'):>15} "
+                  f"{cell(r, 'prefill_dense_control'):>15} {cell(s, 'decode_speedup'):>15} "
+                  f"{cell(r, 'decode_dense_control'):>15}", flush=True)
     if args.json:
         from pathlib import Path
 
-        write_json_atomic(Path(args.json), {"kind": "bench-speed", "model": args.model, "runs": results,
-                                            "provenance": provenance(config={k: v for k, v in vars(args).items()
-                                                                             if not k.startswith("_")}, seed=0)})
+        config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+        write_json_atomic(Path(args.json), {"kind": "bench-speed", "model": args.model, "pruned": pruned_dirs,
+                                            "config": config, "runs": runs,
+                                            "provenance": provenance(config=config, seed=0)})
         print(f"wrote {args.json}")
     return 0
