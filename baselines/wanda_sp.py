@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from minillm.activations import input_stats
-from minillm.architectures import GroupSet
+from minillm.architectures import output_only
 from minillm.scoring import Scoring
 
 NAME = "wanda-sp"
@@ -39,11 +39,6 @@ CALIBRATION = {
     "source": "FLAP repo lib/prune.py prune_wanda_sp: get_loaders('c4', nsamples=128, seqlen=model.seqlen=128)",
 }
 SELECTION = {"scope": "layer", "layers": "all"}
-
-
-def output_only(group_sets) -> list[GroupSet]:
-    """The same group sets restricted to their output-projection member (only its input is hooked)."""
-    return [GroupSet(gs.layer, gs.kind, gs.count, (gs.output,), gs.module) for gs in group_sets]
 
 
 def score(model, windows, group_sets, options, seed) -> Scoring:

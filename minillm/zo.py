@@ -115,16 +115,12 @@ class Estimate:
     seeds: list[int]
     coeffs: list[float]
     eps: float
-    losses: list[tuple[float, float]] = field(default_factory=list)
     drift_bound: list[float] = field(default_factory=list)
     device: str = "cpu"
 
     @property
     def q(self) -> int:
         return len(self.seeds)
-
-    def index(self, name: str) -> int:
-        return self.names.index(name)
 
     def z(self, k: int, i: int) -> torch.Tensor:
         return direction(self.seeds[k], i, self.shapes[i], self.device)
@@ -209,7 +205,6 @@ def spsa(loss_fn: Callable[[], float], named_tensors: Sequence[tuple[str, torch.
             if offset:
                 _perturb(tensors, s, -offset * eps, device)
         est.coeffs.append((lp - lm) / (2 * eps))
-        est.losses.append((lp, lm))
         for i, t in enumerate(tensors):
             step = 2 * eps * zmax[i]
             big = amax[i] + drift[i] + step

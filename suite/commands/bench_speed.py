@@ -27,10 +27,9 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from minillm.errors import UserError
-    from suite.commands.eval import write_json_atomic
     from suite.data import eval_windows
     from suite.models import load_model, load_tokenizer
-    from suite.records import provenance
+    from suite.records import provenance, write_json_atomic
     from suite.speed import compare
 
     if args.runs < 1 or args.batch_size < 1 or args.seqlen < 2:
