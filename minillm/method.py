@@ -11,7 +11,8 @@ The paper (Algorithm 1), `space=weight`, the default and the faithful reproducti
      the top 1 − p groups (shared `select`). ĝ is rebuilt one Linear at a time from the (seed, c)
      pairs and reduced to group scores at once: no `.grad`, no weight copy.
 
-This project's additions (not in the paper), each an option, all off by default:
+This project's additions (not in the paper), each an option, all off by default (an option set to a
+non-default value where no code path reads it is refused by `check_options` / `check_scope`):
   - `space=mask`: the gradient w.r.t. one multiplicative gate per group (head output / channel,
     `minillm.gates`), estimated by the same forward-only SPSA over the gate vector; score =
     |ĝ_gate|, which *is* the feature-map sensitivity (first-order loss change when the group's

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minillm.architectures import adapter_for
+from minillm.architectures import adapter_for, group_columns
 from minillm.errors import UserError
 
 
@@ -237,7 +237,7 @@ def plan_from_keep(model, keep: dict, head_mode: str = "q-head", allow_empty: bo
             if head_mode == "kv-group" and nkv != nq:
                 per = nq // nkv
                 lp.kv_heads = groups
-                lp.heads = [j * per + k for j in groups for k in range(per)]
+                lp.heads = group_columns(groups, per).tolist()  # each kept kv head's q heads
             else:
                 lp.heads = groups
                 if nkv == nq and lp.kv_heads is not None:  # a GQA model's layer sliced to one q per kv head
