@@ -29,8 +29,8 @@ with the defaults of `main.py`: metric WIFV, structure AL-AM):
    the dense one whenever the removed features sit at their mean. It runs after slicing
    (`Scoring.compensate`) from the calibration means kept from scoring and a reference to the
    pre-slicing output-projection weight (slicing replaces the Parameter, it does not edit it; the
-   kept columns are checked against the sliced weight). Option `compensate=false` gives
-   uncompensated FLAP.
+   kept columns are checked against the sliced weight; shared with minillm's `compensate` option in
+   `minillm/compensation.py`). Option `compensate=false` gives uncompensated FLAP.
 
    The created bias is a real Parameter: it is counted in the pruned model's parameters (the
    pipeline reports the count after compensation), saved in the checkpoint, and recreated by
@@ -45,12 +45,11 @@ Option `batch_size` (default 1, as FLAP feeds one sample at a time): windows per
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from minillm.activations import input_stats
-from minillm.architectures import GroupSet, adapter_for
-from minillm.errors import UserError
-from minillm.scoring import Scoring
+from minillm.architectures import adapter_for, output_only
+from minillm.compensation import bias_compensator, saved_projection
+from minillm.scoring import Scoring, standardise
 
 NAME = "flap"
 OPTIONS = {"compensate": True, "head_power": 2.0, "batch_size": 1}
@@ -62,21 +61,9 @@ CALIBRATION = {
 SELECTION = {"scope": "global", "layers": "all"}
 
 
-def _output_only(group_sets) -> list[GroupSet]:
-    return [GroupSet(gs.layer, gs.kind, gs.count, (gs.output,), gs.module) for gs in group_sets]
-
-
-def standardise(x: torch.Tensor) -> torch.Tensor:
-    """(x - mean) / std over one module's columns (unbiased std, as torch.std in FLAP)."""
-    std = x.std()
-    if not torch.isfinite(std) or std == 0:
-        return torch.zeros_like(x)
-    return (x - x.mean()) / std
-
-
 def score(model, windows, group_sets, options, seed) -> Scoring:
     batch_size = max(1, int(options["batch_size"]))
-    stats = input_stats(model, windows, _output_only(group_sets), batch_size=batch_size)
+    stats = input_stats(model, windows, output_only(group_sets), batch_size=batch_size)
     adapter = adapter_for(model)
     scores, saved = {}, []
     with torch.no_grad():
@@ -91,55 +78,7 @@ def score(model, windows, group_sets, options, seed) -> Scoring:
             z = standardise(metric).view(gs.count, out.width).mean(dim=1)
             scores[(gs.layer, gs.kind)] = z
             if options["compensate"]:
-                saved.append({
-                    "layer": gs.layer, "kind": gs.kind, "linear": linear,
-                    "weight": linear.weight,                 # the pre-slicing Parameter (not a copy)
-                    "mean": st.mean,                         # float64 [in_features]
-                    "column_width": adapter.head_dim(gs.module) if gs.kind == "heads" else 1,
-                })
+                saved.append(saved_projection(gs, st.mean, adapter.head_dim(gs.module) if gs.kind == "heads" else 1))
     info = {"tokens": int(windows.numel()), "compensate": bool(options["compensate"])}
-    compensate = _compensator(saved, info) if options["compensate"] else None
+    compensate = bias_compensator(saved, info, NAME) if options["compensate"] else None
     return Scoring(scores, compensate=compensate, info=info)
-
-
-def _columns(groups, width) -> torch.Tensor:
-    g = torch.as_tensor(list(groups), dtype=torch.long)
-    return (g[:, None] * width + torch.arange(width)).reshape(-1)
-
-
-def _compensator(saved: list, info: dict):
-    def compensate(model, plan) -> None:
-        added, modules = 0, 0
-        try:
-            for entry in saved:
-                lp = plan.layers[entry["layer"]]
-                kept_groups = lp.heads if entry["kind"] == "heads" else lp.channels
-                full = entry["weight"]
-                width = entry["column_width"]
-                kept = _columns(kept_groups, width)
-                removed_mask = torch.ones(full.shape[1], dtype=torch.bool)
-                removed_mask[kept] = False
-                if not removed_mask.any():
-                    continue
-                linear: nn.Linear = entry["linear"]
-                current = linear.weight
-                if current is full or current.shape[1] != len(kept) or not torch.equal(
-                        full.detach()[:, kept.to(full.device)], current.detach()):
-                    raise UserError(f"flap compensation: layer {entry['layer']} {entry['kind']} output "
-                                    "projection was not sliced to the plan's kept columns")
-                removed = removed_mask.nonzero().view(-1).to(full.device)
-                mean = entry["mean"].to(full.device)[removed]
-                delta = (full.detach()[:, removed].double() @ mean).to(current.dtype)   # B = W_{:,R} x̄_R
-                with torch.no_grad():
-                    if linear.bias is None:
-                        linear.bias = nn.Parameter(delta.clone(), requires_grad=False)
-                        added += delta.numel()
-                    else:
-                        linear.bias.add_(delta.to(linear.bias.device))
-                modules += 1
-        finally:
-            saved.clear()  # drop the references to the pre-slicing weights
-        info["compensated_modules"] = modules
-        info["bias_entries_added"] = added
-
-    return compensate

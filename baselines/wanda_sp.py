@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from minillm.activations import input_stats
-from minillm.architectures import GroupSet
+from minillm.architectures import output_only
 from minillm.scoring import Scoring
 
 NAME = "wanda-sp"
@@ -48,11 +48,6 @@ STATISTICS = "output"  # sequential pruning hooks only the output projections' i
 def sequential(options: dict) -> bool:
     """Pruned layer by layer (FLAP's prune_wanda_sp), unless `sequential=false` (one-shot)."""
     return bool(options["sequential"])
-
-
-def output_only(group_sets) -> list[GroupSet]:
-    """The same group sets restricted to their output-projection member (only its input is hooked)."""
-    return [GroupSet(gs.layer, gs.kind, gs.count, (gs.output,), gs.module) for gs in group_sets]
 
 
 def score_layer(group_sets, stats, options) -> dict:

@@ -93,6 +93,12 @@ class GroupSet:
         return total
 
 
+def output_only(group_sets) -> list[GroupSet]:
+    """The same group sets restricted to their output-projection member (only its input is hooked:
+    the statistics Wanda-sp and FLAP read, over the out-projection's input columns)."""
+    return [GroupSet(gs.layer, gs.kind, gs.count, (gs.output,), gs.module) for gs in group_sets]
+
+
 # --------------------------------------------------------------------------- base adapter
 class Adapter:
     """Architecture-specific facts. Subclasses fill the class attributes and hooks."""
@@ -185,10 +191,10 @@ class Adapter:
         if heads is not None:
             for (name, dim, unit), offset in zip(self.head_members, self._offsets(self.head_members, layer)):
                 groups, width = {"q": (heads, hd), "kv": (kv_heads, hd), "qkv": (heads, 3 * hd)}[unit]
-                parts.setdefault((name, dim), []).append(offset + _expand(groups, width))
+                parts.setdefault((name, dim), []).append(offset + group_columns(groups, width))
         if channels is not None:
             for (name, dim), offset in zip(self.channel_members, self._offsets(self.channel_members, layer)):
-                parts.setdefault((name, dim), []).append(offset + _expand(channels, 1))
+                parts.setdefault((name, dim), []).append(offset + group_columns(channels, 1))
         return {key: torch.cat(p) for key, p in parts.items()}
 
     # ---- slicing hooks
@@ -204,8 +210,9 @@ class Adapter:
         raise NotImplementedError
 
 
-def _expand(groups, width) -> torch.Tensor:
-    """Group indices -> row/column indices, group g owning [g*width, (g+1)*width)."""
+def group_columns(groups, width: int) -> torch.Tensor:
+    """Group indices -> row/column indices (int64, 1-D, len(groups) * width), group g owning
+    [g*width, (g+1)*width): a head's head_dim columns of o_proj, a channel's one column."""
     g = torch.as_tensor(list(groups), dtype=torch.long)
     return (g[:, None] * width + torch.arange(width)).reshape(-1)
 
@@ -404,7 +411,7 @@ class BloomAdapter(Adapter):
             attn.__class__ = _pruned_bloom_class(type(attn))
         if (attn.pretraining_tp > 1 and attn.slow_but_exact) or isinstance(attn.dense, TensorParallelSum):
             hd = self.head_dim(layer)
-            columns = (torch.as_tensor(heads, dtype=torch.long)[:, None] * hd + torch.arange(hd)).reshape(-1)
+            columns = group_columns(heads, hd)
             _tensor_parallel(attn.dense, attn.pretraining_tp, columns, attn.dense.out_features)
             attn.slow_but_exact = False  # the sum over shards now lives in attn.dense
 

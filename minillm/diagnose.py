@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import torch
+from scipy import stats
 
 from minillm import zo
 from minillm.activations import input_stats
@@ -43,26 +45,15 @@ SPACES = ("weight", "mask", "layer")
 
 
 # --------------------------------------------------------------------------- statistics
-def ranks(x: torch.Tensor) -> torch.Tensor:
-    """Ranks 0..n-1 with ties averaged."""
-    x = x.double().flatten()
-    order = torch.argsort(x, stable=True)
-    r = torch.empty_like(x)
-    r[order] = torch.arange(len(x), dtype=torch.float64)
-    values, inverse = torch.unique(x, return_inverse=True)
-    if len(values) < len(x):  # average the ranks of tied values
-        sums = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, r)
-        counts = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(r))
-        r = (sums / counts)[inverse]
-    return r
-
-
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman's rank correlation (NaN when either side is constant)."""
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = float(ra.norm() * rb.norm())
-    return float((ra * rb).sum()) / denom if denom > 0 else float("nan")
+    """Spearman's rank correlation, ties averaged (scipy.stats.spearmanr); NaN when either side is
+    constant or has fewer than two values."""
+    a, b = a.double().flatten().cpu().numpy(), b.double().flatten().cpu().numpy()
+    if len(a) < 2:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)  # the NaN says it
+        return float(stats.spearmanr(a, b).statistic)
 
 
 def _mean(values) -> float | None:

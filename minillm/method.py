@@ -11,7 +11,8 @@ The paper (Algorithm 1), `space=weight`, the default and the faithful reproducti
      the top 1 − p groups (shared `select`). ĝ is rebuilt one Linear at a time from the (seed, c)
      pairs and reduced to group scores at once: no `.grad`, no weight copy.
 
-This project's additions (not in the paper), each an option, all off by default:
+This project's additions (not in the paper), each an option, all off by default (an option set to a
+non-default value where no code path reads it is refused by `check_options` / `check_scope`):
   - `space=mask`: the gradient w.r.t. one multiplicative gate per group (head output / channel,
     `minillm.gates`), estimated by the same forward-only SPSA over the gate vector; score =
     |ĝ_gate|, which *is* the feature-map sensitivity (first-order loss change when the group's
@@ -78,9 +79,10 @@ import torch
 
 from minillm import zo
 from minillm.activations import input_stats
+from minillm.compensation import bias_compensator, saved_projections
 from minillm.errors import UserError
 from minillm.gates import gated
-from minillm.scoring import Scoring, group_tensor
+from minillm.scoring import Scoring, group_tensor, standardise
 
 NAME = "minillm"
 OPTIONS = {
@@ -125,7 +127,13 @@ CHOICES = {
 }
 
 
+# options read by some scoring spaces only (the variant that reads each one)
+READ_IN = {"fms_gradient": ("mask", "layer"), "gate_eps": ("mask", "layer"), "estimator": ("mask", "layer"),
+           "mask_groups": ("mask",), "blockwise": ("mask",), "layer_lambda": ("layer",)}
+
+
 def check_options(options: dict) -> dict:
+    """Choices, ranges, and the combinations that could not do what they say: one-line UserErrors."""
     for key, allowed in CHOICES.items():
         if options[key] not in allowed:
             raise UserError(f"minillm option {key}={options[key]!r}: choose one of {', '.join(allowed)}")
@@ -143,7 +151,34 @@ def check_options(options: dict) -> dict:
     if options["space"] in ("mask", "layer") and options["gradient"] in ("none", "noise"):
         raise UserError(f"gradient={options['gradient']} is a weight-space control (space=weight); in the "
                         f"{options['space']} space it would score the gates by nothing or by chance")
+    # options that would be silently ignored: refused when set to anything but their default
+    changed = {key for key in OPTIONS if options[key] != OPTIONS[key]}
+    given = lambda key: f"{key}={str(options[key]).lower() if isinstance(options[key], bool) else options[key]}"
+    for key in sorted(changed & set(READ_IN)):
+        spaces = READ_IN[key]
+        if options["space"] not in spaces:
+            raise UserError(f"minillm option {given(key)} is read only with space="
+                            f"{' or space='.join(spaces)}; with space={options['space']} it would be ignored")
+    if options["space"] == "mask" and "fms_gradient" in changed and options["mask_groups"] == "all":
+        raise UserError(f"minillm option {given('fms_gradient')} with space=mask needs "
+                        "mask_groups=heads (channels scored by FMS); with mask_groups=all no group is scored by "
+                        "FMS and it would be ignored")
+    if options["blockwise"] and options["gradient"] == "backprop":
+        raise UserError("minillm option blockwise=true splits the SPSA estimate layer by layer; with "
+                        "gradient=backprop all gates' gradients come from one backward pass and it would be ignored")
+    if options["abs"] == "group" and options["aggregate"] == "max":
+        raise UserError("minillm option abs=group takes |sum| of a group's signed products; with aggregate=max "
+                        "a group scores its largest |product| and abs would be ignored")
     return options
+
+
+def check_scope(options: dict, scope: str | None) -> None:
+    """The selection scope `scope` ("layer" | "global" | None: the default) against the options:
+    `space=layer` allocates per-layer ratios (`info["layer_weights"]`), which only a per-layer
+    selection reads; with `--scope global` they would be dropped. Raises UserError."""
+    if options["space"] == "layer" and (scope or SELECTION["scope"]) == "global":
+        raise UserError("minillm option space=layer computes per-layer pruning ratios; with --scope global "
+                        "(scope: global) one ranking over all layers ignores them: use --scope layer")
 
 
 def _progress(total_label: str):
@@ -433,59 +468,9 @@ def layer_weights_from(sensitivity: dict, lam: float) -> dict:
 
 # --------------------------------------------------------------------------- compensation
 def mean_compensator(model, group_sets, stats, info: dict):
-    """Baseline bias compensation (FLAP, An et al. 2024, Eq. 6) — this project's option, not MINI-LLM's.
-
-    After slicing, the removed input columns R of each out-projection W contributed W_{:,R} x_R;
-    replacing x_R by its calibration mean gives the bias W_{:,R} x̄_R, added to the projection (a
-    new frozen Parameter where the Linear has none, counted like FLAP's: the record, the CLI line
-    and a reload by `load_pruned` then count the same parameters). Keeps a reference to each
-    pre-slicing out-projection weight until it runs (slicing replaces the Parameter).
-    """
-    from minillm.architectures import adapter_for
-
-    adapter = adapter_for(model)
-    saved = []
-    for gs in group_sets:
-        out = gs.output
-        lin = gs.linear(out)
-        width = adapter.head_dim(gs.module) if gs.kind == "heads" else 1
-        saved.append((gs.layer, gs.kind, lin, lin.weight, stats[(gs.layer, out.name)].mean, width))
-
-    def compensate(model, plan) -> None:
-        modules = added = 0
-        try:
-            for layer, kind, lin, full, mean, width in saved:
-                lp = plan.layers[layer]
-                kept_groups = torch.as_tensor(list(lp.heads if kind == "heads" else lp.channels), dtype=torch.long)
-                kept = (kept_groups[:, None] * width + torch.arange(width)).reshape(-1)
-                removed = torch.ones(full.shape[1], dtype=torch.bool)
-                removed[kept] = False
-                if not removed.any():
-                    continue
-                if lin.weight.shape[1] != len(kept):
-                    raise UserError(f"minillm compensation: layer {layer} {kind} was not sliced to the plan")
-                idx = removed.nonzero().view(-1).to(full.device)
-                delta = (full.detach()[:, idx].double() @ mean.to(full.device)[idx]).to(lin.weight.dtype)
-                with torch.no_grad():
-                    if lin.bias is None:
-                        lin.bias = torch.nn.Parameter(delta.clone(), requires_grad=False)
-                        added += delta.numel()
-                    else:
-                        lin.bias.add_(delta.to(lin.bias.device))
-                modules += 1
-        finally:
-            saved.clear()
-        info["compensated_modules"] = modules
-        info["bias_entries_added"] = added
-
-    return compensate
-
-
-def standardise(x: torch.Tensor) -> torch.Tensor:
-    std = x.double().std()
-    if not torch.isfinite(std) or std == 0:
-        return torch.zeros_like(x)
-    return ((x.double() - x.double().mean()) / std).to(x.dtype)
+    """FLAP's baseline bias compensation (Eq. 6, `minillm.compensation`) — this project's option, not
+    MINI-LLM's. Keeps a reference to each pre-slicing out-projection weight until it runs."""
+    return bias_compensator(saved_projections(model, group_sets, stats), info, NAME)
 
 
 # --------------------------------------------------------------------------- the contract

@@ -18,13 +18,13 @@ carried one (`compose`), so prune -> save -> load -> prune chains save a plan th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from minillm.architectures import adapter_for
+from minillm.architectures import adapter_for, group_columns
 from minillm.errors import UserError
 
 
@@ -41,7 +41,6 @@ class Plan:
     layers: list[LayerPlan]
     head_mode: str = "q-head"
     allow_empty: bool = False
-    meta: dict = field(default_factory=dict)
 
     # ---- serialisation
     def to_json(self) -> dict:
@@ -52,8 +51,6 @@ class Plan:
                 entry["kv_heads"] = list(map(int, lp.kv_heads))
             entry["channels"] = list(map(int, lp.channels))
             out["layers"].append(entry)
-        if self.meta:
-            out["meta"] = self.meta
         return out
 
     def save(self, path: Path) -> None:
@@ -63,7 +60,7 @@ class Plan:
     def from_json(cls, data: dict) -> "Plan":
         layers = [LayerPlan(heads=l["heads"], channels=l["channels"], kv_heads=l.get("kv_heads")) for l in data["layers"]]
         return cls(arch=data["arch"], layers=layers, head_mode=data.get("head_mode", "q-head"),
-                   allow_empty=data.get("allow_empty", False), meta=data.get("meta", {}))
+                   allow_empty=data.get("allow_empty", False))
 
     @classmethod
     def load(cls, path: Path) -> "Plan":
@@ -102,7 +99,7 @@ def compose(base: Plan, new: Plan) -> Plan:
         layers.append(LayerPlan(heads=[b.heads[j] for j in n.heads],
                                 channels=[b.channels[j] for j in n.channels], kv_heads=kv))
     return Plan(arch=base.arch, layers=layers, head_mode=new.head_mode,
-                allow_empty=base.allow_empty or new.allow_empty, meta={**base.meta, **new.meta})
+                allow_empty=base.allow_empty or new.allow_empty)
 
 
 def full_plan(model) -> Plan:
@@ -219,8 +216,7 @@ def _explicit_kv(plan: Plan, model) -> Plan:
             kv = list(range(nkv))
         layers.append(LayerPlan(heads=list(lp.heads), channels=list(lp.channels),
                                 kv_heads=None if kv is None else list(kv)))
-    return Plan(arch=plan.arch, layers=layers, head_mode=plan.head_mode, allow_empty=plan.allow_empty,
-                meta=dict(plan.meta))
+    return Plan(arch=plan.arch, layers=layers, head_mode=plan.head_mode, allow_empty=plan.allow_empty)
 
 
 def plan_from_keep(model, keep: dict, head_mode: str = "q-head", allow_empty: bool = False) -> Plan:
@@ -241,7 +237,7 @@ def plan_from_keep(model, keep: dict, head_mode: str = "q-head", allow_empty: bo
             if head_mode == "kv-group" and nkv != nq:
                 per = nq // nkv
                 lp.kv_heads = groups
-                lp.heads = [j * per + k for j in groups for k in range(per)]
+                lp.heads = group_columns(groups, per).tolist()  # each kept kv head's q heads
             else:
                 lp.heads = groups
                 if nkv == nq and lp.kv_heads is not None:  # a GQA model's layer sliced to one q per kv head
@@ -250,4 +246,5 @@ def plan_from_keep(model, keep: dict, head_mode: str = "q-head", allow_empty: bo
 
 
 def plan_summary(plan: Plan) -> list[dict]:
+    """Kept heads and channels per layer: the record's `plan_summary`."""
     return [{"heads": len(lp.heads), "channels": len(lp.channels)} for lp in plan.layers]

@@ -9,6 +9,8 @@ A method is one module (in `baselines/` or `minillm/`) registered in `suite/meth
     score(model, windows, group_sets, options, seed) -> Scoring
     check_options(options) -> options   (optional) value checks beyond merge_options' types; the
                 CLI calls it (via `checked_options`) before any model is loaded
+    check_scope(options, scope) (optional) refuses options the selection scope ("layer" | "global"
+                | None: SELECTION's) would ignore; called with check_options
 
 `group_sets` lists every layer's head and channel GroupSets (architectures.py); `windows` is the
 [nsamples, seqlen] calibration batch (None for data-free methods). Selection, slicing, budget and
@@ -51,15 +53,20 @@ def merge_options(method_name: str, defaults: dict, given: dict | None) -> dict:
     return out
 
 
-def checked_options(method, given: dict | None) -> dict:
-    """`merge_options` with the method module's defaults, then its own `check_options` if it has one.
+def checked_options(method, given: dict | None, scope: str | None = None) -> dict:
+    """`merge_options` with the method module's defaults, then its own `check_options` and
+    `check_scope` (with the selection `scope`, None: the method's default) if it has them.
 
-    Raises UserError for an unknown key, an ill-typed value or a value the method refuses; needs
-    no model, so commands call it before loading one.
+    Raises UserError for an unknown key, an ill-typed value, a value the method refuses or an option
+    the scope would ignore; needs no model, so commands call it before loading one.
     """
     options = merge_options(method.NAME, method.OPTIONS, given)
     check = getattr(method, "check_options", None)
-    return check(dict(options)) if check else options
+    options = check(dict(options)) if check else options
+    check_scope = getattr(method, "check_scope", None)
+    if check_scope:
+        check_scope(options, scope)
+    return options
 
 
 def _coerce(default, value):
@@ -92,3 +99,18 @@ def group_tensor(values: torch.Tensor, gs, member) -> torch.Tensor:
     [count, width, other] (only the member's section of a fused Linear)."""
     v = values if member.dim == 0 else values.t()
     return v.narrow(0, member.offset, gs.count * member.width).reshape(gs.count, member.width, v.shape[1])
+
+
+def standardise(x: torch.Tensor) -> torch.Tensor:
+    """z-score (x − mean) / std over all of `x` (unbiased std, as torch.std in FLAP), computed in
+    float64 and returned in x's dtype; all zeros where the std is 0 or not finite.
+
+    FLAP Eq. 5 (An et al. 2024; github CASIA-IVA-Lab/FLAP `lib/prune.py::prune_flap`, structure
+    AL-AM: `(metric - mean) / std` per module before the global ranking). Used by `flap` (float64
+    metrics: exactly FLAP's arithmetic) and by minillm's `normalize=standard|unit`.
+    """
+    x64 = x.double()
+    std = x64.std()
+    if not torch.isfinite(std) or std == 0:
+        return torch.zeros_like(x)
+    return ((x64 - x64.mean()) / std).to(x.dtype)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 
 from minillm.activations import layer_stats
-from minillm.architectures import GroupSet
+from minillm.architectures import GroupSet, output_only
 from minillm.errors import UserError
 from minillm.layerwise import LayerPass
 from minillm.plan import apply_plan, full_plan, plan_from_keep
@@ -31,9 +31,7 @@ from minillm.select import Selection, layer_budget
 
 def statistics_sets(method, group_sets) -> list[GroupSet]:
     """The group sets whose members' inputs the method reads (`STATISTICS`: output | all)."""
-    if getattr(method, "STATISTICS", "all") == "output":
-        return [GroupSet(gs.layer, gs.kind, gs.count, (gs.output,), gs.module) for gs in group_sets]
-    return group_sets
+    return output_only(group_sets) if getattr(method, "STATISTICS", "all") == "output" else group_sets
 
 
 def prune_sequentially(model, windows, method, options: dict, ratio: float, layers, head_mode: str = "q-head",

@@ -51,6 +51,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from minillm.architectures import decoder_and_head
@@ -115,16 +116,12 @@ class Estimate:
     seeds: list[int]
     coeffs: list[float]
     eps: float
-    losses: list[tuple[float, float]] = field(default_factory=list)
     drift_bound: list[float] = field(default_factory=list)
     device: str = "cpu"
 
     @property
     def q(self) -> int:
         return len(self.seeds)
-
-    def index(self, name: str) -> int:
-        return self.names.index(name)
 
     def z(self, k: int, i: int) -> torch.Tensor:
         return direction(self.seeds[k], i, self.shapes[i], self.device)
@@ -209,7 +206,6 @@ def spsa(loss_fn: Callable[[], float], named_tensors: Sequence[tuple[str, torch.
             if offset:
                 _perturb(tensors, s, -offset * eps, device)
         est.coeffs.append((lp - lm) / (2 * eps))
-        est.losses.append((lp, lm))
         for i, t in enumerate(tensors):
             step = 2 * eps * zmax[i]
             big = amax[i] + drift[i] + step
@@ -306,35 +302,27 @@ class Snapshot:
         return len(self.spans)
 
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the dtypes SPSA perturbs
 
 
 def _safetensors_index(path: Path) -> dict:
-    """name -> (path, dtype, shape, start, end) from a .safetensors header (nothing else is read)."""
-    import json
-    import struct
-
-    with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(length))
-    base = 8 + length
+    """name -> (path, name, shape) of the floating-point tensors of a .safetensors file (its header
+    only, through `safetensors.safe_open`). Raises SafetensorError or OSError for an unreadable file."""
     out = {}
-    for name, entry in header.items():
-        if name == "__metadata__" or entry.get("dtype") not in _SAFETENSORS_DTYPES:
-            continue
-        start, end = entry["data_offsets"]
-        out[name] = (path, _SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), base + start, base + end)
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            view = f.get_slice(name)
+            if view.get_dtype() in _FLOAT_DTYPES:
+                out[name] = (path, name, tuple(view.get_shape()))
     return out
 
 
 def _read_tensor(where) -> torch.Tensor:
-    """One tensor read into its own buffer (no mmap: the file's pages do not stay in the RSS)."""
-    path, dtype, shape, start, end = where
-    buf = bytearray(end - start)
-    with open(path, "rb") as fh:
-        fh.seek(start)
-        fh.readinto(buf)
-    return torch.frombuffer(buf, dtype=dtype).reshape(shape) if buf else torch.empty(shape, dtype=dtype)
+    """One tensor of `_safetensors_index`'s `where`, in the file's dtype (`safe_open.get_tensor`: only that
+    tensor's bytes are read; its mapping is dropped when the file is closed)."""
+    path, name, _ = where
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name)
 
 
 def restore_from_checkpoint(model, named_tensors, bounds) -> dict:
@@ -342,7 +330,7 @@ def restore_from_checkpoint(model, named_tensors, bounds) -> dict:
 
     A tensor is restored only if the file's value is within its drift bound of the current one
     (so a file that is not this model's source is never copied in). Tensors are read one at a time
-    into a fresh buffer (not memory-mapped), so the peak is one tensor. Returns a summary:
+    (`safetensors.safe_open`, only that tensor's bytes), so the peak is one tensor. Returns a summary:
     {"restore": "checkpoint"|"partial"|"arithmetic", "restored", "tensors", "drift_bound", "source"}.
     """
     summary = {"restore": "arithmetic", "restored": 0, "tensors": len(named_tensors),
@@ -355,7 +343,7 @@ def restore_from_checkpoint(model, named_tensors, bounds) -> dict:
     for path in sorted(folder.glob("*.safetensors")):
         try:
             index.update(_safetensors_index(path))
-        except (OSError, ValueError, KeyError):
+        except (OSError, SafetensorError):
             continue
     if not index:
         return summary

@@ -19,6 +19,7 @@ import yaml
 from minillm.errors import UserError
 
 REQUIRED = object()
+# the seven zero-shot tasks of the papers' tables (LLM-Pruner, FLAP, MINI-LLM); `suite eval --tasks paper`
 PAPER_TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 DTYPES = ("float32", "bfloat16", "float16")
 _TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "list", dict: "mapping"}
@@ -245,12 +246,15 @@ def _check_method(entry: dict, where: str) -> None:
     module = registry[name]
     module = importlib.import_module(module) if isinstance(module, str) else module
     check = getattr(module, "check_options", None)  # the method's own value checks, as `suite prune` runs them
-    if check is not None:
-        given = {k: v for k, v in entry["options"].items() if k not in SELECTION_OPTIONS}
-        try:
+    check_scope = getattr(module, "check_scope", None)  # and the options the selection scope would ignore
+    given = {k: v for k, v in entry["options"].items() if k not in SELECTION_OPTIONS}
+    try:
+        if check is not None:
             check({**defaults, **given})
-        except UserError as exc:
-            raise _Invalid(f"{where}.options", str(exc)) from None
+        if check_scope is not None:
+            check_scope({**defaults, **given}, entry["options"].get("scope"))
+    except UserError as exc:
+        raise _Invalid(f"{where}.options", str(exc)) from None
 
 
 # --------------------------------------------------------------------------- load / expand

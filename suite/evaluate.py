@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 
 from minillm.errors import UserError
 from suite import data, models
-
-PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+from suite.config import PAPER_TASKS  # the papers' seven zero-shot tasks: one list, the grid default too
 METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 

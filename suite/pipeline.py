@@ -11,7 +11,7 @@ import torch
 
 from minillm.architectures import adapter_for, all_group_sets
 from minillm.errors import UserError
-from minillm.plan import apply_plan
+from minillm.plan import apply_plan, plan_summary
 from minillm.scoring import Scoring, merge_options
 from minillm.select import Selection, prunable_layers, select
 from suite.measure import measure
@@ -72,7 +72,7 @@ def calibration_settings(method, calib: dict | None) -> dict | None:
 
 def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, options: dict | None = None,
           calib: dict | None = None, head_mode: str = "q-head", scope: str | None = None, layers=None,
-          allow_empty: bool = False, device: str = "cpu", quiet: bool = False,
+          allow_empty: bool = False, device: str = "cpu",
           round_to: int | None = None) -> PruneOutcome:
     """Score, select and slice `model` in place; returns the selection and measured phases."""
     if not 0.0 < float(ratio) < 1.0:
@@ -139,7 +139,7 @@ def outcome_record(outcome: PruneOutcome, ratio: float) -> dict:
         "calibration": outcome.calibration,
         "selection": {"scope": outcome.scope, "layers": outcome.layers, "round_to": outcome.round_to,
                       "target_removed": sel.target_removed, "removed": sel.removed},
-        "plan_summary": [{"heads": len(l.heads), "channels": len(l.channels)} for l in sel.plan.layers],
+        "plan_summary": plan_summary(sel.plan),
         "method_info": {k: v for k, v in outcome.scoring.info.items() if k != "layer_weights"},
         "phases": outcome.phases,
         **({"warnings": outcome.warnings} if outcome.warnings else {}),
@@ -218,7 +218,7 @@ def run_cell(cell: dict) -> dict:
         options = dict(cell.get("options") or {})
         common = {k: options.pop(k) for k in ("head_mode", "scope", "layers", "allow_empty", "round_to") if k in options}
         outcome = prune(model, tokenizer, cell["method"], cell["ratio"], seed=cell.get("seed", 0),
-                        options=options, calib=calib, device=device, quiet=quiet, **common)
+                        options=options, calib=calib, device=device, **common)
         record.update(outcome_record(outcome, cell["ratio"]))
         warnings = record.pop("warnings", []) + warnings
         record["phases"] = {**phases, **outcome.phases}

@@ -128,6 +128,16 @@ def provenance(config: dict | None = None, seed=None) -> dict:
 
 
 # --------------------------------------------------------------------------- write
+def write_json_atomic(path, payload: dict, indent: int = 2, sort_keys: bool = True) -> None:
+    """Write one JSON document to `path` (parents created): a temp file beside it, then os.replace, so a
+    reader sees the old file or the whole new one, never a part. Ends with a newline."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=indent, sort_keys=sort_keys) + "\n")
+    os.replace(tmp, path)
+
+
 def append_record(path, record: dict) -> None:
     """Append one record as one JSON line: one write on an O_APPEND descriptor, then fsync."""
     path = Path(path)

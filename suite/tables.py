@@ -30,12 +30,14 @@ Conventions (the paper's Table 1 layout):
     its error is listed under the table (Markdown) or as `%` comments after it (LaTeX).
 CSV holds the raw numbers (no rounding, no bold) plus `Error`, `Seeds` (the ok seeds averaged) and,
 per perplexity and task column, `<column> std` (empty for a single seed).
+The seed statistics are pandas' `groupby().agg`; the LaTeX `tabular` is pandas' `Styler.to_latex`
+with booktabs rules; Markdown is tabulate's `github` format.
 """
 from __future__ import annotations
 
 import math
-import statistics
 
+import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
@@ -106,48 +108,64 @@ def _grid_order(names, records: list[dict], name_of) -> dict:
     return {name: (first.get(name, math.inf), i) for i, name in enumerate(dict.fromkeys(names))}
 
 
+def _seed_values(record: dict, corpora: list[str], tasks: list[str]) -> dict:
+    """One record's numbers under the table's column names (None: the record has no value)."""
+    model, label, ratio, seed = _identity(record)
+    ok = record.get("status", "ok") == "ok"
+    get = (lambda value: value) if ok else (lambda value: None)  # a failed seed counts in no statistic
+    row = {"Model": model, "Method": label, "_method": record.get("method", label), "Ratio": ratio, "_ok": ok,
+           "_error": None if ok else f"seed {seed}: {record.get('error', 'failed')}",
+           "Params": get((record.get("params") or {}).get("pruned"))}
+    row |= {PERPLEXITY.get(c, c): get((record.get("perplexity") or {}).get(c)) for c in corpora}
+    row |= {TASKS.get(t, t): get(_acc(record, t)) for t in tasks}
+    row |= {TASKS.get(t, t) + SE: get(_acc(record, t, "acc_stderr")) for t in tasks}
+    row |= {column: get(((record.get("phases") or {}).get("score") or {}).get(key)) for column, (key, _) in COSTS.items()}
+    return row
+
+
 def results_frame(records: list[dict]) -> pd.DataFrame:
-    """The table as numbers: one row per (model, label, ratio), seeds averaged, in display order."""
+    """The table as numbers: one row per (model, label, ratio), seeds averaged, in display order.
+
+    Per cell (pandas `groupby().agg` over its ok seeds): the mean of each value (a seed without it
+    is skipped; a NaN in a record makes the mean NaN), the sample std (n − 1; NaN below two seeds)
+    of each perplexity and accuracy (`<column> std`), the standard error of the accuracies' mean
+    (`_mean_se`, `<column> se`), `Seeds` (ok seeds), `Error` (the failed seeds' errors) and `_failed`.
+    """
     records = split_recovered(latest(records))
+    if not records:
+        return pd.DataFrame()
     corpora, tasks = _columns(records)
-    groups: dict[tuple, list[dict]] = {}
-    for record in records:
-        groups.setdefault(_identity(record)[:3], []).append(record)
-    rows = []
-    for (model, label, ratio), members in groups.items():
-        ok = [r for r in members if r.get("status", "ok") == "ok"]
-        failed = [r for r in members if r not in ok]
-        mean = lambda get: _mean([get(r) for r in ok])
-        spread = {}
-        row = {"Model": model, "Method": label, "_method": members[0].get("method", label), "Ratio": ratio,
-               "Params": mean(lambda r: (r.get("params") or {}).get("pruned"))}
-        seed_values = {PERPLEXITY.get(c, c): [(r.get("perplexity") or {}).get(c) for r in ok] for c in corpora}
-        seed_values |= {TASKS.get(t, t): [_acc(r, t) for r in ok] for t in tasks}
-        for column, values in seed_values.items():
-            row[column], spread[column + STD] = _mean(values), _std(values)
-        errors = {TASKS.get(t, t): _mean_se([_acc(r, t, "acc_stderr") for r in ok]) for t in tasks}
-        accs = [row[TASKS.get(t, t)] for t in tasks]
-        row["Average"] = sum(accs) / len(accs) if accs and not any(math.isnan(a) for a in accs) else math.nan
-        errors["Average"] = (math.sqrt(sum(e * e for e in errors.values())) / len(errors)
-                             if errors and not math.isnan(row["Average"]) else math.nan)
-        spread |= {column + SE: error for column, error in errors.items()}
-        for column, (key, _) in COSTS.items():
-            row[column] = mean(lambda r: ((r.get("phases") or {}).get("score") or {}).get(key))
-        row["Error"] = "; ".join(f"seed {r.get('seed', 0)}: {r.get('error', 'failed')}" for r in failed)
-        row["Seeds"] = len(ok)
-        row.update(spread)
-        row["_failed"] = not ok
-        rows.append(row)
-    frame = pd.DataFrame(rows)
-    if frame.empty:
-        return frame
+    seeds = pd.DataFrame([_seed_values(r, corpora, tasks) for r in records], dtype=object)  # None stays None
+    cells = {key: i for i, key in enumerate(dict.fromkeys(_identity(r)[:3] for r in records))}
+    seeds["_cell"] = [cells[_identity(r)[:3]] for r in records]  # first-seen order
+    ppl, accs = [PERPLEXITY.get(c, c) for c in corpora], [TASKS.get(t, t) for t in tasks]
+    values = ["Params", *ppl, *accs, *COSTS]
+    numbers = seeds[values + [a + SE for a in accs]].astype(float)  # None -> NaN, skipped by the statistics
+    nan_in_record = seeds[values].apply(lambda column: column.map(lambda v: v is not None and math.isnan(v)))
+    nan_in_record = nan_in_record.groupby(seeds["_cell"]).any()
+    by_cell = numbers.groupby(seeds["_cell"])
+    frame = seeds.groupby("_cell").agg(
+        Model=("Model", lambda s: s.iloc[0]), Method=("Method", lambda s: s.iloc[0]),
+        _method=("_method", lambda s: s.iloc[0]), Ratio=("Ratio", lambda s: float(s.iloc[0])),
+        Error=("_error", lambda errors: "; ".join(errors.dropna())), Seeds=("_ok", lambda ok: int(ok.sum())))
+    frame = frame.join(by_cell[values].mean().mask(nan_in_record))
+    spread = by_cell[ppl + accs].std().mask(nan_in_record[ppl + accs]).add_suffix(STD)
+    errors = numbers[[a + SE for a in accs]][seeds["_ok"]].groupby(seeds["_cell"]).agg(_mean_se)
+    errors = errors.reindex(frame.index)  # a cell with no ok seed: NaN
+    frame["Average"] = frame[accs].mean(axis=1, skipna=False) if accs else math.nan
+    errors["Average" + SE] = (np.sqrt((errors ** 2).sum(axis=1, skipna=False)) / len(accs)).where(
+        frame["Average"].notna()) if accs else math.nan
+    frame = frame.join(spread).join(errors)
+    frame["_failed"] = frame["Seeds"] == 0
+    frame = frame[["Model", "Method", "_method", "Ratio", "Params", *ppl, *accs, "Average", *COSTS, "Error", "Seeds",
+                   *spread.columns, *errors.columns, "_failed"]].reset_index(drop=True)
     models = _grid_order(frame["Model"], records, lambda r: r.get("model"))
     labels = _grid_order(frame["Method"], records, lambda r: _identity(r)[1])
     rank = lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)
     frame["_order"] = [(models[model], ratio, rank(method), labels[label]) for model, ratio, method, label
                        in zip(frame["Model"], frame["Ratio"], frame["_method"], frame["Method"])]
     frame = frame.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
-    frame.attrs["lower_is_better"] = [PERPLEXITY.get(c, c) for c in corpora]
+    frame.attrs["lower_is_better"] = ppl
     return frame
 
 
@@ -156,22 +174,17 @@ def _acc(record: dict, task: str, metric: str = "acc"):
     return value[metric] * 100 if value.get(metric) is not None else None
 
 
-def _mean_se(errors) -> float:
-    """Standard error of the mean of independent estimates with errors `errors` (NaN if any is missing)."""
-    if not errors or any(e is None for e in errors):
+def _mean_se(errors: pd.Series) -> float:
+    """Standard error of the mean of independent estimates with errors `errors`: sqrt(Σ se²) / n
+    (NaN if any is missing or there is none)."""
+    if errors.empty or errors.isna().any():
         return math.nan
-    return math.sqrt(sum(float(e) ** 2 for e in errors)) / len(errors)
+    return math.sqrt((errors ** 2).sum()) / len(errors)
 
 
 def _mean(values) -> float:
     values = [float(v) for v in values if v is not None]
     return sum(values) / len(values) if values else math.nan
-
-
-def _std(values) -> float:
-    """Sample standard deviation (n − 1) over the seeds that have the value; NaN below two."""
-    values = [float(v) for v in values if v is not None]
-    return statistics.stdev(values) if len(values) >= 2 else math.nan
 
 
 # --------------------------------------------------------------------------- text cells
@@ -182,8 +195,8 @@ def _params(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _cells(frame: pd.DataFrame, bold, show_se: bool = False) -> tuple[list[str], list[list[str]]]:
-    """Header and text rows; `bold(text)` marks the best value of each (model, ratio) group."""
+def _cells(frame: pd.DataFrame, show_se: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The text of every cell, and a same-shaped mask of the best value of each (model, ratio) group."""
     metrics = [c for c in frame.columns if c not in ("Model", "Method", "Ratio", "Params", "Error", "Seeds")
                and not c.startswith("_") and not c.endswith((STD, SE))]
     lower_better = frame.attrs["lower_is_better"]
@@ -192,6 +205,7 @@ def _cells(frame: pd.DataFrame, bold, show_se: bool = False) -> tuple[list[str],
     texts["Method"] = [m + " (failed)" if f else m for m, f in zip(frame["Method"], frame["_failed"])]
     texts["Ratio"] = [f"{r * 100:.0f}%" for r in frame["Ratio"]]
     texts["Params"] = [MISSING if math.isnan(p) else _params(p) for p in frame["Params"]]
+    bold = pd.DataFrame(False, index=frame.index, columns=["Model", "Method", "Ratio", "Params", *metrics])
     for column in metrics:
         fmt = COSTS[column][1] if column in COSTS else "{:.2f}"
         texts[column] = [MISSING if math.isnan(v) else fmt.format(v) for v in frame[column]]
@@ -208,8 +222,8 @@ def _cells(frame: pd.DataFrame, bold, show_se: bool = False) -> tuple[list[str],
             if len(group) < 2 or not values:
                 continue
             for i in _best(values, column in lower_better, frame[column + SE] if column + SE in frame else None):
-                texts.loc[i, column] = bold(texts.loc[i, column])
-    return list(texts.columns), texts.values.tolist()
+                bold.loc[i, column] = True
+    return texts, bold
 
 
 Z_BOLD = 1.96  # two-sided 5 % z-test of best minus next best
@@ -278,7 +292,8 @@ def _latex_escape(text: str) -> str:
     out = text.replace("\\", "\\textbackslash{}")
     for char in "&%$#_{}":
         out = out.replace(char, "\\" + char)
-    return out.replace("~", "\\textasciitilde{}").replace("^", "\\textasciicircum{}").replace(MISSING, "--")
+    out = out.replace("~", "\\textasciitilde{}").replace("^", "\\textasciicircum{}").replace(MISSING, "--")
+    return out.replace("±", "$\\pm$")
 
 
 def to_markdown(records: list[dict], stderr: str = "auto") -> str:
@@ -286,9 +301,11 @@ def to_markdown(records: list[dict], stderr: str = "auto") -> str:
     if frame.empty:
         return "(no results)\n"
     show_se = show_stderr(records, stderr)
-    header, rows = _cells(frame, lambda t: f"**{t}**", show_se)
-    align = ["left", "left"] + ["right"] * (len(header) - 2)
-    table = tabulate(rows, header, tablefmt="github", disable_numparse=True, colalign=align)
+    texts, bold = _cells(frame, show_se)
+    texts = texts.mask(bold, "**" + texts.astype(str) + "**")
+    align = ["left", "left"] + ["right"] * (len(texts.columns) - 2)
+    table = tabulate(texts.values.tolist(), list(texts.columns), tablefmt="github", disable_numparse=True,
+                     colalign=align)
     notes = _notes(frame, records)
     return (table + "\n\n" + caption(records, show_se) + "\n"
             + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else ""))
@@ -300,23 +317,25 @@ def _label(records: list[dict]) -> str:
 
 
 def to_latex(records: list[dict], stderr: str = "auto", bare: bool = False) -> str:
-    """A booktabs `table` with caption and label (`bare`: the `tabular` alone, caption as comments)."""
+    """A booktabs `table` with caption and label (`bare`: the `tabular` alone, caption as comments).
+
+    The `tabular` is pandas' `Styler.to_latex` (booktabs rules, best values `\\textbf` by the
+    `textbf: --rwrap` style, cells escaped by `_latex_escape`), with a `\\midrule` between
+    (model, ratio) groups; the `table` environment (with `\\small`) is written around it here."""
     frame = results_frame(records)
     if frame.empty:
         return "% (no results)\n"
     show_se = show_stderr(records, stderr)
-    header, rows = _cells(frame, lambda t: "\x00" + t + "\x01", show_se)
-    cell = lambda t: _latex_escape(t).replace("\x00", "\\textbf{").replace("\x01", "}").replace("±", "$\\pm$")
-    text = cell(caption(records, show_se))
-    lines = ["\\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", "\\toprule",
-             " & ".join(cell(h) for h in header) + " \\\\", "\\midrule"]
-    previous = None
-    for (model, ratio), row in zip(zip(frame["Model"], frame["Ratio"]), rows):
-        if previous is not None and previous != (model, ratio):
-            lines.append("\\midrule")
-        previous = (model, ratio)
-        lines.append(" & ".join(cell(t) for t in row) + " \\\\")
-    lines += ["\\bottomrule", "\\end{tabular}"]
+    texts, bold = _cells(frame, show_se)
+    styler = (texts.style.hide(axis="index").format(_latex_escape).format_index(_latex_escape, axis=1)
+              .apply(lambda _: np.where(bold, "textbf: --rwrap;", ""), axis=None))
+    lines = styler.to_latex(column_format="ll" + "r" * (len(texts.columns) - 2), hrules=True).splitlines()
+    first_row = lines.index("\\midrule") + 1  # after the header
+    groups = list(zip(frame["Model"], frame["Ratio"]))
+    for i in reversed(range(1, len(groups))):
+        if groups[i] != groups[i - 1]:
+            lines.insert(first_row + i, "\\midrule")
+    text = _latex_escape(caption(records, show_se))
     if bare:
         lines += [f"% {text}"]
     else:

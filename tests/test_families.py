@@ -161,7 +161,7 @@ def test_every_method_prunes(name, mode):
     for method, options in METHODS.items():
         model = load_model(name)
         dense = numel(model)
-        outcome = prune(model, tok, method, 0.3, options=options, head_mode=mode, quiet=True,
+        outcome = prune(model, tok, method, 0.3, options=options, head_mode=mode,
                         calib={"nsamples": 2, "seqlen": 32})
         params = outcome.selection.removed
         assert abs(params / dense - 0.3) <= 0.01, method

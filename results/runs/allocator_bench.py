@@ -36,7 +36,7 @@ from suite.records import provenance  # noqa: E402
 
 model, tokenizer = load_model("smollm2-135m"), load_tokenizer("smollm2-135m")
 options = {"directions": directions} if method == "minillm" else {}
-outcome = prune(model, tokenizer, method, 0.2, options=options, quiet=True)
+outcome = prune(model, tokenizer, method, 0.2, options=options)
 print(json.dumps({"mode": mode, "method": method, "options": options, "score": outcome.phases["score"],
                   "calibrate_peak_mb": outcome.phases.get("calibrate", {}).get("peak_mb"),  # None: data-free
                   "provenance": provenance({"mode": mode, "method": method}, 0)}))

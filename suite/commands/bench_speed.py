@@ -38,10 +38,9 @@ def run(args) -> int:
     import torch
 
     from minillm.errors import UserError
-    from suite.commands.eval import write_json_atomic
     from suite.data import eval_windows
     from suite.models import load_model, load_tokenizer
-    from suite.records import provenance
+    from suite.records import provenance, write_json_atomic
     from suite.speed import compare
 
     if min(args.runs, args.rounds, args.batch_size, args.threads or 1) < 1 or args.seqlen < 2 or args.block_s <= 0 \

@@ -7,8 +7,6 @@ Prints a small table; `--json OUT` writes the metrics atomically (temp file, the
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from minillm.errors import UserError
@@ -57,13 +55,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -71,6 +62,7 @@ def _fmt(value) -> str:
 def run(args) -> int:
     from suite import data, evaluate
     from suite.models import load_model, load_tokenizer
+    from suite.records import write_json_atomic
 
     ppl_batch = 4 if args.batch_size == "auto" else args.batch_size
     if args.seqlen < 2 or ppl_batch < 1:

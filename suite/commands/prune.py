@@ -99,7 +99,7 @@ def run(args) -> int:
         raise UserError(f"ratio must be in (0, 1), got {args.ratio}")
     method = get_method(args.method)  # fail fast on an unknown method, before loading anything
     options = parse_options(args.opt)
-    checked_options(method, options)  # unknown keys, types and values, before loading anything
+    checked_options(method, options, args.scope)  # unknown keys, types, values, scope: before loading anything
     check_out(Path(args.out), args.force)
     if method.CALIBRATION is not None or args.ppl:
         require_source()
@@ -117,7 +117,7 @@ def run(args) -> int:
     calib = {"corpus": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen}
     outcome = prune(model, tokenizer, args.method, args.ratio, seed=args.seed, options=options, calib=calib,
                     head_mode=args.head_mode, scope=args.scope, layers=args.layers,
-                    allow_empty=args.allow_empty, device=args.device, quiet=args.quiet, round_to=args.round_to)
+                    allow_empty=args.allow_empty, device=args.device, round_to=args.round_to)
     if args.ppl:
         ppl["after"] = perplexity(model, tokenizer, args.ppl, max_tokens=args.max_tokens, quiet=args.quiet)
     record = {"model": args.model, "method": args.method, "seed": args.seed, **outcome_record(outcome, args.ratio)}

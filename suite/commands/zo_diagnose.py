@@ -62,18 +62,6 @@ def _eps(text: str | None, spaces: list[str]) -> dict:
     return out
 
 
-def _write_json(path, record) -> None:
-    import json
-    import os
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=False))
-    os.replace(tmp, path)
-
-
 def _fmt(v, spec=".3f"):
     return "-" if v is None else format(v, spec)
 
@@ -113,7 +101,7 @@ def run(args) -> int:
     from suite.commands.prune import parse_options
     from suite.data import calibration_windows
     from suite.models import load_model, load_tokenizer
-    from suite.records import provenance
+    from suite.records import provenance, write_json_atomic
 
     spaces = [s.strip() for s in args.space.split(",") if s.strip()]
     bad = [s for s in spaces if s not in SPACES]
@@ -145,6 +133,6 @@ def run(args) -> int:
     }
     print_table(result)
     if args.json:
-        _write_json(args.json, record)
+        write_json_atomic(args.json, record, indent=1, sort_keys=False)
         print(f"\nwrote {args.json}")
     return 0
