@@ -144,3 +144,16 @@ def test_paper_grid_runs_each_method_at_its_own_calibration():
     cells = [c for c in expand_cells(load_config(ROOT / "configs" / "paper.yaml")) if c["method"] != "dense"]
     assert {(c["calibration"]["nsamples"], c["calibration"]["seqlen"]) for c in cells} == {(None, None)}
     assert json.dumps(llm_pruner.CALIBRATION["nsamples"]) == "10"
+
+
+def test_cli_prune_records_command_line_origin(tmp_path):
+    from suite.cli import main
+
+    out = tmp_path / "lp"
+    assert main(["prune", "--model", "tiny-llama", "--method", "llm-pruner", "--ratio", "0.2", "--out", str(out),
+                 "--nsamples", "4", "--seqlen", "128", "--quiet"]) == 0
+    record = json.loads((out / "pruning.json").read_text())
+    assert record["calibration"] == {"corpus": "c4", "nsamples": 4, "seqlen": 128}
+    assert record["calibration_origin"] == {"corpus": "method default", "nsamples": "command line",
+                                            "seqlen": "method default",  # 128 is llm-pruner's own
+                                            "method_source": llm_pruner.CALIBRATION["source"]}
