@@ -1,10 +1,19 @@
 """`llm-pruner`: LLM-Pruner's Taylor group importance (Ma et al., NeurIPS 2023), from real backprop.
 
 The loss is the causal-LM cross-entropy on the calibration windows, L = model(x, labels=x).loss
-(mean over all predicted tokens), and g = dL/dW comes from an ordinary `loss.backward()` with
-requires_grad switched on for EVERY parameter, as `hf_prune.py` does: the memory is that of real
-backprop (a .grad buffer per parameter and the full activations of the batch). Afterwards every
+(mean over all predicted tokens), and g = dL/dW comes from real backprop with requires_grad switched
+on for EVERY parameter, as `hf_prune.py` does (a .grad buffer per parameter). Afterwards every
 .grad is set to None and each parameter's requires_grad flag is restored.
+
+Bounded backprop (this project's difference from hf_prune.py, which backpropagates all windows in
+one batch through the full [batch, seq, vocab] logits): the gradient is accumulated over
+micro-batches by `minillm.zo.backprop_loss`, each micro-batch's summed loss scaled by 1/(all
+tokens), so .grad is the one-batch gradient up to floating-point summation order
+(tests/test_backprop.py), and the loss's output head runs chunk by chunk under activation
+checkpointing, so no full logits are ever saved. Option `batch_size` (windows per micro-batch):
+0 = `auto_batch_size`, the largest micro-batch whose estimated activations stay within
+`ACTIVATION_BUDGET` (1 GiB; see there); n = n windows per micro-batch. The gradient does not
+depend on it; memory and speed do.
 
 Importance of one weight vector W_k of a coupled group (one row of q/k/v/gate/up, one column of
 o/down), LLM-Pruner §3.2 (Eqs. 3-5) as implemented in
@@ -29,7 +38,7 @@ the coupled Linears by ``aggregation`` (sum default, mean, max, prod), then summ
 positions (MetaPruner: imp.view(-1, head_dim).sum(1)). Biases are not scored (the reference scores
 weights only).
 
-Defaults as in LLM-Pruner's README/scripts: 10 calibration samples (`--num_examples 10`), length
+Calibration defaults as in LLM-Pruner's README/scripts: 10 calibration samples (`--num_examples 10`), length
 128 (`get_examples`' default and the paper; hf_prune.py itself passes seq_len=64: `--seqlen 64`
 reproduces it), block-wise pruning of layers 4..30 of LLaMA-7B's 32 (`--block_*_layer_start 4
 --block_*_layer_end 30`), expressed as fractions of depth [0.125, 0.9375), ranked per layer
@@ -57,6 +66,8 @@ AGGREGATIONS = ("sum", "mean", "max", "prod")
 
 
 def check_options(options: dict) -> dict:
+    if int(options["batch_size"]) < 0:
+        raise UserError(f"llm-pruner option batch_size must be >= 0 (0 = auto), got {options['batch_size']}")
     if options["importance"] not in IMPORTANCES:
         raise UserError(f"llm-pruner option importance must be one of {', '.join(IMPORTANCES)}, "
                         f"got {options['importance']!r}")
@@ -66,25 +77,72 @@ def check_options(options: dict) -> dict:
     return options
 
 
-def _lm_loss(model, ids):
-    return model(ids, labels=ids, use_cache=False).loss
+# Activation bytes per token per decoder layer, in elements of the model's dtype, saved for backward:
+# attention 5·h (normed input, q, k, v, the heads' output) + a·s (softmax probabilities, eager
+# attention), the two norms' inputs 2·h, the MLP's input h and 4·I (gate, up, act(gate), their
+# product; a GeLU MLP saves 2·I of its 4h = I), i.e. 8·h + 4·I + a·s; times 2 for the norms' fp32
+# upcasts, rotary/ALiBi and the attention kernels' temporaries. The same count as Korthikanti et al.
+# 2022 ("Reducing Activation Recomputation in Large Transformer Models", Eq. 1: sbh(34 + 5as/h)
+# bytes in 16-bit) without dropout masks, generalised to the MLP's own width I.
+ACTIVATION_FACTOR = 2
+# The micro-batch's activation budget: the .grad buffers (one per parameter, the weights' own bytes:
+# 13 GB for a 7B model in fp16) and the weights dominate backprop anyway; a larger micro-batch only
+# buys speed. 1 GiB keeps LLaMA-7B at 1 window of 128 tokens (~1.3 GB by the estimate: the minimum
+# is one window) and SmolLM2-135M in fp32 at 2 windows.
+ACTIVATION_BUDGET = 1 << 30
+
+
+def _config_sizes(config) -> tuple[int, int, int, int]:
+    """(layers, hidden, MLP width, attention heads) of a LLaMA / OPT / BLOOM-like config."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embed")
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    width = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * hidden
+    return int(layers), int(hidden), int(width), int(heads)
+
+
+def activation_bytes(config, seqlen: int, dtype: torch.dtype) -> int:
+    """Estimated activation bytes one window of `seqlen` tokens saves for backward (all layers).
+
+    layers × seqlen × ACTIVATION_FACTOR·(8·hidden + 4·MLP width + heads·seqlen) × dtype bytes
+    (see ACTIVATION_FACTOR). An estimate for choosing the micro-batch, not a measured peak.
+    """
+    layers, hidden, width, heads = _config_sizes(config)
+    per_token = ACTIVATION_FACTOR * (8 * hidden + 4 * width + heads * seqlen)
+    return layers * seqlen * per_token * torch.finfo(dtype).bits // 8
+
+
+def auto_batch_size(model, seqlen: int, budget: int = ACTIVATION_BUDGET) -> int:
+    """The largest micro-batch (≥ 1 window) whose `activation_bytes` plus the loss chunk stay within `budget`.
+
+    The loss chunk: `minillm.zo.LOSS_CHUNK_ELEMENTS` fp32 logits, their log-softmax and gradient
+    (3 × 4 bytes each), recomputed under checkpointing one chunk at a time.
+    """
+    from minillm import zo
+
+    dtype = next(model.parameters()).dtype
+    per_window = activation_bytes(model.config, seqlen, dtype)
+    room = budget - 3 * 4 * zo.LOSS_CHUNK_ELEMENTS
+    return max(1, room // per_window)
 
 
 def backprop(model, windows: torch.Tensor, batch_size: int = 0, fisher: bool = False) -> dict:
     """Fill every parameter's .grad with dL/dW of the mean LM loss over `windows` (real backprop).
 
-    `batch_size` 0 = all windows in one batch (hf_prune.py). With `fisher`, first accumulate
-    F = (1/N) sum_n (dL_n/dW)^2 over single-window passes; returns {id(parameter): F} (else {}).
+    windows: [n, seqlen] token ids. The gradient is accumulated over micro-batches of `batch_size`
+    windows (0 = `auto_batch_size`) by `minillm.zo.backprop_loss`: equal to the one-batch gradient
+    up to floating-point error. With `fisher`, first accumulate F = (1/N) sum_n (dL_n/dW)^2 over
+    single-window passes (hf_prune.py's per-example passes); returns {id(parameter): F} (else {}).
     The caller owns clearing .grad and restoring requires_grad.
     """
-    device = next(model.parameters()).device
-    windows = windows.to(device)
+    from minillm import zo
+
     n = len(windows)
     params = [p for p in model.parameters() if p.requires_grad]
     fisher_acc = {}
     if fisher:
         for j in range(n):
-            _lm_loss(model, windows[j:j + 1]).backward()
+            zo.backprop_loss(model, windows[j:j + 1], 1)
             with torch.no_grad():
                 for p in params:
                     if p.grad is None:
@@ -95,11 +153,8 @@ def backprop(model, windows: torch.Tensor, batch_size: int = 0, fisher: bool = F
                     else:
                         fisher_acc[id(p)] = sq
                     p.grad = None
-    step = n if batch_size <= 0 else batch_size
-    for start in range(0, n, step):
-        chunk = windows[start:start + step]
-        # equal-length windows: the batch mean loss is the chunk means weighted by their sizes
-        (_lm_loss(model, chunk) * (len(chunk) / n)).backward()
+    step = batch_size if batch_size > 0 else auto_batch_size(model, windows.shape[1])
+    zo.backprop_loss(model, windows, step)
     return fisher_acc
 
 
@@ -143,9 +198,11 @@ def score(model, windows, group_sets, options, seed) -> Scoring:
         p.grad = None
         p.requires_grad_(True)                               # hf_prune.py: every parameter
     importance = options["importance"]
+    batch_size = int(options["batch_size"])
+    batch_size = batch_size if batch_size > 0 else auto_batch_size(model, windows.shape[1])
     try:
         with torch.enable_grad():
-            fisher = backprop(model, windows, int(options["batch_size"]), fisher=importance == "element2")
+            fisher = backprop(model, windows, batch_size, fisher=importance == "element2")
         scores = {}
         with torch.no_grad():
             for gs in group_sets:
@@ -163,4 +220,4 @@ def score(model, windows, group_sets, options, seed) -> Scoring:
             p.grad = None
             p.requires_grad_(flag)
     return Scoring(scores, info={"importance": importance, "aggregation": options["aggregation"],
-                                 "tokens": int(windows.numel())})
+                                 "tokens": int(windows.numel()), "micro_batch": batch_size})

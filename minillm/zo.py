@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from minillm.architectures import decoder_and_head
 
@@ -373,14 +374,29 @@ def _hidden(out):
 LOSS_CHUNK_ELEMENTS = 1 << 22  # logits of at most 4M entries (16 MB in fp32) exist at once
 
 
+def _chunk_loss_sum(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of one chunk of rows: fp32 logits = head(hidden), then log-softmax."""
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
 def _lm_loss_sum(model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy of one batch (fp32 logits) and its token count.
 
-    The output embedding is applied to the decoder's last hidden states a few rows at a time, so
-    the [batch, seq, vocab] logits never exist at once (4 x 128 tokens x 49k vocabulary would be
-    100 MB, with as much again for log-softmax): a forward-only loss then peaks at the decoder's
-    own activations, whatever the micro-batch. Same value as ``cross_entropy(model(x).logits)``
-    up to fp32 summation order (tests/test_minillm.py).
+    batch: [b, s] token ids; returns (a 0-dim fp32 tensor, b·(s−1)). The output embedding is
+    applied to the decoder's last hidden states a few rows at a time (`LOSS_CHUNK_ELEMENTS`
+    logits per chunk), so the [b, s, vocab] logits never exist at once (4 x 128 tokens x 49k
+    vocabulary would be 100 MB, with as much again for log-softmax).
+
+    Under autograd (`torch.is_grad_enabled()`), chunking alone would not bound memory: every
+    chunk's logits and log-softmax would be saved for backward, i.e. the full logits again. Each
+    chunk therefore runs under `torch.utils.checkpoint.checkpoint` (non-reentrant): only its slice
+    of the last hidden states is saved, and the head and cross-entropy are recomputed chunk by
+    chunk during backward. A backward pass then holds the decoder's activations plus one chunk's
+    logits, whatever the vocabulary. Without grad (forward-only passes) nothing is saved anyway.
+
+    Same value as ``cross_entropy(model(x).logits[:, :-1], x[:, 1:], reduction="sum")`` and the
+    same gradient, up to fp32 summation order (tests/test_minillm.py, tests/test_backprop.py).
+    A model whose head cannot be separated (`decoder_and_head` gives None) computes full logits.
     """
     targets = batch[:, 1:].reshape(-1)
     base, head = decoder_and_head(model)
@@ -391,10 +407,15 @@ def _lm_loss_sum(model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
     hidden = base(input_ids=batch, use_cache=False)[0][:, :-1]
     hidden = hidden.reshape(-1, hidden.size(-1))
     rows = max(1, LOSS_CHUNK_ELEMENTS // head.out_features)
+    saving = torch.is_grad_enabled()
     loss = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.size(0), rows):
-        logits = head(hidden[start:start + rows]).float()
-        loss = loss + F.cross_entropy(logits, targets[start:start + rows], reduction="sum")
+        h, t = hidden[start:start + rows], targets[start:start + rows]
+        if saving:
+            part = checkpoint(_chunk_loss_sum, head, h, t, use_reentrant=False, preserve_rng_state=False)
+        else:
+            part = _chunk_loss_sum(head, h, t)
+        loss = loss + part
     return loss, targets.numel()
 
 
@@ -411,12 +432,22 @@ def calibration_loss(model, windows: torch.Tensor, batch_size: int = 4) -> float
 
 
 def backprop_loss(model, windows: torch.Tensor, batch_size: int = 4) -> float:
-    """The same loss with autograd: accumulates d(mean loss)/dθ into `.grad` of what requires grad."""
+    """Mean next-token cross-entropy of `windows` with autograd, backpropagated micro-batch by micro-batch.
+
+    windows: [n, s] token ids; `batch_size` windows per forward+backward. Each micro-batch's summed
+    loss is divided by the token count of ALL windows, n·(s−1), before its backward, so the `.grad`
+    of everything that requires grad accumulates exactly d(mean loss)/dθ, the gradient of one
+    batch ``model(x, labels=x).loss`` (equal up to floating-point summation order; the windows are
+    equal-length and unpadded). Memory: one micro-batch's decoder activations plus one loss chunk
+    (`_lm_loss_sum` checkpoints the head), and the `.grad` buffers. Returns the mean loss (float).
+    The caller owns clearing `.grad`. Shared by MINI-LLM's `gradient=backprop` and gate backprop
+    (minillm/method.py) and LLM-Pruner's Taylor pass (baselines/llm_pruner.py).
+    """
     device = next(model.parameters()).device
     count = windows[:, 1:].numel()
     total = 0.0
     with torch.enable_grad():
-        for batch in windows.split(batch_size):
+        for batch in windows.split(max(1, int(batch_size))):
             loss, _ = _lm_loss_sum(model, batch.to(device))
             (loss / count).backward()
             total += float(loss.detach().double())

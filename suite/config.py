@@ -4,6 +4,17 @@ SCHEMA is plain data: a key maps either to a nested schema (a dict, for a mappin
 or to `(check, default)`, where `check(value, where)` returns the value or raises UserError and
 `REQUIRED` as the default means the key must be given. Every error names the file and the path of
 the key, e.g. `config.yaml: methods[2].options.eps: expected number, got 'abc'`.
+
+Calibration (issue 11): every method calibrates with its own published setting (its module's
+CALIBRATION) unless the config says otherwise EXPLICITLY. A method entry's own `calibration:`
+(corpus, nsamples, seqlen) applies to that entry's cells. The grid's `calibration:` applies to
+every method only with `apply_to: all`; without it, a grid value that differs from a calibrating
+method's own value is refused (one line naming the method, its value and where that comes from),
+so a grid can no longer silently replace, e.g., LLM-Pruner's 10 windows with 128. A grid value
+equal to every method's own (the default corpus c4 is) is allowed. Precedence per key: the method
+entry, then the grid with `apply_to: all`, then the method's own. Each cell carries where each
+given value came from (`calibration_origin`, not part of its key); the record's
+`calibration_origin` adds the method's defaults and their `source` (suite/pipeline.py).
 """
 from __future__ import annotations
 
@@ -110,6 +121,8 @@ def method(value, where):
     _expect(dict, value, where)
     entry = _fill(METHOD_SCHEMA, value, where)
     entry["label"] = entry["label"] or entry["name"]
+    if entry["calibration"] is None:
+        del entry["calibration"]  # absent, as before the key existed (the grid's hash stays the same)
     _check_method(entry, where)
     return entry
 
@@ -135,12 +148,27 @@ def recovery_block(value, where):
     return {**value, "ratios": ratios}
 
 
+CALIBRATION_KEYS = ("corpus", "nsamples", "seqlen")
+CALIBRATION_SCHEMA = {
+    "corpus": (optional(string), None),
+    "nsamples": (optional(positive_int), None),
+    "seqlen": (optional(positive_int), None),
+}
+
+
+def method_calibration(value, where):
+    """A method entry's own `calibration:` (any of corpus, nsamples, seqlen); keys not given: None."""
+    return _fill(CALIBRATION_SCHEMA, _expect(dict, value, where), where)
+
+
 # --------------------------------------------------------------------------- schema
 METHOD_SCHEMA = {
     "name": (string, REQUIRED),
     "label": (optional(string), None),
     "options": (lambda v, w: dict(_expect(dict, v, w)), {}),
     "recovery": (optional(recovery_block), None),
+    # the entry's own calibration (overrides the method's published one for this entry only)
+    "calibration": (optional(method_calibration), None),
 }
 SCHEMA = {
     "name": (file_name, REQUIRED),
@@ -148,11 +176,14 @@ SCHEMA = {
     "methods": (list_of(method), REQUIRED),
     "ratios": (list_of(ratio), REQUIRED),
     "seeds": (list_of(integer), [0]),
-    # null nsamples/seqlen = each method's own documented default (its paper's, scaled to CPU)
+    # null nsamples/seqlen = each method's own documented default (its paper's, scaled to CPU); a
+    # value for every method needs `apply_to: all` (module docstring); `apply_to` is left out of the
+    # checked config when not given, so older configs keep their hash
     "calibration": {
         "corpus": (string, "c4"),
         "nsamples": (optional(positive_int), None),
         "seqlen": (optional(positive_int), None),
+        "apply_to": (optional(one_of("all")), None),
     },
     "evaluation": {
         "perplexity": (list_of(string, nonempty=False), ["wikitext2", "ptb", "c4"]),
@@ -272,10 +303,44 @@ def _check_unique(config: dict) -> None:
     _no_duplicates(labels, "methods", "label (give each entry its own `label`)")
     if "dense" in labels:
         raise _Invalid(f"methods[{labels.index('dense')}]", "the label 'dense' is reserved for the unpruned row")
-    runs = [(m["name"], json.dumps(m["options"], sort_keys=True)) for m in config["methods"]]
+    runs = [(m["name"], json.dumps(m["options"], sort_keys=True), json.dumps(m.get("calibration"), sort_keys=True))
+            for m in config["methods"]]
     for i, run in enumerate(runs):
         if run in runs[:i]:  # the same cells under two labels: the second would never run
             raise _Invalid(f"methods[{i}]", f"same method and options as methods[{runs.index(run)}]")
+
+
+def _own_calibration(module) -> dict | None:
+    """A method module's CALIBRATION (its published setting and `source`), or None (it calibrates on nothing)."""
+    try:
+        module = importlib.import_module(module) if isinstance(module, str) else module
+    except ImportError:
+        return None  # a broken method module fails its own cells, with the error in the record
+    own = getattr(module, "CALIBRATION", None)
+    return own if isinstance(own, dict) else None
+
+
+def _check_calibration(config: dict) -> None:
+    """No grid calibration value silently replaces a method's own; entries calibrate only calibrating methods."""
+    registry = _method_registry()
+    if registry is None:
+        return
+    grid = config["calibration"]
+    explicit = grid.get("apply_to") == "all"
+    for i, entry in enumerate(config["methods"]):
+        own, mine = _own_calibration(registry[entry["name"]]), entry.get("calibration") or {}
+        if own is None:
+            if any(v is not None for v in mine.values()):
+                raise _Invalid(f"methods[{i}].calibration", f"{entry['name']} uses no calibration data")
+            continue
+        for key in CALIBRATION_KEYS:
+            value = grid.get(key)
+            if explicit or value is None or mine.get(key) is not None or value == own.get(key):
+                continue
+            raise _Invalid(f"calibration.{key}",
+                           f"{value!r} would replace {entry['name']}'s own {key} {own.get(key)!r} "
+                           f"({own.get('source', 'its CALIBRATION')}); to use it for every method write "
+                           f"`apply_to: all` under calibration, or give it in methods[{i}].calibration")
 
 
 def validate(data, source: str = "config") -> dict:
@@ -284,7 +349,10 @@ def validate(data, source: str = "config") -> dict:
         if not isinstance(data, dict):
             raise _Invalid("", f"expected a mapping at the top level, got {type(data).__name__}")
         config = _fill(SCHEMA, data, "")
+        if config["calibration"]["apply_to"] is None:
+            del config["calibration"]["apply_to"]
         _check_unique(config)
+        _check_calibration(config)
         return config
     except _Invalid as exc:
         raise UserError(f"{source}: {exc}") from None
@@ -311,27 +379,53 @@ def grid_identity(config: dict) -> dict:
     """
     from suite.records import sha256_hex
 
-    return {"name": config["name"], "config_hash": sha256_hex(config)[:16]}
+    hashed = config
+    if config.get("calibration", {}).get("apply_to") == "all":
+        # `apply_to: all` states what a grid calibration meant before issue 11 (one setting for
+        # every method): the same grid, so the same hash, and older results files stay its own
+        hashed = {**config, "calibration": {k: v for k, v in config["calibration"].items() if k != "apply_to"}}
+    return {"name": config["name"], "config_hash": sha256_hex(hashed)[:16]}
 
 
 def expand_cells(config: dict) -> list[dict]:
     """Dense row first per model, then methods x ratios x seeds, in config order; each cell also
     carries `grid` (`grid_identity`), which `suite run` checks an existing results file against."""
-    shared = {key: config[key] for key in ("calibration", "evaluation", "device", "dtype")}
+    shared = {key: config[key] for key in ("evaluation", "device", "dtype")}
+    grid_calib = {k: config["calibration"][k] for k in CALIBRATION_KEYS}
     shared["grid"] = grid_identity(config)
     cells = []
     for model in config["models"]:
         if config["dense"]:
             cells.append({"model": model, "method": "dense", "label": "dense", "options": {},
-                          "ratio": 0.0, "seed": config["seeds"][0], **shared})
+                          "ratio": 0.0, "seed": config["seeds"][0], "calibration": grid_calib, **shared})
         for entry in config["methods"]:
+            calibration, origin = cell_calibration(config["calibration"], entry.get("calibration"))
             for ratio in config["ratios"]:
                 recovery = cell_recovery(config.get("recovery"), entry.get("recovery"), ratio)
                 for seed in config["seeds"]:
                     cells.append({"model": model, "method": entry["name"], "label": entry["label"],
-                                  "options": entry["options"], "ratio": ratio, "seed": seed, **shared,
+                                  "options": entry["options"], "ratio": ratio, "seed": seed,
+                                  "calibration": calibration, **shared, "calibration_origin": origin,
                                   **({"recovery": recovery} if recovery else {})})
     return [copy.deepcopy(cell) for cell in cells]  # independent dicts: no cell shares a nested one
+
+
+def cell_calibration(grid: dict, entry: dict | None) -> tuple[dict, dict]:
+    """(the cell's calibration {corpus, nsamples, seqlen}, where each given value comes from).
+
+    The entry's values win, then the grid's; None = the method's own (resolved in the cell,
+    suite/pipeline.py). Origins: "method entry", "grid (apply_to: all)", or "grid" for a grid value
+    without the marker (validation has made sure it equals every method's own). A cell's key has
+    the values alone: a grid without entry calibrations keeps the keys it had before issue 11.
+    """
+    label = "grid (apply_to: all)" if grid.get("apply_to") == "all" else "grid"
+    values, origin = {}, {}
+    for key in CALIBRATION_KEYS:
+        mine = (entry or {}).get(key)
+        values[key] = mine if mine is not None else grid.get(key)
+        if values[key] is not None:
+            origin[key] = "method entry" if mine is not None else label
+    return values, origin
 
 
 def cell_recovery(grid: dict | None, method: dict | bool | None, ratio: float) -> dict | None:

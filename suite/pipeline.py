@@ -32,6 +32,7 @@ class PruneOutcome:
     params_pruned: int = 0
     warnings: list = field(default_factory=list)
     round_to: int | None = None
+    calibration_origin: dict | None = None
 
 
 def parse_layers(spec, n_layers: int) -> list[int]:
@@ -61,12 +62,39 @@ def is_sequential(method, options: dict) -> bool:
     return bool(check and check(options))
 
 
+METHOD_DEFAULT = "method default"
+
+
+def calibration_origin(method, calib: dict | None) -> dict | None:
+    """Where each calibration setting of a run comes from, for its record; None without calibration.
+
+    {"corpus"|"nsamples"|"seqlen": origin, "method_source": the method's CALIBRATION["source"]}.
+    origin: "method default" (the method's published value: a key not given, or given with the
+    same value), else the label `calib["origin"]` has for the key (a grid cell's "method entry" /
+    "grid (apply_to: all)", suite/config.py; `suite prune`'s "command line"), else "given".
+    """
+    if method.CALIBRATION is None:
+        return None
+    calib = calib or {}
+    labels = calib.get("origin") or {}
+    out = {}
+    for key in ("corpus", "nsamples", "seqlen"):
+        value = calib.get(key)
+        same = value is None or value == method.CALIBRATION[key]
+        out[key] = METHOD_DEFAULT if same else labels.get(key, "given")
+    out["method_source"] = method.CALIBRATION.get("source")
+    return out
+
+
 def calibration_settings(method, calib: dict | None) -> dict | None:
-    """The method's paper defaults, overridden by the user's (corpus, nsamples, seqlen)."""
+    """The method's paper defaults, overridden by the user's (corpus, nsamples, seqlen).
+
+    `calib` may also hold "origin" ({key: label}, for `calibration_origin`), which is not a setting.
+    """
     if method.CALIBRATION is None:
         return None
     out = {k: method.CALIBRATION[k] for k in ("corpus", "nsamples", "seqlen")}
-    out.update({k: v for k, v in (calib or {}).items() if v is not None})
+    out.update({k: v for k, v in (calib or {}).items() if v is not None and k in out})
     return out
 
 
@@ -125,7 +153,7 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
             scoring.compensate(model, selection.plan)
     pruned = count_parameters(model)
     return PruneOutcome(selection, scoring, options, settings, layers, scope, phases, dense, pruned,
-                        warnings=warnings, round_to=round_to)
+                        warnings=warnings, round_to=round_to, calibration_origin=calibration_origin(method, calib))
 
 
 def outcome_record(outcome: PruneOutcome, ratio: float) -> dict:
@@ -137,6 +165,7 @@ def outcome_record(outcome: PruneOutcome, ratio: float) -> dict:
         "params": {"dense": outcome.params_dense, "pruned": outcome.params_pruned},
         "options": outcome.options,
         "calibration": outcome.calibration,
+        "calibration_origin": outcome.calibration_origin,
         "selection": {"scope": outcome.scope, "layers": outcome.layers, "round_to": outcome.round_to,
                       "target_removed": sel.target_removed, "removed": sel.removed},
         "plan_summary": plan_summary(sel.plan),
@@ -214,7 +243,10 @@ def run_cell(cell: dict) -> dict:
         record.update(ratio_target=0.0, ratio_achieved=0.0, params={"dense": n, "pruned": n}, options={},
                       calibration=None, phases=phases)
     else:
-        calib = cell.get("calibration") or {}
+        calib = dict(cell.get("calibration") or {})
+        # where each given value came from (suite/config.py cell_calibration); a cell written before
+        # issue 11 has none: its grid values then applied to every method
+        calib["origin"] = cell.get("calibration_origin") or {k: "grid" for k, v in calib.items() if v is not None}
         options = dict(cell.get("options") or {})
         common = {k: options.pop(k) for k in ("head_mode", "scope", "layers", "allow_empty", "round_to") if k in options}
         outcome = prune(model, tokenizer, cell["method"], cell["ratio"], seed=cell.get("seed", 0),

@@ -115,6 +115,7 @@ def run(args) -> int:
 
         ppl["before"] = perplexity(model, tokenizer, args.ppl, max_tokens=args.max_tokens, quiet=args.quiet)
     calib = {"corpus": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen}
+    calib["origin"] = {k: "command line" for k, v in calib.items() if v is not None}  # the record's calibration_origin
     outcome = prune(model, tokenizer, args.method, args.ratio, seed=args.seed, options=options, calib=calib,
                     head_mode=args.head_mode, scope=args.scope, layers=args.layers,
                     allow_empty=args.allow_empty, device=args.device, round_to=args.round_to)
