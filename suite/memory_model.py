@@ -264,6 +264,27 @@ def _layer_pass(c: Setting, batch: int, streams: int = 1) -> int:
             + stats_hooks(c.shapes, tokens))
 
 
+def sequential(c: Setting) -> bool:
+    """Whether the method prunes layer by layer inside its score phase (suite/pipeline.py is_sequential)."""
+    from suite.methods import get_method
+    from suite.pipeline import is_sequential
+
+    return c.method != "dense" and is_sequential(get_method(c.method), c.options)
+
+
+def heap_residue(c: Setting) -> int:
+    """CPU only: a LayerPass's carried hidden states stay in the RSS after the pass when each
+    micro-batch's tensor (b·S·H·B) is below glibc's mmap threshold (1 MiB, suite/measure.py
+    steady_allocator): such tensors come from the heap, which keeps freed memory. Two streams
+    (hidden states and outputs), measured on SmolLM2 (results/notes/memory-model.md)."""
+    if c.device != "cpu" or c.method not in ("wanda-sp", "flap") or c.calibration is None:
+        return 0
+    seq = c.calibration["seqlen"]
+    if max(1, int(c.options.get("batch_size", 1))) * seq * c.shapes.hidden * c.B >= MiB:
+        return 0
+    return 2 * hidden_states(c.shapes, c.calibration["nsamples"] * seq, c.B)
+
+
 def _llm_pruner_batch(c: Setting) -> tuple[int, bool]:
     """(micro-batch, chunked loss) LLM-Pruner runs with: its `batch_size` option; 0 means all N windows
     with full logits (hf_prune.py) — or, where the method has `auto_batch_size` (bounded backprop),
@@ -287,7 +308,9 @@ def score(c: Setting) -> int:
     """score: the dense weights (all read now) plus the method's own:
     - magnitude / random: a float64 copy of the largest matrix (norms) — no calibration;
     - wanda-sp, flap (LayerPass): hidden states N·S·H·B carried + the layer's outputs + one
-      micro-batch's layer activations and float64 statistics (`_layer_pass`);
+      micro-batch's layer activations and float64 statistics (`_layer_pass`); sequential
+      (wanda-sp's default) also slices inside this phase (`slicing`) and recomputes a pruned
+      layer's outputs while the first ones are alive: one stream more;
     - llm-pruner: .grad per parameter (W) + backprop of one micro-batch (`backprop`), a float64
       importance product of the largest matrix (×2); `importance=element2` adds W of Fisher sums;
     - minillm gradient=backprop: the same with its own `batch_size` and the chunked loss;
@@ -300,7 +323,10 @@ def score(c: Setting) -> int:
     if c.method in ("magnitude", "random"):
         return base + 2 * s.largest_matrix * 8
     if c.method in ("wanda-sp", "flap"):
-        return base + _layer_pass(c, max(1, int(opts.get("batch_size", 1))))
+        batch = max(1, int(opts.get("batch_size", 1)))
+        if sequential(c):
+            return base + slicing(c) + _layer_pass(c, batch, streams=2)
+        return base + _layer_pass(c, batch)
     n, seq = c.calibration["nsamples"], c.calibration["seqlen"]
     if c.method == "llm-pruner":
         batch, chunked = _llm_pruner_batch(c)
@@ -317,21 +343,27 @@ def score(c: Setting) -> int:
     raise UserError(f"memory model: no formula for method {c.method!r}")
 
 
+def slicing(c: Setting) -> int:
+    """What slicing adds to the dense weights: on CUDA (or CPU without mapping) each sliced Linear's
+    new copy while its old one is alive: the largest matrix. Mapped on CPU, the dense pages stay
+    and the kept layer weights are new memory: W_sliced."""
+    return c.W_sliced if c.mapped else c.shapes.largest_matrix * c.B
+
+
 def prune(c: Setting) -> int:
-    """prune (select + slice): the dense weights and each sliced Linear's new copy. On CUDA (or
-    CPU without mapping) the old copy is freed Linear by Linear: W + the largest matrix. Mapped on
-    CPU, the dense pages stay and the kept layer weights are new memory: W + W_sliced."""
-    if c.mapped:
-        return c.W + c.W_sliced
-    return c.W + c.shapes.largest_matrix * c.B
+    """prune (select + slice): W + `slicing`; after a sequential method (sliced during score)
+    what remains resident (`after_prune`)."""
+    if sequential(c):
+        return after_prune(c)
+    return c.W + slicing(c) + heap_residue(c)
 
 
 def after_prune(c: Setting) -> int:
-    """The weights resident after pruning: W_pruned (plus the dense file pages when mapped on CPU);
-    the dense cell: W (or 0 when mapped and not yet read: its evaluation reads them)."""
+    """The weights resident after pruning: W_pruned (plus the dense file pages when mapped on CPU),
+    plus the LayerPass's `heap_residue`; the dense cell: W."""
     if c.method == "dense":
         return c.W
-    return c.W + c.W_sliced if c.mapped else c.W_pruned
+    return (c.W + c.W_sliced if c.mapped else c.W_pruned) + heap_residue(c)
 
 
 def perplexity(c: Setting) -> int:

@@ -68,11 +68,13 @@ def test_cuda_formulas_recomputed_by_hand():
 
     p = mm.predict(cells["wanda-sp"])
     assert p["load"] == W and p["calibrate"] == W + N * S * 8
-    assert p["score"] == W + layer_pass(1)
-    assert mm.predict(cells["flap"])["score"] == W + layer_pass(1)
+    # wanda-sp: sequential (slices inside score: the largest matrix's new copy; 3 streams alive)
+    assert p["score"] == W + largest * B + layer_pass(1, streams=2)
+    flap = mm.predict(cells["flap"])
+    assert flap["score"] == W + layer_pass(1) and flap["prune"] == W + largest * B
     assert mm.predict(cells["magnitude"])["score"] == W + 2 * largest * 8
     assert "calibrate" not in mm.predict(cells["magnitude"])
-    assert p["prune"] == W + largest * B
+    assert p["prune"] == W_pruned
     ppl_tokens = k["perplexity_batch"] * ES
     assert p["evaluate"] == W_pruned + k["logit_copies_eval"] * ppl_tokens * V * 4 + fwd(ppl_tokens, ES)
     speed_tokens = k["speed_batch"] * ES
@@ -102,8 +104,9 @@ def test_cpu_adds_the_baseline_and_mapped_weights(tmp_path):
     base = mm.CONSTANTS["cpu_baseline_mb"] * MiB
     W = PARAMS * 4
     kept_layers = (PARAMS - 2 * V * H) * 4 - (W - round(PARAMS * 0.75) * 4)
-    mapped = mm.predict(cells_of([str(tmp_path)], ["wanda-sp"], device="cpu", dtype="float32")[-1])
-    assert mapped["load"] == base and mapped["prune"] == base + W + kept_layers
+    mapped = mm.predict(cells_of([str(tmp_path)], ["flap"], device="cpu", dtype="float32")[-1])
+    residue = 2 * 8 * 32 * H * 4  # the LayerPass's two streams of 8 x 32 tokens: 32 KiB tensors, from the heap
+    assert mapped["load"] == base and mapped["prune"] == base + W + kept_layers + residue
     built = mm.predict(cells_of(["tiny-llama"], ["wanda-sp"], device="cpu", dtype="bfloat16")[-1])
     assert built["load"] == base + PARAMS * 4 + PARAMS * 2  # built in fp32, then cast
     cuda = mm.predict(cells_of(["tiny-llama"], ["wanda-sp"], device="cuda", dtype="bfloat16")[-1])
