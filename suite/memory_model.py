@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 
 import torch
@@ -50,10 +49,11 @@ CONSTANTS = {
     # Backprop: elements per token and layer saved for backward (Korthikanti et al. 2022, Eq. 1,
     # sbh(34 + 5as/h) bytes in 16-bit: 17 hidden-sized tensors and 2.5 A·S, with the MLP's
     # I-wide tensors counted by I), scaled to fit the measured peaks.
-    "backprop_saved": {"h": 8, "i": 4, "s": 2},
-    # Full [b, S, V] logits in a loss: the logits, their fp32 log-softmax and (backprop) its gradient.
-    "logit_copies_eval": 3,
-    "logit_copies_backprop": 3,
+    "backprop_saved": {"h": 8, "i": 3, "s": 1},
+    # Full [b, S, V] logits in a loss, in fp32 copies: evaluation the logits and their log-softmax
+    # (+ the model-dtype logits when not fp32); backprop (transformers' loss) the same.
+    "logit_copies_eval": 2,
+    "logit_copies_backprop": 2,
     # A chunked loss (minillm.zo): fp32 logits of this many entries at once, with log-softmax and grad.
     "loss_chunk_elements": 1 << 22,
     # Statistics hooks (minillm/activations.py): a float64 copy of one member's input and its square.
@@ -150,9 +150,10 @@ def stats_hooks(s: Shapes, tokens: int) -> int:
     return CONSTANTS["stats_fp64_copies"] * tokens * s.intermediate * 8
 
 
-def logits(s: Shapes, tokens: int, copies: int) -> int:
-    """Full fp32 logits of `tokens` tokens and the loss's copies of them: copies × tokens × V × 4."""
-    return copies * tokens * s.vocab * 4
+def logits(s: Shapes, tokens: int, copies: int, nbytes: int = 4) -> int:
+    """Full logits of `tokens` tokens in a loss: `copies` fp32 copies (tokens × V × 4 each), plus the
+    model's own logits when its dtype is not fp32 (tokens × V × B, then cast)."""
+    return tokens * s.vocab * (copies * 4 + (nbytes if nbytes != 4 else 0))
 
 
 def chunked_loss(s: Shapes, tokens: int) -> int:
@@ -167,7 +168,7 @@ def backprop(s: Shapes, windows: int, seqlen: int, nbytes: int, chunked: bool) -
     (`logit_copies_backprop` fp32 copies) or one chunk of a chunked, checkpointed loss."""
     tokens = windows * seqlen
     saved = s.layers * tokens * per_token(s, CONSTANTS["backprop_saved"], seqlen) * nbytes
-    loss = chunked_loss(s, tokens) if chunked else logits(s, tokens, CONSTANTS["logit_copies_backprop"])
+    loss = chunked_loss(s, tokens) if chunked else logits(s, tokens, CONSTANTS["logit_copies_backprop"], nbytes)
     return saved + loss
 
 
@@ -185,6 +186,8 @@ class Setting:
     evaluation: dict
     recovery: dict | None
     spec: str = ""             # the model spec (for a method that reads a meta-device model)
+    offload: str | None = None  # the grid's `offload` (cpu | disk), where the config has it
+    device_memory: int | None = None  # its cap on the device's weights (bytes)
 
     @property
     def B(self) -> int:
@@ -195,9 +198,18 @@ class Setting:
         return self.shapes.params * self.B
 
     @property
+    def Wd(self) -> int:
+        """The dense weights on the device: W; with `offload`, the cap (accelerate places whole layers
+        up to it; default: all of W) plus one offloaded layer materialised at a time."""
+        if self.offload is None:
+            return self.W
+        cap = self.W if self.device_memory is None else min(self.W, self.device_memory)
+        return cap + (self.shapes.layer_params * self.B if cap < self.W else 0)
+
+    @property
     def mapped(self) -> bool:
         """CPU, read from safetensors in their stored dtype: the weights are the file's pages."""
-        return (self.device == "cpu" and self.shapes.kind in ("dir", "hub")
+        return (self.device == "cpu" and self.offload is None and self.shapes.kind in ("dir", "hub")
                 and self.shapes.stored_dtype == self.dtype)
 
     @property
@@ -226,26 +238,27 @@ def setting(cell: dict, s: Shapes) -> Setting:
         given = {k: v for k, v in (cell.get("options") or {}).items() if k not in SELECTION_OPTIONS}
         options = merge_options(method_name, method.OPTIONS, given)
         calib = calibration_settings(method, cell.get("calibration") or {})
+    cap = cell.get("device_memory")
     return Setting(s, str(cell.get("device", "cpu")).split(":")[0], cell.get("dtype", "float32"), method_name,
                    options, calib, float(cell.get("ratio", 0.0)), cell.get("evaluation") or {}, cell.get("recovery"),
-                   cell["model"])
+                   cell["model"], cell.get("offload"), None if cap is None else parse_size(cap))
 
 
 # --------------------------------------------------------------------------- one formula per phase
 def load(c: Setting) -> int:
-    """load: the weights. CPU and mapped: none resident yet (the file is mapped, its pages are read
+    """load: the weights (with `offload`: those on the device, `Setting.Wd`). CPU and mapped: none resident yet (the file is mapped, its pages are read
     at the first forward). On CPU a model built in code (tiny-*) is built in fp32 and then cast:
     W_fp32 + W. Otherwise (CUDA: read on the host, copied to the device; CPU in another dtype): W."""
     if c.mapped:
         return 0
     if c.device == "cpu" and c.shapes.kind == "tiny" and c.dtype != "float32":
         return c.shapes.params * 4 + c.W
-    return c.W
+    return c.Wd
 
 
 def resident(c: Setting) -> int:
     """The dense weights resident before the first forward: 0 when mapped, else W."""
-    return 0 if c.mapped else c.W
+    return 0 if c.mapped else c.Wd
 
 
 def calibrate(c: Setting) -> int:
@@ -319,7 +332,7 @@ def score(c: Setting) -> int:
       snapshot and ĝ of one Linear (fp32) — and, layer by layer (`minillm_layerwise`), (2q + 1)
       hidden-state streams."""
     s, opts = c.shapes, c.options
-    base = c.W
+    base = c.Wd
     if c.method in ("magnitude", "random"):
         return base + 2 * s.largest_matrix * 8
     if c.method in ("wanda-sp", "flap"):
@@ -355,15 +368,16 @@ def prune(c: Setting) -> int:
     what remains resident (`after_prune`)."""
     if sequential(c):
         return after_prune(c)
-    return c.W + slicing(c) + heap_residue(c)
+    return c.Wd + slicing(c) + heap_residue(c)
 
 
 def after_prune(c: Setting) -> int:
     """The weights resident after pruning: W_pruned (plus the dense file pages when mapped on CPU),
     plus the LayerPass's `heap_residue`; the dense cell: W."""
     if c.method == "dense":
-        return c.W
-    return (c.W + c.W_sliced if c.mapped else c.W_pruned) + heap_residue(c)
+        return c.Wd
+    pruned = c.W_pruned if c.offload is None else min(c.W_pruned, c.Wd)
+    return (c.W + c.W_sliced if c.mapped else pruned) + heap_residue(c)
 
 
 def perplexity(c: Setting) -> int:
@@ -372,7 +386,7 @@ def perplexity(c: Setting) -> int:
     activations."""
     seq = int(c.evaluation.get("seqlen", 128))
     tokens = CONSTANTS["perplexity_batch"] * seq
-    return (after_prune(c) + logits(c.shapes, tokens, CONSTANTS["logit_copies_eval"])
+    return (after_prune(c) + logits(c.shapes, tokens, CONSTANTS["logit_copies_eval"], c.B)
             + layer_forward(c.shapes, tokens, seq, c.B))
 
 
@@ -383,7 +397,7 @@ def lm_eval(c: Setting) -> int:
     size = c.evaluation.get("batch_size", 1)
     tokens = (size if isinstance(size, int) else 1) * CONSTANTS["lm_eval_tokens"]
     extra = CONSTANTS["cpu_lm_eval_mb"] * MiB if c.device == "cpu" else 0
-    return (after_prune(c) + logits(c.shapes, tokens, 2)
+    return (after_prune(c) + logits(c.shapes, tokens, CONSTANTS["logit_copies_eval"], c.B)
             + layer_forward(c.shapes, tokens, CONSTANTS["lm_eval_tokens"], c.B) + extra)
 
 
@@ -411,7 +425,7 @@ def throughput(c: Setting) -> int:
     s, seq = c.shapes, int(c.evaluation.get("seqlen", 128))
     tokens = CONSTANTS["speed_batch"] * seq
     kv = 2 * s.layers * tokens * s.kv_heads * s.head_dim * c.B
-    return max(c.W, after_prune(c)) + tokens * s.vocab * c.B + layer_forward(s, tokens, seq, c.B) + kv
+    return max(c.Wd, after_prune(c)) + tokens * s.vocab * c.B + layer_forward(s, tokens, seq, c.B) + kv
 
 
 PHASES = ("load", "calibrate", "score", "prune", "recover", "evaluate", "throughput")
@@ -441,17 +455,20 @@ def predict(cell: dict, s: Shapes | None = None) -> dict | None:
 
 
 # --------------------------------------------------------------------------- sizes and tables
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(|[KMGT]i?B?)\s*", re.I)
+def parse_size(text) -> int:
+    """'24GB', '24GiB', '512MB', or a byte count -> bytes, with accelerate's units
+    (`convert_file_size_to_int`: GB = 10^9, GiB = 2^30; as `--device-memory` of --offload).
+    Raises UserError for anything else."""
+    from accelerate.utils import convert_file_size_to_int
 
-
-def parse_size(text: str) -> int:
-    """'24GB', '24GiB', '24G', '512MB', '1.5TB' -> bytes (GB = GiB = 2^30, as the records' MB are
-    2^20); a bare number is GB. Raises UserError otherwise."""
-    match = _SIZE.fullmatch(str(text))
-    if not match or float(match.group(1)) <= 0:
-        raise UserError(f"--device-memory: expected a size such as 24GB or 512MB, got {text!r}")
-    unit = (match.group(2) or "G")[0].upper()
-    return int(float(match.group(1)) * {"K": 2 ** 10, "M": MiB, "G": GiB, "T": 2 ** 40}[unit])
+    value = str(text).strip().upper()
+    try:
+        size = int(value) if value.isdigit() else convert_file_size_to_int(value)
+    except (ValueError, TypeError):
+        size = None
+    if not isinstance(size, int) or size <= 0:
+        raise UserError(f"--device-memory: expected a size such as 24GB, 80GiB, 512MB or a byte count, got {text!r}")
+    return size
 
 
 def device_memory(device: str) -> int | None:
@@ -499,6 +516,7 @@ def dry_run_table(cells: list[dict], capacity: int | None = None) -> tuple[str, 
         rows.append(head + [_gb(peaks[p]) if p in peaks else "-" for p in PHASES]
                     + [_gb(top), "?" if cap is None else _gb(cap), fits])
     headers = ["cell", "device", "dtype", *PHASES, "max", "memory", "fits"]
+    headers[3] = "load (GiB)"
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), misfits, unknown
 
 

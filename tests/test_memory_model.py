@@ -76,18 +76,18 @@ def test_cuda_formulas_recomputed_by_hand():
     assert "calibrate" not in mm.predict(cells["magnitude"])
     assert p["prune"] == W_pruned
     ppl_tokens = k["perplexity_batch"] * ES
-    assert p["evaluate"] == W_pruned + k["logit_copies_eval"] * ppl_tokens * V * 4 + fwd(ppl_tokens, ES)
+    assert p["evaluate"] == W_pruned + (k["logit_copies_eval"] * 4 + B) * ppl_tokens * V + fwd(ppl_tokens, ES)
     speed_tokens = k["speed_batch"] * ES
     assert p["throughput"] == W + speed_tokens * V * B + fwd(speed_tokens, ES) + 2 * L * speed_tokens * KV * HD * B
     r = 2 * 16  # recovery micro-batch x cutoff
-    assert p["recover"] == W_pruned + saved(2, 16) + k["logit_copies_backprop"] * r * V * 4
+    assert p["recover"] == W_pruned + saved(2, 16) + (k["logit_copies_backprop"] * 4 + B) * r * V
     # llm-pruner: .grad per parameter + backprop of its micro-batch (all 8 windows, full logits, on
     # this branch; bounded backprop when the method chooses its own)
     from suite.methods import get_method
 
     lp = mm.predict(cells["llm-pruner"])["score"]
     if getattr(get_method("llm-pruner"), "auto_batch_size", None) is None:
-        assert lp == 2 * W + saved(N, S) + k["logit_copies_backprop"] * N * S * V * 4 + 2 * largest * 8
+        assert lp == 2 * W + saved(N, S) + (k["logit_copies_backprop"] * 4 + B) * N * S * V + 2 * largest * 8
     else:
         assert lp > 2 * W + 2 * largest * 8
     assert mm.predict(cells["mb"])["score"] == 2 * W + saved(4, S) + chunk(4 * S) + 2 * largest * 8
@@ -114,9 +114,9 @@ def test_cpu_adds_the_baseline_and_mapped_weights(tmp_path):
 
 
 def test_parse_size():
-    assert mm.parse_size("24GB") == mm.parse_size("24GiB") == mm.parse_size("24") == 24 * GiB
-    assert mm.parse_size("512MB") == 512 * MiB and mm.parse_size("1.5T") == int(1.5 * 2 ** 40)
-    for bad in ("24XB", "", "-3GB", "0GB", "GB"):
+    assert mm.parse_size("24GiB") == 24 * GiB and mm.parse_size("24GB") == 24 * 10 ** 9  # accelerate's units
+    assert mm.parse_size("512MiB") == 512 * MiB and mm.parse_size("1000") == 1000
+    for bad in ("24XB", "", "-3GB", "0GB", "GB", "2x"):
         with pytest.raises(mm.UserError):
             mm.parse_size(bad)
 
@@ -193,3 +193,15 @@ def test_compare_prints_the_error_per_phase(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "largest |error|: 50.0 %" in out
     assert "| -50.0 " in out and "| +25.0 " in out and "| +0.0 " in out
+
+
+def test_offload_caps_the_weights_on_the_device():
+    """A cell with `offload` and `device_memory` (the grid keys of --offload): the cap plus one layer
+    materialised, instead of W; without a cap all of W."""
+    cell = cells_of(["tiny-llama"], ["flap"])[-1]
+    layer = (4 * H * H + 3 * H * I + 2 * H) * 2
+    full = mm.predict(cell)
+    capped = mm.predict({**cell, "offload": "disk", "device_memory": "1MB"})
+    assert capped["load"] == 10 ** 6 + layer
+    assert full["score"] - capped["score"] == PARAMS * 2 - (10 ** 6 + layer)
+    assert mm.predict({**cell, "offload": "disk"})["load"] == full["load"] == PARAMS * 2
