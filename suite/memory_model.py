@@ -87,18 +87,33 @@ class Shapes:
     kind: str                  # suite.models.resolve's kind: tiny | dir | hub | pruned
 
 
+def _gguf_skeleton(path):
+    """A .gguf model on the meta device from the file's metadata (transformers' GGUF reader): no tensor read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def shapes(spec: str) -> Shapes | None:
     """The model's Shapes from its config alone, or None when no config can be had here (a hub id
-    not in the cache, a .gguf file, whose config lies among its weights). No weight is read."""
-    from minillm.architectures import adapter_for
-    from suite.models import resolve, skeleton
+    not in the hub cache). No weight is read: a .gguf file (and the embedded model before its
+    first conversion, which `resolve` would run) gives its config from the file's metadata."""
+    from pathlib import Path
 
-    try:
-        kind, where = resolve(spec)
-        model = skeleton(spec)
+    from minillm.architectures import adapter_for
+    from suite.models import EMBEDDED, cache_root, embedded_gguf_path, resolve, skeleton
+
+    try:  # the embedded model's cache directory, as suite.models.embedded_model_dir names it
+        if spec == EMBEDDED and not (cache_root() / "smollm2-135m-instruct-f32" / "config.json").is_file():
+            kind, where = "dir", None  # converted to fp32 safetensors at its first load
+            model = _gguf_skeleton(embedded_gguf_path())
+            model.config.dtype = "float32"
+        else:
+            kind, where = resolve(spec)
+            model = _gguf_skeleton(Path(where)) if kind == "gguf" else skeleton(spec)
     except UserError:
-        return None
-    if model is None:
         return None
     adapter = adapter_for(model)
     layers = list(adapter.layers(model))

@@ -205,3 +205,14 @@ def test_offload_caps_the_weights_on_the_device():
     assert capped["load"] == 10 ** 6 + layer
     assert full["score"] - capped["score"] == PARAMS * 2 - (10 ** 6 + layer)
     assert mm.predict({**cell, "offload": "disk"})["load"] == full["load"] == PARAMS * 2
+
+
+@pytest.mark.slow
+def test_embedded_model_before_its_conversion_reads_the_gguf_metadata_only(tmp_path, monkeypatch):
+    """No cache yet: the shapes come from the GGUF header (no conversion, no cache written) and equal
+    those of the converted model's config."""
+    converted = mm.shapes("smollm2-135m")
+    monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "cache"))
+    fresh = mm.shapes("smollm2-135m")
+    assert fresh == converted and fresh.params == 134515008 and fresh.stored_dtype == "float32"
+    assert not (tmp_path / "cache").exists()
