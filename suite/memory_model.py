@@ -40,6 +40,9 @@ CONSTANTS = {
     # CPU: VmRSS of a grid cell after its imports (interpreter, torch, transformers, the suite),
     # before any weight: what every CPU phase's peak includes.
     "cpu_baseline_mb": 430.0,
+    # CPU: streams of N·S·H·B a LayerPass holds on the heap when its micro-batch tensors are below
+    # glibc's 1 MiB mmap threshold (freed ones are not returned): fitted to wanda-sp on SmolLM2 at b = 1.
+    "cpu_heap_streams": 5,
     # CPU: what importing lm-eval and building its tasks adds to a zero-shot evaluation.
     "cpu_lm_eval_mb": 300.0,
     # One decoder layer's live forward activations (no grad), elements per token: a few
@@ -282,13 +285,20 @@ def calibrate(c: Setting) -> int:
     return resident(c) + n * seq * 8
 
 
+def _sub_mib(c: Setting, batch: int) -> bool:
+    """CPU, and a micro-batch's hidden states (b·S·H·B) below glibc's mmap threshold (1 MiB,
+    suite/measure.py steady_allocator): such tensors come from the heap, which keeps its high-water."""
+    return c.device == "cpu" and batch * c.calibration["seqlen"] * c.shapes.hidden * c.B < MiB
+
+
 def _layer_pass(c: Setting, batch: int, streams: int = 1) -> int:
     """A LayerPass (minillm/layerwise.py) of N windows in micro-batches of b: `streams` carried
-    hidden-state streams plus the layer's outputs (N·S·H·B each), one micro-batch's layer
-    activations and statistics hooks."""
+    hidden-state streams plus the layer's outputs (N·S·H·B each) — on the CPU heap (`_sub_mib`)
+    at least `cpu_heap_streams` of them — one micro-batch's layer activations and statistics hooks."""
     n, seq = c.calibration["nsamples"], c.calibration["seqlen"]
     tokens = batch * seq
-    return ((streams + 1) * hidden_states(c.shapes, n * seq, c.B) + layer_forward(c.shapes, tokens, seq, c.B)
+    count = max(streams + 1, CONSTANTS["cpu_heap_streams"]) if _sub_mib(c, batch) else streams + 1
+    return (count * hidden_states(c.shapes, n * seq, c.B) + layer_forward(c.shapes, tokens, seq, c.B)
             + stats_hooks(c.shapes, tokens))
 
 
@@ -301,16 +311,20 @@ def sequential(c: Setting) -> bool:
 
 
 def heap_residue(c: Setting) -> int:
-    """CPU only: a LayerPass's carried hidden states stay in the RSS after the pass when each
-    micro-batch's tensor (b·S·H·B) is below glibc's mmap threshold (1 MiB, suite/measure.py
-    steady_allocator): such tensors come from the heap, which keeps freed memory. Two streams
-    (hidden states and outputs), measured on SmolLM2 (results/notes/memory-model.md)."""
-    if c.device != "cpu" or c.method not in ("wanda-sp", "flap") or c.calibration is None:
+    """CPU: what a wanda-sp / flap LayerPass leaves in the RSS after it: its heap's high-water of
+    `cpu_heap_streams` streams when the micro-batch tensors are sub-MiB (`_sub_mib`), else nothing."""
+    if c.method not in ("wanda-sp", "flap") or c.calibration is None:
         return 0
-    seq = c.calibration["seqlen"]
-    if max(1, int(c.options.get("batch_size", 1))) * seq * c.shapes.hidden * c.B >= MiB:
+    batch = max(1, int(c.options.get("batch_size", 1)))
+    if not _sub_mib(c, batch):
         return 0
-    return 2 * hidden_states(c.shapes, c.calibration["nsamples"] * seq, c.B)
+    return CONSTANTS["cpu_heap_streams"] * hidden_states(c.shapes, c.calibration["nsamples"] * c.calibration["seqlen"], c.B)
+
+
+def unread(c: Setting) -> int:
+    """Mapped on CPU, the weight pages a LayerPass method never reads before evaluation: the
+    embeddings (the input embedding only at the calibration tokens' rows, an output head not at all)."""
+    return c.shapes.embed_params * c.B if c.mapped and c.method in ("wanda-sp", "flap") else 0
 
 
 def _llm_pruner_batch(c: Setting) -> tuple[int, bool]:
@@ -347,7 +361,7 @@ def score(c: Setting) -> int:
       snapshot and ĝ of one Linear (fp32) — and, layer by layer (`minillm_layerwise`), (2q + 1)
       hidden-state streams."""
     s, opts = c.shapes, c.options
-    base = c.Wd
+    base = c.Wd - unread(c)
     if c.method in ("magnitude", "random"):
         return base + 2 * s.largest_matrix * 8
     if c.method in ("wanda-sp", "flap"):
@@ -382,13 +396,13 @@ def prune(c: Setting) -> int:
     """prune (select + slice): W + `slicing`; after a sequential method (sliced during score)
     what remains resident (`after_prune`)."""
     if sequential(c):
-        return after_prune(c)
-    return c.Wd + slicing(c) + heap_residue(c)
+        return after_prune(c) - unread(c)
+    return c.Wd - unread(c) + slicing(c) + heap_residue(c)
 
 
 def after_prune(c: Setting) -> int:
-    """The weights resident after pruning: W_pruned (plus the dense file pages when mapped on CPU),
-    plus the LayerPass's `heap_residue`; the dense cell: W."""
+    """The weights resident after pruning, as evaluation reads them: W_pruned (plus the dense file
+    pages when mapped on CPU), plus the LayerPass's `heap_residue`; the dense cell: W."""
     if c.method == "dense":
         return c.Wd
     pruned = c.W_pruned if c.offload is None else min(c.W_pruned, c.Wd)

@@ -105,12 +105,17 @@ def test_cpu_adds_the_baseline_and_mapped_weights(tmp_path):
     W = PARAMS * 4
     kept_layers = (PARAMS - 2 * V * H) * 4 - (W - round(PARAMS * 0.75) * 4)
     mapped = mm.predict(cells_of([str(tmp_path)], ["flap"], device="cpu", dtype="float32")[-1])
-    residue = 2 * 8 * 32 * H * 4  # the LayerPass's two streams of 8 x 32 tokens: 32 KiB tensors, from the heap
-    assert mapped["load"] == base and mapped["prune"] == base + W + kept_layers + residue
+    # the LayerPass's streams of 8 x 32 tokens (32 KiB tensors: from the heap, which keeps its high-water)
+    residue = mm.CONSTANTS["cpu_heap_streams"] * 8 * 32 * H * 4
+    unread = 2 * V * H * 4  # embedding and untied head pages: no LayerPass reads them
+    assert mapped["load"] == base and mapped["prune"] == base + W - unread + kept_layers + residue
+    assert mapped["evaluate"] - mapped["prune"] == unread + (2 * 4 * 4 * 64 * V) + 4 * 64 * per_token(
+        mm.CONSTANTS["layer_fwd"], 64) * 4  # evaluation reads the head: 4 windows of 64 tokens, fp32 logits x2
     built = mm.predict(cells_of(["tiny-llama"], ["wanda-sp"], device="cpu", dtype="bfloat16")[-1])
     assert built["load"] == base + PARAMS * 4 + PARAMS * 2  # built in fp32, then cast
     cuda = mm.predict(cells_of(["tiny-llama"], ["wanda-sp"], device="cuda", dtype="bfloat16")[-1])
-    assert built["score"] - base == cuda["score"]
+    heap = (mm.CONSTANTS["cpu_heap_streams"] - 3) * 8 * 32 * H * 2  # CPU heap: more streams than the 3 alive
+    assert built["score"] - base == cuda["score"] + heap
 
 
 def test_parse_size():
