@@ -52,11 +52,11 @@ CONSTANTS = {
     # Backprop: elements per token and layer saved for backward (Korthikanti et al. 2022, Eq. 1,
     # sbh(34 + 5as/h) bytes in 16-bit: 17 hidden-sized tensors and 2.5 A·S, with the MLP's
     # I-wide tensors counted by I), scaled to fit the measured peaks.
-    "backprop_saved": {"h": 8, "i": 3, "s": 1},
-    # Full [b, S, V] logits in a loss, in fp32 copies: evaluation the logits and their log-softmax
-    # (+ the model-dtype logits when not fp32); backprop (transformers' loss) the same.
+    "backprop_saved": {"h": 8, "i": 4, "s": 1},
+    # Full [b, S, V] logits in a loss, in fp32 copies (+ the model-dtype logits when not fp32):
+    # evaluation the logits and their log-softmax; backprop also the logits' gradient.
     "logit_copies_eval": 2,
-    "logit_copies_backprop": 2,
+    "logit_copies_backprop": 3,
     # A chunked loss (minillm.zo): fp32 logits of this many entries at once, with log-softmax and grad.
     "loss_chunk_elements": 1 << 22,
     # Statistics hooks (minillm/activations.py): a float64 copy of one member's input and its square.
@@ -188,6 +188,17 @@ def backprop(s: Shapes, windows: int, seqlen: int, nbytes: int, chunked: bool) -
     saved = s.layers * tokens * per_token(s, CONSTANTS["backprop_saved"], seqlen) * nbytes
     loss = chunked_loss(s, tokens) if chunked else logits(s, tokens, CONSTANTS["logit_copies_backprop"], nbytes)
     return saved + loss
+
+
+def with_gradients(s: Shapes, activations: int, micro_batches: int, nbytes: int) -> int:
+    """A .grad per parameter (P·B) next to one micro-batch's backprop `activations`. Backward frees
+    the activations as it writes the gradients, the output head's first: with one micro-batch the
+    peak is the larger of (activations + the head's gradient V·H·B) and (all gradients); from the
+    second micro-batch on, every gradient exists while its activations are alive: their sum."""
+    grads = s.params * nbytes
+    if micro_batches > 1:
+        return grads + activations
+    return max(activations + s.vocab * s.hidden * nbytes, grads)
 
 
 # --------------------------------------------------------------------------- the cell's setting
@@ -353,8 +364,9 @@ def score(c: Setting) -> int:
       micro-batch's layer activations and float64 statistics (`_layer_pass`); sequential
       (wanda-sp's default) also slices inside this phase (`slicing`) and recomputes a pruned
       layer's outputs while the first ones are alive: one stream more;
-    - llm-pruner: .grad per parameter (W) + backprop of one micro-batch (`backprop`), a float64
-      importance product of the largest matrix (×2); `importance=element2` adds W of Fisher sums;
+    - llm-pruner: .grad per parameter next to the backprop of one micro-batch (`with_gradients`,
+      `backprop`), a float64 importance product of the largest matrix (×2); `importance=element2`
+      adds W of Fisher sums;
     - minillm gradient=backprop: the same with its own `batch_size` and the chunked loss;
     - minillm forward-only (zo, none, noise; every space): the statistics LayerPass, a no-grad
       forward of one micro-batch (layer activations + a loss chunk), one tensor of the weight
@@ -373,11 +385,13 @@ def score(c: Setting) -> int:
     if c.method == "llm-pruner":
         batch, chunked = _llm_pruner_batch(c)
         fisher = c.W if opts.get("importance") == "element2" else 0
-        return base + c.W + fisher + backprop(s, batch, seq, c.B, chunked) + 2 * s.largest_matrix * 8
+        grads = with_gradients(s, backprop(s, batch, seq, c.B, chunked), -(-n // batch), c.B)
+        return base + grads + fisher + 2 * s.largest_matrix * 8
     if c.method == "minillm":
         batch = min(n, max(1, int(opts.get("batch_size", 4))))
         if "backprop" in (opts.get("gradient"), opts.get("fms_gradient")):
-            return base + c.W + backprop(s, batch, seq, c.B, True) + 2 * s.largest_matrix * 8
+            grads = with_gradients(s, backprop(s, batch, seq, c.B, True), -(-n // batch), c.B)
+            return base + grads + 2 * s.largest_matrix * 8
         tokens = batch * seq
         streams = 2 * int(opts.get("directions", 16)) + 1 if CONSTANTS["minillm_layerwise"] else 1
         forward = layer_forward(s, tokens, seq, c.B) + chunked_loss(s, tokens)

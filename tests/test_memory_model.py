@@ -87,9 +87,12 @@ def test_cuda_formulas_recomputed_by_hand():
 
     lp = mm.predict(cells["llm-pruner"])["score"]
     if getattr(get_method("llm-pruner"), "auto_batch_size", None) is None:
-        assert lp == 2 * W + saved(N, S) + (k["logit_copies_backprop"] * 4 + B) * N * S * V + 2 * largest * 8
+        # one micro-batch: backward starts with every activation alive and the head's gradient only
+        activations = saved(N, S) + (k["logit_copies_backprop"] * 4 + B) * N * S * V
+        assert lp == W + max(activations + V * H * B, W) + 2 * largest * 8
     else:
         assert lp > 2 * W + 2 * largest * 8
+    # two micro-batches of 4: the second's activations next to every gradient
     assert mm.predict(cells["mb"])["score"] == 2 * W + saved(4, S) + chunk(4 * S) + 2 * largest * 8
     streams = 2 * 16 + 1 if k["minillm_layerwise"] else 1
     zo = max(layer_pass(2, streams), fwd(2 * S, S) + chunk(2 * S))
