@@ -3,8 +3,8 @@
 Nothing is loaded: the model's architecture is built on the meta device from its config
 (`suite.models.skeleton`: no weight file is opened), and every formula below is a function of
 its shapes, the cell's dtype and device, the method's calibration (nsamples N, seqlen S) and
-options, and the evaluation settings. A hub id that is neither local nor in the hub cache has
-no config here: its row says "shapes unknown".
+options, and the evaluation settings. A model whose config cannot be had here (a hub id that is
+neither local nor in the hub cache) gets one row "shapes unknown: <why>".
 
 What a peak is, as `suite/measure.py` records it:
   - cuda: `max_memory_allocated` of the phase — the tensors alone, no interpreter.
@@ -13,7 +13,8 @@ What a peak is, as `suite/measure.py` records it:
     model read from safetensors in its stored dtype, the weights' file pages: transformers maps
     the file, its pages become resident when a phase first reads them (the score or evaluation
     forward, not the load), and they stay resident after slicing, which writes the kept rows to
-    new memory (`mapped` below).
+    new memory (`Setting.mapped`, `unread`); and the heap's high-water where a LayerPass's
+    micro-batch tensors are too small for their own mappings (`heap_residue`).
 
 Notation (bytes unless said): W the weights (every parameter once, tied embeddings once) in the
 cell's dtype, B that dtype's bytes per element, L decoder layers, H hidden size, I the MLP width,
@@ -99,25 +100,24 @@ def _gguf_skeleton(path):
         return AutoModelForCausalLM.from_config(config)
 
 
-def shapes(spec: str) -> Shapes | None:
-    """The model's Shapes from its config alone, or None when no config can be had here (a hub id
-    not in the hub cache). No weight is read: a .gguf file (and the embedded model before its
-    first conversion, which `resolve` would run) gives its config from the file's metadata."""
+def shapes(spec: str) -> Shapes:
+    """The model's Shapes from its config alone. No weight is read: a .gguf file (and the embedded
+    model before its first conversion, which `resolve` would run) gives its config from the file's
+    metadata. Raises UserError where no config can be had (a hub id not in the hub cache with the
+    hub off, an unknown path) or the architecture has no pruning adapter."""
     from pathlib import Path
 
     from minillm.architectures import adapter_for
     from suite.models import EMBEDDED, cache_root, embedded_gguf_path, resolve, skeleton
 
-    try:  # the embedded model's cache directory, as suite.models.embedded_model_dir names it
-        if spec == EMBEDDED and not (cache_root() / "smollm2-135m-instruct-f32" / "config.json").is_file():
-            kind, where = "dir", None  # converted to fp32 safetensors at its first load
-            model = _gguf_skeleton(embedded_gguf_path())
-            model.config.dtype = "float32"
-        else:
-            kind, where = resolve(spec)
-            model = _gguf_skeleton(Path(where)) if kind == "gguf" else skeleton(spec)
-    except UserError:
-        return None
+    # the embedded model's cache directory, as suite.models.embedded_model_dir names it
+    if spec == EMBEDDED and not (cache_root() / "smollm2-135m-instruct-f32" / "config.json").is_file():
+        kind = "dir"  # converted to fp32 safetensors at its first load
+        model = _gguf_skeleton(embedded_gguf_path())
+        model.config.dtype = "float32"
+    else:
+        kind, where = resolve(spec)
+        model = _gguf_skeleton(Path(where)) if kind == "gguf" else skeleton(spec)
     adapter = adapter_for(model)
     layers = list(adapter.layers(model))
     linears = [m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
@@ -275,9 +275,10 @@ def setting(cell: dict, s: Shapes) -> Setting:
 
 # --------------------------------------------------------------------------- one formula per phase
 def load(c: Setting) -> int:
-    """load: the weights (with `offload`: those on the device, `Setting.Wd`). CPU and mapped: none resident yet (the file is mapped, its pages are read
-    at the first forward). On CPU a model built in code (tiny-*) is built in fp32 and then cast:
-    W_fp32 + W. Otherwise (CUDA: read on the host, copied to the device; CPU in another dtype): W."""
+    """load: the weights (with `offload`: those on the device, `Setting.Wd`). CPU and mapped: none
+    resident yet (the file is mapped, its pages are read at the first forward). On CPU a model built
+    in code (tiny-*) is built in fp32 and then cast: W_fp32 + W. Otherwise (CUDA: read on the host,
+    copied to the device; CPU in another dtype): W."""
     if c.mapped:
         return 0
     if c.device == "cpu" and c.shapes.kind == "tiny" and c.dtype != "float32":
@@ -476,10 +477,8 @@ PHASES = ("load", "calibrate", "score", "prune", "recover", "evaluate", "through
 
 def predict(cell: dict, s: Shapes | None = None) -> dict | None:
     """{phase: predicted peak bytes} of one grid cell (`suite.config.expand_cells`), on CPU with the
-    interpreter baseline; phases the cell does not run are absent. None: shapes unknown."""
+    interpreter baseline; phases the cell does not run are absent. Raises UserError as `shapes`."""
     s = s if s is not None else shapes(cell["model"])
-    if s is None:
-        return None
     c = setting(cell, s)
     out = {"load": load(c)}
     if c.method != "dense":
@@ -543,12 +542,15 @@ def dry_run_table(cells: list[dict], capacity: int | None = None) -> tuple[str, 
     rows, misfits, unknown, cache = [], 0, 0, {}
     for cell in cells:
         if cell["model"] not in cache:
-            cache[cell["model"]] = shapes(cell["model"])
+            try:
+                cache[cell["model"]] = shapes(cell["model"])
+            except UserError as exc:
+                cache[cell["model"]] = str(exc)
         s = cache[cell["model"]]
         device = str(cell.get("device", "cpu"))
         head = [cell_name(cell), device, cell.get("dtype", "float32")]
-        if s is None:
-            rows.append(head + ["shapes unknown (no local config: not in the hub cache)"] + [""] * (len(PHASES) + 2))
+        if isinstance(s, str):
+            rows.append(head + [f"shapes unknown: {s}"] + [""] * (len(PHASES) + 2))
             unknown += 1
             continue
         peaks = predict(cell, s)
@@ -576,8 +578,9 @@ def compare_table(cells: list[dict], records: list[dict]) -> tuple[str, float | 
         record = by_key.get(cell_key(cell))
         if record is None:
             continue
-        peaks = predict(cell)
-        if peaks is None:
+        try:
+            peaks = predict(cell)
+        except UserError:
             continue
         for phase, measured in sorted((record.get("phases") or {}).items()):
             if phase not in peaks or not measured.get("peak_mb"):
