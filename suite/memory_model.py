@@ -330,7 +330,8 @@ def heap_residue(c: Setting) -> int:
     batch = max(1, int(c.options.get("batch_size", 1)))
     if not _sub_mib(c, batch):
         return 0
-    return CONSTANTS["cpu_heap_streams"] * hidden_states(c.shapes, c.calibration["nsamples"] * c.calibration["seqlen"], c.B)
+    tokens = c.calibration["nsamples"] * c.calibration["seqlen"]
+    return CONSTANTS["cpu_heap_streams"] * hidden_states(c.shapes, tokens, c.B)
 
 
 def unread(c: Setting) -> int:

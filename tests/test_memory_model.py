@@ -58,7 +58,8 @@ def test_cuda_formulas_recomputed_by_hand():
     largest = I * H
     cells = by_method(cells_of(["tiny-llama"], ["wanda-sp", "flap", "magnitude", "llm-pruner",
                                                 {"name": "minillm", "options": {"batch_size": 2}},
-                                                {"name": "minillm", "label": "mb", "options": {"gradient": "backprop"}}],
+                                                {"name": "minillm", "label": "mb",
+                                                 "options": {"gradient": "backprop"}}],
                                recovery={"micro_batch_size": 2, "cutoff_len": 16}))
     fwd = lambda tokens, seq: tokens * per_token(k["layer_fwd"], seq) * B
     stats = lambda tokens: k["stats_fp64_copies"] * tokens * I * 8
