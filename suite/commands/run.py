@@ -1,6 +1,7 @@
 """`python -m suite run CONFIG [--out FILE] [--force] [--merge] [--quiet] [--repair] [--jobs N]
-[--backend local|ray] [--address auto|HOST:PORT] [--retries N] [--cell-cpus N] [--cell-memory GB]`:
-run an experiment grid."""
+[--backend local|ray] [--address auto|HOST:PORT] [--retries N] [--cell-cpus N] [--cell-memory GB]
+[--dry-run [--device-memory SIZE] [--compare RESULTS.jsonl]]`: run an experiment grid, or predict its
+memory (suite/memory_model.py) without running it."""
 from __future__ import annotations
 
 NAME = "run"
@@ -20,6 +21,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--jobs", type=int, default=None,
                         help="local backend: cells run at once, each with cpu_count/JOBS torch threads (default 1: "
                              "timings undisturbed by a neighbour)")
+    dry = parser.add_argument_group("memory model (suite/memory_model.py)")
+    dry.add_argument("--dry-run", action="store_true",
+                     help="run nothing: print every cell's predicted peak memory per phase on its device, from "
+                          "the models' configs alone (no weight is read), and mark the cells that will not fit")
+    dry.add_argument("--device-memory", metavar="SIZE",
+                     help="with --dry-run: the memory to fit in, e.g. 24GB, 80GiB, 512MB (accelerate's units: "
+                          "GB = 10^9 bytes, GiB = 2^30; default: the visible GPU's for cuda cells, the host's RAM for cpu cells)")
+    dry.add_argument("--compare", metavar="RESULTS",
+                     help="with --dry-run: also print predicted vs measured peak per phase and the error of "
+                          "every cell recorded in RESULTS (a results .jsonl of this grid)")
     ray = parser.add_argument_group("Ray backend (pip install '.[ray]')")
     parser.add_argument("--backend", choices=("local", "ray"), default="local",
                         help="local: cell processes on this host (default); ray: each cell a Ray task on a Ray "
@@ -34,9 +45,35 @@ def add_arguments(parser) -> None:
                      help="memory each cell requests from Ray, in GiB (default: none requested)")
 
 
+def dry_run(args) -> int:
+    """The memory model's table for the grid (and, with --compare, its error against records)."""
+    from suite import memory_model
+    from suite.config import expand_cells, load_config
+
+    capacity = memory_model.parse_size(args.device_memory) if args.device_memory is not None else None
+    records = memory_model.read_records(args.compare) if args.compare else None
+    cells = expand_cells(load_config(args.config))
+    table, misfits, unknown = memory_model.dry_run_table(cells, capacity)
+    print(table)
+    print(f"{len(cells)} cells; {misfits} will not fit" + ("" if args.device_memory is None
+                                                            else f" in {args.device_memory}")
+          + (f"; {unknown} of unknown shapes" if unknown else ""))
+    if records is not None:
+        table, worst = memory_model.compare_table(cells, records)
+        print(f"\npredicted vs measured ({args.compare}):\n{table}")
+        print("no recorded cell of this grid" if worst is None else f"largest |error|: {worst:.1f} %")
+    return 0
+
+
 def run(args) -> int:
     from minillm.errors import UserError
     from suite.runner import run_grid
+
+    if args.dry_run:
+        return dry_run(args)
+    given = [f"--{name.replace('_', '-')}" for name in ("device_memory", "compare") if getattr(args, name) is not None]
+    if given:
+        raise UserError(f"{', '.join(given)}: memory model options; add --dry-run")
 
     if args.backend == "ray":
         from suite.ray_backend import import_ray
