@@ -27,9 +27,10 @@ with the defaults of `main.py`: metric WIFV, structure AL-AM):
    replacing x_R by its calibration mean x̄_R gives the bias B = W_{:,R} x̄_R, added to the
    projection's bias (created for LLaMA, which has none), so the pruned block outputs the same as
    the dense one whenever the removed features sit at their mean. It runs after slicing
-   (`Scoring.compensate`) from the calibration means kept from scoring and a reference to the
-   pre-slicing output-projection weight (slicing replaces the Parameter, it does not edit it; the
-   kept columns are checked against the sliced weight). Option `compensate=false` gives
+   (`Scoring.compensate`) from the calibration means and W x̄ of the pre-slicing output projection,
+   both kept from scoring: B = W x̄ - W_{:,K} x̄_K with W_{:,K} the sliced weight (float64), so no
+   pre-slicing weight is held in memory between scoring and compensation (an offloaded model keeps
+   one layer resident; the kept width is checked against the sliced weight). Option `compensate=false` gives
    uncompensated FLAP.
 
    The created bias is a real Parameter: it is counted in the pruned model's parameters (the
@@ -50,6 +51,7 @@ from torch import nn
 from minillm.activations import input_stats
 from minillm.architectures import GroupSet, adapter_for
 from minillm.errors import UserError
+from minillm.layerwise import resident_layer, resident_sets
 from minillm.scoring import Scoring
 
 NAME = "flap"
@@ -80,7 +82,7 @@ def score(model, windows, group_sets, options, seed) -> Scoring:
     adapter = adapter_for(model)
     scores, saved = {}, []
     with torch.no_grad():
-        for gs in group_sets:
+        for gs in resident_sets(group_sets):  # offloaded layers: weights read on the device (layerwise.py)
             out = gs.output
             linear = gs.linear(out)
             st = stats[(gs.layer, out.name)]
@@ -91,10 +93,12 @@ def score(model, windows, group_sets, options, seed) -> Scoring:
             z = standardise(metric).view(gs.count, out.width).mean(dim=1)
             scores[(gs.layer, gs.kind)] = z
             if options["compensate"]:
+                mean = st.mean.to(linear.weight.device)                 # float64 [in_features]
                 saved.append({
                     "layer": gs.layer, "kind": gs.kind, "linear": linear,
-                    "weight": linear.weight,                 # the pre-slicing Parameter (not a copy)
-                    "mean": st.mean,                         # float64 [in_features]
+                    "full_mean": linear.weight.double() @ mean,  # W x̄ of the pre-slicing weight, [out_features]
+                    "in_features": linear.weight.shape[1],
+                    "mean": mean,
                     "column_width": adapter.head_dim(gs.module) if gs.kind == "heads" else 1,
                 })
     info = {"tokens": int(windows.numel()), "compensate": bool(options["compensate"])}
@@ -114,31 +118,29 @@ def _compensator(saved: list, info: dict):
             for entry in saved:
                 lp = plan.layers[entry["layer"]]
                 kept_groups = lp.heads if entry["kind"] == "heads" else lp.channels
-                full = entry["weight"]
-                width = entry["column_width"]
-                kept = _columns(kept_groups, width)
-                removed_mask = torch.ones(full.shape[1], dtype=torch.bool)
-                removed_mask[kept] = False
-                if not removed_mask.any():
+                kept = _columns(kept_groups, entry["column_width"])
+                if len(kept) == entry["in_features"]:
                     continue
                 linear: nn.Linear = entry["linear"]
-                current = linear.weight
-                if current is full or current.shape[1] != len(kept) or not torch.equal(
-                        full.detach()[:, kept.to(full.device)], current.detach()):
-                    raise UserError(f"flap compensation: layer {entry['layer']} {entry['kind']} output "
-                                    "projection was not sliced to the plan's kept columns")
-                removed = removed_mask.nonzero().view(-1).to(full.device)
-                mean = entry["mean"].to(full.device)[removed]
-                delta = (full.detach()[:, removed].double() @ mean).to(current.dtype)   # B = W_{:,R} x̄_R
-                with torch.no_grad():
-                    if linear.bias is None:
-                        linear.bias = nn.Parameter(delta.clone(), requires_grad=False)
-                        added += delta.numel()
-                    else:
-                        linear.bias.add_(delta.to(linear.bias.device))
+                with resident_layer(model, entry["layer"]):  # offloaded: the new bias is written back
+                    current = linear.weight
+                    if current.shape[1] != len(kept):
+                        raise UserError(f"flap compensation: layer {entry['layer']} {entry['kind']} output "
+                                        "projection was not sliced to the plan's kept columns")
+                    # B = W_{:,R} x̄_R = W x̄ - W_{:,K} x̄_K (the kept columns are the sliced weight), so
+                    # no pre-slicing weight is held between scoring and compensation
+                    mean = entry["mean"].to(current.device)
+                    kept_part = current.detach().double() @ mean[kept.to(current.device)]
+                    delta = (entry["full_mean"].to(current.device) - kept_part).to(current.dtype)
+                    with torch.no_grad():
+                        if linear.bias is None:
+                            linear.bias = nn.Parameter(delta.clone(), requires_grad=False)
+                            added += delta.numel()
+                        else:
+                            linear.bias.add_(delta.to(linear.bias.device))
                 modules += 1
         finally:
-            saved.clear()  # drop the references to the pre-slicing weights
+            saved.clear()
         info["compensated_modules"] = modules
         info["bias_entries_added"] = added
 

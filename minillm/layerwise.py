@@ -25,6 +25,7 @@ micro-batches (tests/test_layerwise.py: per-layer input statistics ≤ 1e-5 rela
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -156,8 +157,14 @@ class LayerPass:
     def resident(self, i: int):
         """Layer i on the compute device for the duration of the block (SparseGPT's
         `layers[i].to(dev)` ... `layers[i] = layer.cpu()`): moved there and back when it lives
-        elsewhere, untouched when it already lives on the device."""
+        elsewhere, untouched when it already lives on the device. A layer whose weights accelerate
+        offloaded (`suite.models.load_model(offload=...)`) is materialised and its changes written
+        back to the offload storage on exit (`materialised`)."""
         layer = self.layers[i]
+        if offloaded(layer):
+            with materialised(layer):
+                yield layer
+            return
         home = _device_of(layer)
         if home == self.device:
             yield layer
@@ -188,3 +195,108 @@ class LayerPass:
         for module in self.adapter.tail(self.model):
             hidden = module(hidden)
         return hidden
+
+
+# --------------------------------------------------------------------------- accelerate offload
+def _offload_hooks(module: nn.Module) -> list:
+    """(submodule, hook) for every submodule of `module` whose weights accelerate offloaded: an
+    `AlignDevicesHook` with `offload=True` (`accelerate.utils.has_offloaded_params`); transformers'
+    `from_pretrained(device_map=...)` and `accelerate.dispatch_model` put one on each leaf module."""
+    if not any(hasattr(m, "_hf_hook") for m in module.modules()):
+        return []
+    from accelerate.utils import has_offloaded_params
+
+    return [(m, m._hf_hook) for m in module.modules() if has_offloaded_params(m)]
+
+
+def offloaded(module: nn.Module) -> bool:
+    """Whether any weight of `module` (or its submodules) lives in accelerate's offload storage
+    (meta tensors in the module, values in the hook's `weights_map`)."""
+    return bool(_offload_hooks(module))
+
+
+def _tensors(module: nn.Module, hook) -> dict:
+    from accelerate.utils import named_module_tensors
+
+    return dict(named_module_tensors(module, include_buffers=hook.offload_buffers, recurse=False,
+                                     remove_non_persistent=True))
+
+
+def _store(hook, name: str, tensor: torch.Tensor) -> None:
+    """Write `tensor` as the hook's offloaded value of `name`: into the loader's in-memory dict
+    (cpu offload) or as a new `.dat` file in its folder (disk offload, `accelerate.utils.offload_weight`,
+    the file name accelerate reads it back from). The model's own weights files are never written."""
+    from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, offload_weight
+
+    value = tensor.detach().to("cpu")
+    store, key = hook.weights_map, name
+    if isinstance(store, PrefixedDataset):
+        store, key = store.dataset, store.prefix + name
+    if not isinstance(store, OffloadedWeightsLoader):  # accelerate's own dict of cpu copies
+        store[key] = value.clone()
+        return
+    if key in store.state_dict or store.save_folder is None:
+        store.state_dict[key] = value.clone()
+    else:
+        path = os.path.join(store.save_folder, f"{key}.dat")
+        if os.path.exists(path):
+            os.unlink(path)  # a new file: readers of the old one keep their copy
+        offload_weight(value, key, store.save_folder, index=store.index)
+    if key not in store.all_keys:
+        store.all_keys.append(key)
+
+
+@contextmanager
+def materialised(module: nn.Module):
+    """The offloaded weights of `module` and its submodules loaded on their execution device for
+    the block (accelerate's `align_module_device`, for a whole decoder layer at once), the hooks'
+    own loading switched off meanwhile so forwards inside the block use (and may backpropagate
+    through) these tensors; on exit every tensor that changed is written back to the offload
+    storage (`_store`) and all are released to the meta device again.
+
+    Changed means: a new Parameter object (slicing replaces weights with new shapes; FLAP's
+    compensation adds a bias) or an in-place edit (the tensor's version counter moved). Unchanged
+    tensors are not written. A no-op for a module without offloaded weights."""
+    hooks = _offload_hooks(module)
+    if not hooks:
+        yield module
+        return
+    entered = []
+    try:
+        for m, hook in hooks:
+            hook.pre_forward(m)
+            hook.offload = False  # forwards inside the block: inputs moved, weights left in place
+            entered.append((m, hook, {n: (t, t._version) for n, t in _tensors(m, hook).items()}))
+        yield module
+    finally:
+        for m, hook, before in entered:
+            hook.offload = True
+            for name, tensor in _tensors(m, hook).items():
+                if tensor.device.type == "meta":
+                    continue
+                old = before.get(name)
+                if old is None or old[0] is not tensor or old[1] != tensor._version:
+                    _store(hook, name, tensor)
+            hook.post_forward(m, None)
+
+
+def resident_layer(model, i: int):
+    """`with resident_layer(model, i) as layer:` decoder layer i with its weights readable and
+    writable (offloaded ones materialised and written back, `materialised`): for code outside a
+    `LayerPass` that reads or changes a layer's weights (one-shot scoring, `plan.apply_plan`,
+    FLAP's compensation)."""
+    return materialised(adapter_for(model).layers(model)[i])
+
+
+def resident_sets(group_sets):
+    """Iterate `group_sets` with each one's decoder layer resident (`materialised`, one layer at a
+    time, consecutive sets of one layer sharing the residency): one-shot scoring that reads
+    weights writes `for gs in resident_sets(group_sets):` instead of `for gs in group_sets:`."""
+    i = 0
+    while i < len(group_sets):
+        j = i
+        while j < len(group_sets) and group_sets[j].module is group_sets[i].module:
+            j += 1
+        with materialised(group_sets[i].module):
+            yield from group_sets[i:j]
+        i = j
