@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -34,11 +35,28 @@ from torch import nn
 from minillm.architectures import adapter_for
 
 
+_HIDDEN_ON: ContextVar = ContextVar("hidden_on", default=None)
+
+
+@contextmanager
+def hidden_on(device):
+    """Within the block, passes whose `hidden_device` is not given keep their carried hidden states
+    on `device` ("cpu", or None: the compute device): the user's `--hidden-on` for every method,
+    one-shot statistics passes included, without a parameter through each method's `score`."""
+    token = _HIDDEN_ON.set(device)
+    try:
+        yield
+    finally:
+        _HIDDEN_ON.reset(token)
+
+
 class _Captured(Exception):
     """Raised by the first layer's pre-hook: the embeddings' work is done."""
 
 
-def _device_of(module: nn.Module) -> torch.device:
+def device_of(module: nn.Module) -> torch.device:
+    """The device `module` computes on: its first non-meta parameter's, else (weights offloaded by
+    accelerate) its hook's execution device, else cpu."""
     for p in module.parameters():
         if p.device.type != "meta":
             return p.device
@@ -76,7 +94,8 @@ class LayerPass:
     windows:        [nsamples, seqlen] token ids
     batch_size:     windows per micro-batch (FLAP and Wanda feed one at a time: 1)
     device:         compute device (default: the input embedding's device)
-    hidden_device:  where the carried hidden states live between layers ("cpu" or the device)
+    hidden_device:  where the carried hidden states live between layers ("cpu" or the device;
+                    default: the enclosing `hidden_on` block's, else the device)
 
     Attributes: `layers` (the decoder layers), `hidden` (list of [b, seq, hidden] tensors, the
     current layer's inputs), `kwargs[i][b]` (layer i's keyword arguments for micro-batch b, as the
@@ -88,7 +107,8 @@ class LayerPass:
         self.adapter = adapter_for(model)
         self.layers = list(self.adapter.layers(model))
         embed = model.get_input_embeddings()
-        self.device = torch.device(device) if device is not None else _device_of(embed)
+        self.device = torch.device(device) if device is not None else device_of(embed)
+        hidden_device = hidden_device if hidden_device is not None else _HIDDEN_ON.get()
         self.hidden_device = torch.device(hidden_device) if hidden_device is not None else self.device
         self.hidden: list[torch.Tensor] = []
         self.kwargs: list[dict] = []
@@ -118,7 +138,7 @@ class LayerPass:
         for layer in self.layers:
             layer.forward = passthrough
         base = getattr(self.model, "base_model", None) or self.model
-        embed_device = _device_of(self.model.get_input_embeddings())
+        embed_device = device_of(self.model.get_input_embeddings())
         self.kwargs = [[] for _ in range(n)]
         shared: list[dict] = []
         try:
@@ -165,7 +185,7 @@ class LayerPass:
             with materialised(layer):
                 yield layer
             return
-        home = _device_of(layer)
+        home = device_of(layer)
         if home == self.device:
             yield layer
             return

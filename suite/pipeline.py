@@ -11,6 +11,7 @@ import torch
 
 from minillm.architectures import adapter_for, all_group_sets
 from minillm.errors import UserError
+from minillm.layerwise import hidden_on as hidden_states_on
 from minillm.plan import apply_plan
 from minillm.scoring import Scoring, merge_options
 from minillm.select import Selection, prunable_layers, select
@@ -61,6 +62,25 @@ def is_sequential(method, options: dict) -> bool:
     return bool(check and check(options))
 
 
+# Methods whose scoring cannot run on accelerate-offloaded weights yet: each runs whole-model
+# passes that need every layer's weights at once (backprop; MINI-LLM's zo.LayerRunner copies every
+# weight's bytes). Removed from here when the method runs on the layer pass (issue 11).
+NOT_OFFLOADABLE = {
+    "llm-pruner": "its Taylor scores backpropagate through the whole model at once",
+    "minillm": "its forward passes perturb every layer's weights at once (zo.LayerRunner)",
+}
+
+
+def check_offloadable(model, method_name: str) -> None:
+    """UserError when `model` has offloaded weights (`load_model(offload=...)`) and the method
+    cannot score such a model yet (`NOT_OFFLOADABLE`)."""
+    from minillm.layerwise import offloaded
+
+    if method_name in NOT_OFFLOADABLE and offloaded(model):
+        raise UserError(f"{method_name} does not run with --offload yet: {NOT_OFFLOADABLE[method_name]}; "
+                        "load the model without --offload")
+
+
 def calibration_settings(method, calib: dict | None) -> dict | None:
     """The method's paper defaults, overridden by the user's (corpus, nsamples, seqlen)."""
     if method.CALIBRATION is None:
@@ -73,11 +93,15 @@ def calibration_settings(method, calib: dict | None) -> dict | None:
 def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, options: dict | None = None,
           calib: dict | None = None, head_mode: str = "q-head", scope: str | None = None, layers=None,
           allow_empty: bool = False, device: str = "cpu", quiet: bool = False,
-          round_to: int | None = None) -> PruneOutcome:
-    """Score, select and slice `model` in place; returns the selection and measured phases."""
+          round_to: int | None = None, hidden_on: str | None = None) -> PruneOutcome:
+    """Score, select and slice `model` in place; returns the selection and measured phases.
+
+    `hidden_on` ("cpu" | "device" | None = the device): where the layer-by-layer passes keep the
+    calibration hidden states between layers (`layerwise.hidden_on`)."""
     if not 0.0 < float(ratio) < 1.0:
         raise UserError(f"ratio must be in (0, 1), got {ratio}")
     method = get_method(method_name)
+    check_offloadable(model, method_name)
     options = merge_options(method_name, method.OPTIONS, options)
     n_layers = len(adapter_for(model).layers(model))
     layers = parse_layers(layers if layers is not None else method.SELECTION.get("layers", "all"), n_layers)
@@ -98,6 +122,7 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
                                           settings["seqlen"], seed=seed)
     dense = count_parameters(model)
     torch.manual_seed(seed)
+    hidden = None if hidden_on in (None, "device") else hidden_on
     group_sets = all_group_sets(model, head_mode)
     if is_sequential(method, options):  # score, select and slice one layer at a time (minillm/sequential.py)
         if scope != "layer":
@@ -105,12 +130,12 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
                             f"scope {scope!r} needs --opt sequential=false")
         from minillm.sequential import prune_sequentially
 
-        with measure(device) as phases["score"]:
+        with measure(device) as phases["score"], hidden_states_on(hidden):
             selection, scoring = prune_sequentially(model, windows, method, options, ratio, layers,
                                                     head_mode=head_mode, allow_empty=allow_empty, round_to=round_to,
                                                     batch_size=int(options.get("batch_size", 1)))
     else:
-        with measure(device) as phases["score"]:
+        with measure(device) as phases["score"], hidden_states_on(hidden):
             scoring = method.score(model, windows, group_sets, options, seed)
     with measure(device) as phases["prune"]:
         if not scoring.info.get("sequential"):
