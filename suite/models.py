@@ -325,6 +325,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
     """
     from transformers import AutoModelForCausalLM
 
+    from suite.offload import check_offload, dispatch_offloaded, load_offloaded
     from suite.precision import cast_weights, parse_dtype
 
     dtype = parse_dtype(dtype)
@@ -354,114 +355,6 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
     # device only: `.to(dtype=...)` would cast the rotary inv_freq buffer too (suite/precision.py)
     model = model.to(device=device).eval()
     return _check_supported(model)
-
-
-# --------------------------------------------------------------------------- offload
-OFFLOAD_KINDS = ("cpu", "disk")
-
-
-def parse_size(value) -> int | None:
-    """'2GB' | '512MiB' | '1.5GB' | 2000000 -> bytes (decimal units as accelerate's
-    `convert_file_size_to_int`: KB = 10^3, KiB = 2^10); None -> None. UserError otherwise."""
-    if value is None or isinstance(value, int) and not isinstance(value, bool):
-        if value is not None and value <= 0:
-            raise UserError(f"device memory must be positive, got {value}")
-        return value
-    from accelerate.utils import convert_file_size_to_int
-
-    text = str(value).strip().upper()
-    try:
-        size = int(text) if text.isdigit() else convert_file_size_to_int(text)
-    except (ValueError, TypeError):
-        size = None
-    if not isinstance(size, int) or size <= 0:
-        raise UserError(f"device memory {value!r}: expected a size such as 24GB, 512MiB or a byte count")
-    return size
-
-
-def check_offload(offload, device, device_memory, offload_folder) -> None:
-    """One-line UserError for an offload setting that cannot work (before any weight is read)."""
-    if offload is None:
-        if device_memory is not None or offload_folder is not None:
-            raise UserError("--device-memory and --offload-folder need --offload cpu|disk")
-        return
-    if offload not in OFFLOAD_KINDS:
-        raise UserError(f"offload {offload!r}: choose cpu or disk")
-    parse_size(device_memory)
-    if offload == "cpu" and torch.device(device).type == "cpu":
-        raise UserError("--offload cpu keeps weights in host memory, which is the device on a CPU: "
-                        "use --offload disk (with --device-memory as the cap)")
-
-
-def max_memory(device, offload, device_memory) -> dict:
-    """accelerate's `max_memory`: the compute device's cap, and host memory for offload "cpu"
-    (none for "disk" on a CUDA device: what does not fit goes to the folder)."""
-    dev = torch.device(device)
-    key = "cpu" if dev.type == "cpu" else (dev.index or 0)
-    cap = parse_size(device_memory)
-    if cap is None:
-        from accelerate.utils import get_max_memory
-
-        cap = get_max_memory()[key]
-    out = {key: cap}
-    if dev.type != "cpu":
-        out["cpu"] = get_host_memory() if offload == "cpu" else 0
-    return out
-
-
-def get_host_memory() -> int:
-    from accelerate.utils import get_max_memory
-
-    return get_max_memory()["cpu"]
-
-
-def offload_dir(offload_folder) -> str:
-    """The offload folder: the given one (created), or a temporary one removed at exit."""
-    import atexit
-    import shutil
-    import tempfile
-
-    if offload_folder is not None:
-        Path(offload_folder).mkdir(parents=True, exist_ok=True)
-        return str(offload_folder)
-    path = tempfile.mkdtemp(prefix="minillm-offload-")
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    return path
-
-
-def _no_split(model) -> list[str]:
-    from minillm.architectures import adapter_for
-
-    return sorted({type(layer).__name__ for layer in adapter_for(model).layers(model)})
-
-
-def load_offloaded(where: str, dtype, device, offload, device_memory, offload_folder):
-    """`from_pretrained(device_map="auto", max_memory=..., offload_folder=...)`: transformers builds
-    the model on the meta device and places whole decoder layers (its `_no_split_modules`) with
-    accelerate's `infer_auto_device_map`; offloaded weights are read from the model's own
-    safetensors files when used, never copied whole into memory."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=dtype, device_map="auto", max_memory=max_memory(device, offload, device_memory),
-            offload_folder=offload_dir(offload_folder))
-    except OSError as exc:
-        raise UserError(f"cannot load model {where!r}: {str(exc).splitlines()[0]}") from None
-    return model.eval()
-
-
-def dispatch_offloaded(model, device, offload, device_memory, offload_folder):
-    """A model built in memory, dispatched as `load_offloaded` would load it (accelerate's
-    `infer_auto_device_map` over whole decoder layers, then `dispatch_model`: offloaded weights go
-    to the folder (disk) or stay in host memory (cpu), their modules hold meta tensors)."""
-    from accelerate import dispatch_model, infer_auto_device_map
-
-    device_map = infer_auto_device_map(model, max_memory=max_memory(device, offload, device_memory),
-                                       no_split_module_classes=_no_split(model))
-    dev = torch.device(device)
-    main = "cpu" if dev.type == "cpu" else (dev.index or 0)
-    return dispatch_model(model, device_map=device_map, main_device=main, offload_dir=offload_dir(offload_folder))
 
 
 def load_tokenizer(name_or_path: str):
