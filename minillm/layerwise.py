@@ -300,6 +300,29 @@ def materialised(module: nn.Module):
             hook.post_forward(m, None)
 
 
+def parameter_count(model) -> int:
+    """All parameters of `model`, tied ones once; offloaded ones (meta tensors) by shape.
+
+    accelerate's hooks give an offloaded module new Parameter objects after each forward, so tied
+    input and output embeddings (`tie_word_embeddings`) may then be two objects: counted once."""
+    total = sum(p.numel() for p in model.parameters())
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if (getattr(model.config, "tie_word_embeddings", False) and out is not None and inp is not None
+            and out.weight is not inp.weight and out.weight.shape == inp.weight.shape):
+        total -= out.weight.numel()
+    return total
+
+
+def rebind_hooked_forwards(module: nn.Module) -> None:
+    """After slicing swapped a submodule's class (BLOOM's attention that adds only its kept heads'
+    ALiBi slopes, a dropped attention block), make accelerate's hook call the NEW class's forward:
+    `add_hook_to_module` kept the old bound forward in `_old_forward`. No-op without hooks."""
+    for m in module.modules():
+        old = m.__dict__.get("_old_forward")
+        if old is not None and getattr(old, "__func__", None) is not type(m).forward:
+            m._old_forward = type(m).forward.__get__(m)
+
+
 def resident_layer(model, i: int):
     """`with resident_layer(model, i) as layer:` decoder layer i with its weights readable and
     writable (offloaded ones materialised and written back, `materialised`): for code outside a

@@ -26,7 +26,7 @@ from torch import nn
 
 from minillm.architectures import adapter_for
 from minillm.errors import UserError
-from minillm.layerwise import materialised
+from minillm.layerwise import materialised, rebind_hooked_forwards
 
 
 @dataclass
@@ -208,6 +208,7 @@ def apply_plan(model, plan: Plan):
                     adapter.drop_attention(layer)
             if slice_channels:
                 adapter.set_channels(layer, list(lp.channels))
+        rebind_hooked_forwards(layer)  # a class swapped by set_heads/drop_attention, under accelerate's hooks
     setattr(model, PLAN_ATTRIBUTE, carried)
     return model
 

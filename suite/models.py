@@ -427,8 +427,11 @@ def describe(model) -> dict:
 
 
 def count_parameters(model) -> int:
-    """Total parameter count, embeddings included, tied weights once (as LLM-Pruner reports)."""
-    return sum(p.numel() for p in model.parameters())
+    """Total parameter count, embeddings included, tied weights once (as LLM-Pruner reports);
+    offloaded weights by shape (`minillm.layerwise.parameter_count`)."""
+    from minillm.layerwise import parameter_count
+
+    return parameter_count(model)
 
 
 def config_json(model) -> dict:

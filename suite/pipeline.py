@@ -219,7 +219,8 @@ def run_cell(cell: dict) -> dict:
     quiet = cell.get("quiet", True)
     phases = {}
     with measure(device) as phases["load"]:
-        model = load_model(cell["model"], dtype=dtype, device=device)
+        model = load_model(cell["model"], dtype=dtype, device=device, offload=cell.get("offload"),
+                           device_memory=cell.get("device_memory"))
         tokenizer = load_tokenizer(cell["model"])
     record = {"model": cell["model"], "method": cell["method"], "label": cell.get("label", cell["method"]),
               "seed": cell.get("seed", 0)}
@@ -240,7 +241,8 @@ def run_cell(cell: dict) -> dict:
         options = dict(cell.get("options") or {})
         common = {k: options.pop(k) for k in ("head_mode", "scope", "layers", "allow_empty", "round_to") if k in options}
         outcome = prune(model, tokenizer, cell["method"], cell["ratio"], seed=cell.get("seed", 0),
-                        options=options, calib=calib, device=device, quiet=quiet, **common)
+                        options=options, calib=calib, device=device, quiet=quiet, hidden_on=cell.get("hidden_on"),
+                        **common)
         record.update(outcome_record(outcome, cell["ratio"]))
         warnings = record.pop("warnings", []) + warnings
         record["phases"] = {**phases, **outcome.phases}
