@@ -68,7 +68,7 @@ def test_offloaded_pruning_equals_resident(saved, tmp_path, name, method, option
         torch.testing.assert_close(off(ids).logits, ref(ids).logits, rtol=0, atol=1e-5)
 
 
-def test_offloaded_flap_perplexity_save_and_reload(saved, tmp_path):
+def test_offloaded_flap_perplexity_lm_eval_save_and_reload(saved, tmp_path):
     from minillm.plan import carried_plan
     from minillm.saving import save_pruned
     from suite import evaluate
@@ -83,6 +83,8 @@ def test_offloaded_flap_perplexity_save_and_reload(saved, tmp_path):
     assert outcome.scoring.info["bias_entries_added"] > 0  # LLaMA: biases created on offloaded layers
     ppl = [evaluate.perplexity(m, tok, "wikitext2", max_tokens=512, quiet=True) for m in (ref, off)]
     assert ppl[1] == pytest.approx(ppl[0], rel=1e-6)
+    acc = [evaluate.zero_shot(m, tok, ["piqa"], limit=6, quiet=True)["piqa"] for m in (ref, off)]  # lm-eval's HFLM
+    assert acc[1] == acc[0]
     save_pruned(off, tok, carried_plan(off), tmp_path / "pruned")
     reloaded = load_model(str(tmp_path / "pruned"))
     ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(1))
