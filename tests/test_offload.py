@@ -173,3 +173,18 @@ def test_cli_bad_size_is_one_line_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: device memory '12 bananas': expected a size such as 24GB, 512MiB or a byte count"]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("source", ["directory", "built in code"])
+def test_offloaded_bfloat16_keeps_fp32_rotary_and_equal_logits(saved, tmp_path, source):
+    """Both loading routes (from_pretrained with a device map; dispatch_model of a model built in
+    code) keep LLaMA's rotary inv_freq in float32 (suite/precision.py) and give the resident logits."""
+    spec = str(saved("tiny-llama")) if source == "directory" else "tiny-llama"
+    ref = load_model(spec, dtype="bfloat16")
+    off = load_model(spec, dtype="bfloat16", offload="disk", device_memory=3_000_000, offload_folder=tmp_path / "o")
+    assert any(offloaded(layer) for layer in off.model.layers)
+    assert off.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert off.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    ids = torch.randint(3, 259, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(off(ids).logits, ref(ids).logits)
