@@ -25,6 +25,21 @@ from minillm.errors import UserError
 
 OFFLOAD_KINDS = ("cpu", "disk")
 
+# Methods whose scoring cannot run on offloaded weights yet: each runs whole-model passes that need
+# every layer's weights at once (LLM-Pruner's backprop; MINI-LLM's zo.LayerRunner copies every
+# weight's bytes). Removed from here when the method runs on the layer pass (issue 11).
+NOT_OFFLOADABLE = {
+    "llm-pruner": "its Taylor scores backpropagate through the whole model at once",
+    "minillm": "its forward passes perturb every layer's weights at once (zo.LayerRunner)",
+}
+
+
+def refuse_method(method_name: str) -> None:
+    """UserError for a method that cannot score offloaded weights yet (`NOT_OFFLOADABLE`)."""
+    if method_name in NOT_OFFLOADABLE:
+        raise UserError(f"{method_name} does not run with --offload yet: {NOT_OFFLOADABLE[method_name]}; "
+                        "load the model without --offload")
+
 
 def parse_size(value) -> int | None:
     """'2GB' | '512MiB' | '1.5GB' | 2000000 -> bytes (decimal units as accelerate's

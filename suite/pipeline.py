@@ -62,23 +62,14 @@ def is_sequential(method, options: dict) -> bool:
     return bool(check and check(options))
 
 
-# Methods whose scoring cannot run on accelerate-offloaded weights yet: each runs whole-model
-# passes that need every layer's weights at once (backprop; MINI-LLM's zo.LayerRunner copies every
-# weight's bytes). Removed from here when the method runs on the layer pass (issue 11).
-NOT_OFFLOADABLE = {
-    "llm-pruner": "its Taylor scores backpropagate through the whole model at once",
-    "minillm": "its forward passes perturb every layer's weights at once (zo.LayerRunner)",
-}
-
-
 def check_offloadable(model, method_name: str) -> None:
     """UserError when `model` has offloaded weights (`load_model(offload=...)`) and the method
     cannot score such a model yet (`NOT_OFFLOADABLE`)."""
     from minillm.layerwise import offloaded
+    from suite.offload import refuse_method
 
-    if method_name in NOT_OFFLOADABLE and offloaded(model):
-        raise UserError(f"{method_name} does not run with --offload yet: {NOT_OFFLOADABLE[method_name]}; "
-                        "load the model without --offload")
+    if offloaded(model):
+        refuse_method(method_name)
 
 
 def calibration_settings(method, calib: dict | None) -> dict | None:

@@ -157,7 +157,9 @@ def test_offload_config_keys(tmp_path):
     for bad, message in [({"device_memory": "1GB"}, "device_memory: needs offload"),
                          ({"offload": "cpu"}, "offload: cpu keeps weights"),
                          ({"offload": "disk", "device_memory": "-3"}, "device_memory"),
-                         ({"hidden_on": "gpu"}, "hidden_on")]:
+                         ({"hidden_on": "gpu"}, "hidden_on"),
+                         ({"offload": "disk", "methods": ["wanda-sp", "llm-pruner"]},
+                          r"methods\[1\]: llm-pruner does not run with offload")]:
         with pytest.raises(UserError, match=message):
             validate({**base, **bad})
 

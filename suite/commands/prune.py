@@ -94,7 +94,7 @@ def run(args) -> int:
     from suite.data import require_source
     from suite.methods import get_method
     from suite.models import load_model, load_tokenizer
-    from suite.offload import offload_kwargs
+    from suite.offload import offload_kwargs, refuse_method
     from suite.pipeline import outcome_record, prune
     from suite.records import provenance
 
@@ -105,6 +105,8 @@ def run(args) -> int:
     checked_options(method, options)  # unknown keys, types and values, before loading anything
     check_out(Path(args.out), args.force)
     offload = offload_kwargs(args)  # bad sizes or combinations: one line before loading
+    if args.offload is not None:
+        refuse_method(args.method)
     if method.CALIBRATION is not None or args.ppl:
         require_source()
     out = Path(args.out)
