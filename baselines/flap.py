@@ -51,7 +51,7 @@ from torch import nn
 from minillm.activations import input_stats
 from minillm.architectures import GroupSet, adapter_for
 from minillm.errors import UserError
-from minillm.layerwise import resident_layer, resident_sets
+from minillm.layerwise import materialised, resident_sets
 from minillm.scoring import Scoring
 
 NAME = "flap"
@@ -122,7 +122,7 @@ def _compensator(saved: list, info: dict):
                 if len(kept) == entry["in_features"]:
                     continue
                 linear: nn.Linear = entry["linear"]
-                with resident_layer(model, entry["layer"]):  # offloaded: the new bias is written back
+                with materialised(linear):  # offloaded: this projection only; the new bias is written back
                     current = linear.weight
                     if current.shape[1] != len(kept):
                         raise UserError(f"flap compensation: layer {entry['layer']} {entry['kind']} output "
