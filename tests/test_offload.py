@@ -87,9 +87,13 @@ def test_offloaded_flap_perplexity_lm_eval_save_and_reload(saved, tmp_path):
     assert acc[1] == acc[0]
     save_pruned(off, tok, carried_plan(off), tmp_path / "pruned")
     reloaded = load_model(str(tmp_path / "pruned"))
+    again = load_model(str(tmp_path / "pruned"), offload="disk", device_memory=2_000_000,
+                       offload_folder=tmp_path / "off2")  # a pruned directory, dispatched offloaded
+    assert any(offloaded(layer) for layer in again.model.layers)
     ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, ref(ids).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(again(ids).logits, ref(ids).logits, rtol=0, atol=1e-5)
     # the model's own files were never written: changes went to the offload folder
     assert source == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in path.glob("*.safetensors")}
 
