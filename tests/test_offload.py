@@ -194,3 +194,22 @@ def test_offloaded_bfloat16_keeps_fp32_rotary_and_equal_logits(saved, tmp_path, 
     ids = torch.randint(3, 259, (1, 40), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(off(ids).logits, ref(ids).logits)
+
+
+@pytest.mark.parametrize("method", ["wanda-sp", "flap"])  # sequential and one-shot statistics passes
+def test_hidden_on_reaches_every_layer_pass(monkeypatch, method):
+    from minillm import layerwise
+    from suite.pipeline import prune
+
+    seen = []
+    capture = layerwise.LayerPass._capture
+
+    def spy(self, windows, batch_size):
+        seen.append((layerwise._HIDDEN_ON.get(), self.hidden_device))
+        return capture(self, windows, batch_size)
+
+    monkeypatch.setattr(layerwise.LayerPass, "_capture", spy)
+    for hidden in (None, "cpu"):
+        prune(load_model("tiny-llama"), byte_tokenizer(), method, 0.3, calib=CALIB, hidden_on=hidden)
+    assert seen == [(None, torch.device("cpu")), ("cpu", torch.device("cpu"))]
+    assert layerwise._HIDDEN_ON.get() is None  # reset after the pass
