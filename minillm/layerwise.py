@@ -22,6 +22,10 @@ Memory: one layer's weights and activations plus the carried hidden states
 (nsamples × seqlen × hidden × bytes; `hidden_device="cpu"` keeps them in host memory and moves one
 micro-batch at a time to the device). A pass equals one whole-model forward of the same
 micro-batches (tests/test_layerwise.py: per-layer input statistics ≤ 1e-5 relative).
+
+Offloaded weights (`suite.models.load_model(offload="cpu"|"disk")`, accelerate's hooks): `resident`
+materialises the layer and writes any change back to accelerate's offload storage on exit
+(`materialised`); code outside a pass uses `resident_layer(model, i)` or `resident_sets(group_sets)`.
 """
 from __future__ import annotations
 
@@ -64,6 +68,9 @@ def device_of(module: nn.Module) -> torch.device:
     if hook is not None and getattr(hook, "execution_device", None) is not None:
         return torch.device(hook.execution_device)
     return torch.device("cpu")
+
+
+_device_of = device_of  # the engine core's earlier private name
 
 
 def _move(value, device):

@@ -317,7 +317,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
     to `device` without any dtype change.
 
     `offload` ("cpu" | "disk", default None: every weight on `device`) loads a model larger than the
-    device with accelerate's big-model machinery (`load_offloaded`): at most `device_memory` bytes
+    device with accelerate's big-model machinery (`suite/offload.py`): at most `device_memory` bytes
     (int, or a size such as "2GB"; default: what accelerate finds free) of whole decoder layers stay
     on `device`, the rest lives in host memory ("cpu", a CUDA device only) or in `offload_folder`
     ("disk"; on a CPU-only machine the cap then bounds the weights held in memory). Raises
