@@ -213,3 +213,24 @@ def test_hidden_on_reaches_every_layer_pass(monkeypatch, method):
         prune(load_model("tiny-llama"), byte_tokenizer(), method, 0.3, calib=CALIB, hidden_on=hidden)
     assert seen == [(None, torch.device("cpu")), ("cpu", torch.device("cpu"))]
     assert layerwise._HIDDEN_ON.get() is None  # reset after the pass
+
+
+@pytest.mark.parametrize("method", ["wanda-sp", "flap"])
+def test_in_memory_offload_storage(method):
+    """accelerate's `cpu_offload` (every weight in a dict held by the hooks, what `--offload cpu`
+    gives a CUDA device): changes are written into that dict; results equal the resident model's."""
+    from accelerate import cpu_offload
+
+    from suite.pipeline import prune
+
+    tok = byte_tokenizer()
+    ref, off = load_model("tiny-opt"), cpu_offload(load_model("tiny-opt"), execution_device="cpu")
+    assert all(offloaded(layer) for layer in off.model.decoder.layers)
+    a = prune(ref, tok, method, 0.3, calib=CALIB)
+    b = prune(off, tok, method, 0.3, calib=CALIB)
+    assert b.selection.plan.to_json() == a.selection.plan.to_json() and b.params_pruned == a.params_pruned
+    store = off.model.decoder.layers[1].fc2._hf_hook.weights_map
+    assert store["weight"].shape == ref.model.decoder.layers[1].fc2.weight.shape  # the sliced weight, stored
+    ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(off(ids).logits, ref(ids).logits, rtol=0, atol=1e-5)
