@@ -69,9 +69,18 @@ def check_offload(offload, device, device_memory, offload_folder) -> None:
     if offload not in OFFLOAD_KINDS:
         raise UserError(f"offload {offload!r}: choose cpu or disk")
     parse_size(device_memory)
+    if offload_folder is not None:
+        _check_folder(offload_folder)
     if offload == "cpu" and torch.device(device).type == "cpu":
         raise UserError("--offload cpu keeps weights in host memory, which is the device on a CPU: "
                         "use --offload disk (with --device-memory as the cap)")
+
+
+def _check_folder(offload_folder) -> None:
+    folder = Path(offload_folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UserError(f"offload folder {folder} is not an empty directory: accelerate would reuse "
+                        "the weights left there; give a new or empty one")
 
 
 def max_memory(device, offload, device_memory) -> dict:
@@ -93,12 +102,14 @@ def max_memory(device, offload, device_memory) -> dict:
 
 
 def offload_dir(offload_folder) -> str:
-    """The offload folder: the given one (created), or a temporary one removed at exit."""
+    """The offload folder: the given one (created; it must be empty: accelerate would reuse the
+    weights an earlier run left there), or a temporary one removed at exit."""
     import atexit
     import shutil
     import tempfile
 
     if offload_folder is not None:
+        _check_folder(offload_folder)
         Path(offload_folder).mkdir(parents=True, exist_ok=True)
         return str(offload_folder)
     path = tempfile.mkdtemp(prefix="minillm-offload-")

@@ -148,6 +148,14 @@ def test_bad_offload_settings_are_one_line_errors(kwargs, message):
         load_model("tiny-llama", **kwargs)
 
 
+def test_used_offload_folder_is_refused(tmp_path):
+    """A folder an earlier run wrote (accelerate would silently reuse its weights) is refused."""
+    load_model("tiny-llama", offload="disk", device_memory=3_000_000, offload_folder=tmp_path / "o")
+    assert any((tmp_path / "o").iterdir())
+    with pytest.raises(UserError, match="not an empty directory"):
+        load_model("tiny-llama", offload="disk", device_memory=3_000_000, offload_folder=tmp_path / "o")
+
+
 def test_offload_config_keys(tmp_path):
     from suite.config import expand_cells, grid_identity, validate
     from suite.records import cell_key
