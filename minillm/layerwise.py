@@ -350,3 +350,71 @@ def resident_sets(group_sets):
         with materialised(group_sets[i].module):
             yield from group_sets[i:j]
         i = j
+
+
+def layer_gradients(model, windows: torch.Tensor, on_layer, batch_size: int = 1, hidden_device=None,
+                    layers=None) -> float:
+    """Backpropagate the mean causal-LM loss over `windows` ONE decoder layer at a time (gradient
+    checkpointing at layer granularity, as the layer pass does the forward): the forward runs
+    layer by layer keeping every layer's input hidden states (on `hidden_device`); the loss of
+    every micro-batch is taken from the last layer's outputs through the decoder's tail and the
+    head (`architectures.decoder_and_head`); then for i = L-1 ... 0, with layer i resident
+    (offloaded weights materialised, `LayerPass.resident`), its forward is recomputed from its
+    saved inputs with autograd on, the upstream gradient is backpropagated through it, and
+    `on_layer(i, layer)` is called while the layer's parameters hold their .grad (dL/dW of the
+    whole loss, every parameter of the layer requiring grad); then the .grad are dropped and the
+    input gradient goes down one layer. `layers` (default all): the layers whose `on_layer` is
+    called; the sweep stops below the lowest one.
+
+    Equal to one whole-model `model(x, labels=x).loss.backward()` up to floating-point order
+    (tests/test_offload.py). Memory: one layer's weights, activations and gradients, the L + 1
+    hidden-state sets, one micro-batch's logits. Returns the loss (float). Dropout is not
+    re-seeded between the two forwards of a layer: call it in eval mode.
+    """
+    from torch.nn import functional as F
+
+    from minillm.architectures import decoder_and_head
+
+    _, head = decoder_and_head(model)
+    lp = LayerPass(model, windows, batch_size, hidden_device=hidden_device)
+    wanted = set(range(len(lp.layers)) if layers is None else layers)
+    if not wanted:
+        return float("nan")
+    inputs = []
+    for i in range(len(lp.layers)):  # forward: keep each layer's inputs
+        inputs.append(lp.hidden)
+        with lp.resident(i):
+            lp.advance(lp.forward(i))
+    count = windows.shape[0] * (windows.shape[1] - 1)  # HF's mean over every predicted token
+    upstream, total = [], 0.0
+    for h, ids in zip(lp.hidden, windows.split(max(1, int(batch_size)))):
+        h = h.to(lp.device).requires_grad_(True)
+        with torch.enable_grad():
+            logits = head(lp.finish(h)).float()
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                   ids[:, 1:].reshape(-1).to(logits.device), reduction="sum") / count
+            (grad,) = torch.autograd.grad(loss, h)
+        total += float(loss)
+        upstream.append(grad)
+    for i in range(max(wanted), min(wanted) - 1, -1):
+        with lp.resident(i) as layer:
+            flags = {p: p.requires_grad for p in layer.parameters()}
+            for p in flags:
+                p.requires_grad_(True)
+                p.grad = None
+            try:
+                below = []
+                for x, grad, kwargs in zip(inputs[i], upstream, lp.kwargs[i]):
+                    x = x.to(lp.device).requires_grad_(True)
+                    with torch.enable_grad():
+                        torch.autograd.backward(_hidden(layer(x, **kwargs)), grad.to(lp.device))
+                    below.append(x.grad)
+                if i in wanted:
+                    on_layer(i, layer)
+            finally:
+                for p, flag in flags.items():
+                    p.grad = None
+                    p.requires_grad_(flag)
+        upstream = below
+        inputs[i] = None  # no longer needed
+    return total

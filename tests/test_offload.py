@@ -242,3 +242,32 @@ def test_in_memory_offload_storage(method):
     ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(off(ids).logits, ref(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-bloom"])
+def test_layer_gradients_equal_whole_model_backprop(saved, tmp_path, name):
+    """`layerwise.layer_gradients` (one layer resident, offloaded or not) gives every decoder layer
+    parameter's dL/dW and the loss of one whole-model `model(x, labels=x).loss.backward()`."""
+    from minillm.layerwise import layer_gradients
+
+    ids = torch.randint(3, 259, (3, 20), generator=torch.Generator().manual_seed(4))
+    ref = load_model(str(saved(name)))
+    for p in ref.parameters():
+        p.requires_grad_(True)
+    loss = ref(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    layers = adapter_for(ref).layers(ref)
+    expected = {(i, n): p.grad.clone() for i, layer in enumerate(layers) for n, p in layer.named_parameters()}
+    off = _offloaded(saved(name), name, tmp_path)
+    for model in (load_model(str(saved(name))), off):
+        got = {}
+
+        def keep(i, layer):
+            got.update({(i, n): p.grad.clone() for n, p in layer.named_parameters()})
+
+        total = layer_gradients(model, ids, keep, batch_size=2)
+        assert total == pytest.approx(loss.item(), rel=1e-6)
+        assert got.keys() == expected.keys()
+        for key, grad in expected.items():
+            torch.testing.assert_close(got[key], grad, rtol=1e-4, atol=1e-7)
+        assert all(p.grad is None for p in model.parameters())
