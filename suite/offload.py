@@ -25,11 +25,10 @@ from minillm.errors import UserError
 
 OFFLOAD_KINDS = ("cpu", "disk")
 
-# Methods whose scoring cannot run on offloaded weights yet: each runs whole-model passes that need
-# every layer's weights at once (LLM-Pruner's backprop; MINI-LLM's zo.LayerRunner copies every
-# weight's bytes). Removed from here when the method runs on the layer pass (issue 11).
+# Methods whose scoring cannot run on offloaded weights yet: MINI-LLM's zo.LayerRunner copies every
+# weight's bytes and perturbs all layers at once. Removed from here when it runs on the layer pass
+# (issue 11). LLM-Pruner backpropagates layer by layer on offloaded weights (layerwise.layer_gradients).
 NOT_OFFLOADABLE = {
-    "llm-pruner": "its Taylor scores backpropagate through the whole model at once",
     "minillm": "its forward passes perturb every layer's weights at once (zo.LayerRunner)",
 }
 

@@ -50,7 +50,8 @@ def _offloaded(path, name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-bloom"])
-@pytest.mark.parametrize("method,options", [("wanda-sp", {}), ("flap", {}), ("magnitude", {})])
+@pytest.mark.parametrize("method,options", [("wanda-sp", {}), ("flap", {}), ("magnitude", {}),
+                                            ("llm-pruner", {"layers": "all"})])
 def test_offloaded_pruning_equals_resident(saved, tmp_path, name, method, options):
     from suite.pipeline import prune
 
@@ -59,8 +60,9 @@ def test_offloaded_pruning_equals_resident(saved, tmp_path, name, method, option
     assert _bytes(ref) > CAP[name]
     off = _offloaded(path, name, tmp_path)
     assert count_parameters(off) == count_parameters(ref)  # meta parameters counted by shape
-    a = prune(ref, tok, method, 0.3, options=dict(options), calib=CALIB)
-    b = prune(off, tok, method, 0.3, options=dict(options), calib=CALIB, hidden_on="cpu")
+    common = {k: options[k] for k in ("layers",) if k in options}
+    a = prune(ref, tok, method, 0.3, calib=CALIB, **common)
+    b = prune(off, tok, method, 0.3, calib=CALIB, hidden_on="cpu", **common)
     assert b.selection.plan.to_json() == a.selection.plan.to_json()
     assert (b.params_dense, b.params_pruned) == (a.params_dense, a.params_pruned)
     ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -129,12 +131,14 @@ def test_materialised_writes_back_only_changes(saved, tmp_path):
         torch.testing.assert_close(layer.mlp.up_proj.weight, dense.mlp.up_proj.weight, rtol=0, atol=0)
 
 
-def test_backprop_methods_refused_on_offloaded_weights(saved, tmp_path):
+def test_methods_not_offloadable_yet_are_refused(saved, tmp_path):
     from suite.pipeline import prune
 
     off = _offloaded(saved("tiny-llama"), "tiny-llama", tmp_path)
-    with pytest.raises(UserError, match="llm-pruner does not run with --offload"):
-        prune(off, byte_tokenizer(), "llm-pruner", 0.3, calib=CALIB)
+    with pytest.raises(UserError, match="minillm does not run with --offload"):
+        prune(off, byte_tokenizer(), "minillm", 0.3, calib=CALIB)
+    with pytest.raises(UserError, match="importance=element2 does not run with --offload"):
+        prune(off, byte_tokenizer(), "llm-pruner", 0.3, options={"importance": "element2"}, calib=CALIB)
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -170,8 +174,8 @@ def test_offload_config_keys(tmp_path):
                          ({"offload": "cpu"}, "offload: cpu keeps weights"),
                          ({"offload": "disk", "device_memory": "-3"}, "device_memory"),
                          ({"hidden_on": "gpu"}, "hidden_on"),
-                         ({"offload": "disk", "methods": ["wanda-sp", "llm-pruner"]},
-                          r"methods\[1\]: llm-pruner does not run with offload")]:
+                         ({"offload": "disk", "methods": ["wanda-sp", "minillm"]},
+                          r"methods\[1\]: minillm does not run with offload")]:
         with pytest.raises(UserError, match=message):
             validate({**base, **bad})
 
