@@ -27,10 +27,12 @@ with the defaults of `main.py`: metric WIFV, structure AL-AM):
    replacing x_R by its calibration mean x̄_R gives the bias B = W_{:,R} x̄_R, added to the
    projection's bias (created for LLaMA, which has none), so the pruned block outputs the same as
    the dense one whenever the removed features sit at their mean. It runs after slicing
-   (`Scoring.compensate`) from the calibration means kept from scoring and a reference to the
-   pre-slicing output-projection weight (slicing replaces the Parameter, it does not edit it; the
-   kept columns are checked against the sliced weight; shared with minillm's `compensate` option in
-   `minillm/compensation.py`). Option `compensate=false` gives uncompensated FLAP.
+   (`Scoring.compensate`) from the calibration means and W x̄ of the pre-slicing output projection,
+   both kept from scoring: B = W x̄ - W_{:,K} x̄_K with W_{:,K} the sliced weight (float64), so no
+   pre-slicing weight is held in memory between scoring and compensation (an offloaded model keeps
+   one layer resident; the kept width is checked against the sliced weight). Option `compensate=false` gives
+   uncompensated FLAP. Shared with minillm's `compensate` option
+   (`minillm/compensation.py`).
 
    The created bias is a real Parameter: it is counted in the pruned model's parameters (the
    pipeline reports the count after compensation), saved in the checkpoint, and recreated by
@@ -49,6 +51,7 @@ import torch
 from minillm.activations import input_stats
 from minillm.architectures import adapter_for, output_only
 from minillm.compensation import bias_compensator, saved_projection
+from minillm.layerwise import resident_sets
 from minillm.scoring import Scoring, standardise
 
 NAME = "flap"
@@ -67,7 +70,7 @@ def score(model, windows, group_sets, options, seed) -> Scoring:
     adapter = adapter_for(model)
     scores, saved = {}, []
     with torch.no_grad():
-        for gs in group_sets:
+        for gs in resident_sets(group_sets):  # offloaded layers: weights read on the device (layerwise.py)
             out = gs.output
             linear = gs.linear(out)
             st = stats[(gs.layer, out.name)]

@@ -50,6 +50,7 @@ from __future__ import annotations
 import torch
 
 from minillm.errors import UserError
+from minillm.layerwise import layer_gradients, offloaded
 from minillm.scoring import Scoring, group_tensor
 
 NAME = "llm-pruner"
@@ -193,6 +194,8 @@ def _aggregate(per_member: list, how: str) -> torch.Tensor:
 
 def score(model, windows, group_sets, options, seed) -> Scoring:
     check_options(options)
+    if offloaded(model):  # `--offload`: one layer resident, backprop layer by layer
+        return _score_layerwise(model, windows, group_sets, options)
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.grad = None
@@ -221,3 +224,35 @@ def score(model, windows, group_sets, options, seed) -> Scoring:
             p.requires_grad_(flag)
     return Scoring(scores, info={"importance": importance, "aggregation": options["aggregation"],
                                  "tokens": int(windows.numel()), "micro_batch": batch_size})
+
+
+def _score_layerwise(model, windows, group_sets, options) -> Scoring:
+    """`score` for a model with offloaded weights: the same gradients from
+    `layerwise.layer_gradients` (one decoder layer resident, its dL/dW scored as soon as it is
+    complete, then dropped). `importance=element2` would keep a Fisher buffer per weight of every
+    layer across the per-window passes: refused here."""
+    importance = options["importance"]
+    if importance == "element2":
+        raise UserError("llm-pruner importance=element2 does not run with --offload yet (its Fisher "
+                        "buffers span every layer); use element1 or vector, or no --offload")
+    by_layer = {}
+    for gs in group_sets:
+        by_layer.setdefault(gs.layer, []).append(gs)
+    scores = {}
+
+    def score_layer(i, layer):
+        with torch.no_grad():
+            for gs in by_layer[i]:
+                per_member = []
+                for member in gs.members:
+                    weight = gs.linear(member).weight
+                    if weight.grad is None:
+                        raise UserError(f"llm-pruner: no gradient reached layer {gs.layer} {member.name}")
+                    per_member.append(_member_importance(weight, weight.grad, None, gs, member, importance))
+                scores[(gs.layer, gs.kind)] = _aggregate(per_member, options["aggregation"]).cpu()
+
+    batch = int(options["batch_size"])
+    layer_gradients(model, windows, score_layer, batch_size=batch if batch > 0 else auto_batch_size(model, windows.shape[1]),
+                    layers=sorted(by_layer))
+    return Scoring(scores, info={"importance": importance, "aggregation": options["aggregation"],
+                                 "tokens": int(windows.numel()), "backprop": "layer by layer"})

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from minillm.errors import UserError
+from minillm.layerwise import resident_sets
 from minillm.scoring import Scoring
 
 NAME = "magnitude"
@@ -45,7 +46,7 @@ def score(model, windows, group_sets, options, seed) -> Scoring:
     p = _P[options["norm"]]
     scores = {}
     with torch.no_grad():
-        for gs in group_sets:
+        for gs in resident_sets(group_sets):  # offloaded layers: weights read on the device
             if options["weights"] == "output":
                 # [count, width, out_features]: one norm per column, summed over the group's columns
                 blocks = gs.weight_blocks(gs.output).double()
@@ -56,5 +57,6 @@ def score(model, windows, group_sets, options, seed) -> Scoring:
                     blocks = gs.weight_blocks(member).double()
                     total += blocks.abs().pow(p).sum(dim=(1, 2))
                 scores[(gs.layer, gs.kind)] = total.pow(1.0 / p)
-    return Scoring({k: v.cpu() for k, v in scores.items()},
+            scores[(gs.layer, gs.kind)] = scores[(gs.layer, gs.kind)].cpu()
+    return Scoring(scores,
                    info={"norm": options["norm"], "weights": options["weights"]})

@@ -33,6 +33,7 @@ import torch
 
 from minillm.activations import input_stats
 from minillm.architectures import output_only
+from minillm.layerwise import resident_sets
 from minillm.scoring import Scoring
 
 NAME = "wanda-sp"
@@ -68,4 +69,7 @@ def score(model, windows, group_sets, options, seed) -> Scoring:
     """One-shot (`sequential=false`): every layer scored on the dense model's statistics."""
     batch_size = max(1, int(options["batch_size"]))
     stats = input_stats(model, windows, output_only(group_sets), batch_size=batch_size)
-    return Scoring(score_layer(group_sets, stats, options), info={"tokens": int(windows.numel()), "sequential": False})
+    scores = {}
+    for gs in resident_sets(group_sets):  # offloaded layers: weights read on the device (layerwise.py)
+        scores.update(score_layer([gs], stats, options))
+    return Scoring(scores, info={"tokens": int(windows.numel()), "sequential": False})

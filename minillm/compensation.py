@@ -9,8 +9,9 @@ by its calibration mean x̄_R gives the bias
 added to the projection's bias (a new frozen Parameter where the Linear has none, e.g. LLaMA), so
 the pruned block outputs what the dense one did whenever the removed features sit at their mean.
 Source: FLAP (github CASIA-IVA-Lab/FLAP) `lib/prune.py::compress` with `bias=True` (the output
-bias from the removed columns' mean input, called by `prune_flap`). Deliberate difference: B is
-computed in float64 from the exact calibration mean (`InputStats.mean`). The
+bias from the removed columns' mean input, called by `prune_flap`). Deliberate differences: B is
+computed in float64 from the exact calibration mean (`InputStats.mean`), as W x̄ - W_{:,K} x̄_K
+(W x̄ kept from scoring, W_{:,K} the sliced weight: no pre-slicing weight is held). The
 created bias is a real Parameter: counted in the pruned model's parameters, saved, and recreated by
 `load_pruned`. Used by `flap` (its part 3) and by `minillm`'s `compensate=true` option.
 """
@@ -21,32 +22,43 @@ from torch import nn
 
 from minillm.architectures import GroupSet, adapter_for, group_columns
 from minillm.errors import UserError
+from minillm.layerwise import materialised
 
 
 def saved_projection(gs: GroupSet, mean: torch.Tensor, column_width: int) -> dict:
-    """What compensation needs of one group set, taken BEFORE slicing: the output projection and a
-    reference to its pre-slicing weight Parameter (slicing replaces it, it does not edit it; not a
-    copy), the calibration mean of its input (float64 [in_features]) and the columns per group."""
+    """What compensation needs of one group set, taken BEFORE slicing (while the projection's
+    weight is resident): the output projection, W x̄ of its pre-slicing weight (float64
+    [out_features]), the calibration mean of its input (float64 [in_features]), its input width and
+    the columns per group. No weight is kept: B = W_{:,R} x̄_R is computed after slicing as
+    W x̄ - W_{:,K} x̄_K from the sliced weight W_{:,K}, so an offloaded model holds no pre-slicing
+    layer between scoring and compensation."""
     linear = gs.linear(gs.output)
-    return {"layer": gs.layer, "kind": gs.kind, "linear": linear, "weight": linear.weight,
-            "mean": mean, "column_width": column_width}
+    mean = mean.to(linear.weight.device)
+    return {"layer": gs.layer, "kind": gs.kind, "linear": linear, "full_mean": linear.weight.double() @ mean,
+            "in_features": linear.weight.shape[1], "mean": mean, "column_width": column_width}
 
 
 def saved_projections(model, group_sets, stats) -> list[dict]:
     """`saved_projection` of every group set, the means from `stats` (activations.input_stats)."""
     adapter = adapter_for(model)
-    return [saved_projection(gs, stats[(gs.layer, gs.output.name)].mean,
-                             adapter.head_dim(gs.module) if gs.kind == "heads" else 1) for gs in group_sets]
+    out = []
+    for gs in group_sets:
+        with materialised(gs.linear(gs.output)):
+            out.append(saved_projection(gs, stats[(gs.layer, gs.output.name)].mean,
+                                        adapter.head_dim(gs.module) if gs.kind == "heads" else 1))
+    return out
 
 
 def bias_compensator(saved: list[dict], info: dict, method: str):
-    """compensate(model, plan) adding B = W_{:,R} x̄_R to each output projection of `saved`.
+    """compensate(model, plan) adding B = W_{:,R} x̄_R = W x̄ - W_{:,K} x̄_K to each output projection
+    of `saved`.
 
-    R: the columns of the groups `plan` removed (plan in the scored model's numbering). Each
-    projection must already be sliced to the plan's kept columns (checked against the kept
-    reference: else UserError naming `method`). Writes `info["compensated_modules"]` and
-    `info["bias_entries_added"]`; drops the references to the pre-slicing weights when done.
-    B is computed in float64 and cast to the projection's dtype.
+    R / K: the columns of the groups `plan` removed / kept (plan in the scored model's numbering).
+    Each projection must already be sliced to the plan's kept columns (its input width is checked:
+    else UserError naming `method`). Writes `info["compensated_modules"]` and
+    `info["bias_entries_added"]`. B is computed in float64 and cast to the projection's dtype; an
+    offloaded projection is materialised for the step and its new bias written back
+    (`layerwise.materialised`).
     """
     def compensate(model, plan) -> None:
         added, modules = 0, 0
@@ -54,29 +66,26 @@ def bias_compensator(saved: list[dict], info: dict, method: str):
             for entry in saved:
                 lp = plan.layers[entry["layer"]]
                 kept = group_columns(lp.heads if entry["kind"] == "heads" else lp.channels, entry["column_width"])
-                full = entry["weight"]
-                removed_mask = torch.ones(full.shape[1], dtype=torch.bool)
-                removed_mask[kept] = False
-                if not removed_mask.any():
+                if len(kept) == entry["in_features"]:
                     continue
                 linear: nn.Linear = entry["linear"]
-                current = linear.weight
-                if current is full or current.shape[1] != len(kept) or not torch.equal(
-                        full.detach()[:, kept.to(full.device)], current.detach()):
-                    raise UserError(f"{method} compensation: layer {entry['layer']} {entry['kind']} output "
-                                    "projection was not sliced to the plan's kept columns")
-                removed = removed_mask.nonzero().view(-1).to(full.device)
-                mean = entry["mean"].to(full.device)[removed]
-                delta = (full.detach()[:, removed].double() @ mean).to(current.dtype)   # B = W_{:,R} x̄_R
-                with torch.no_grad():
-                    if linear.bias is None:
-                        linear.bias = nn.Parameter(delta.clone(), requires_grad=False)
-                        added += delta.numel()
-                    else:
-                        linear.bias.add_(delta.to(linear.bias.device))
+                with materialised(linear):
+                    current = linear.weight
+                    if current.shape[1] != len(kept):
+                        raise UserError(f"{method} compensation: layer {entry['layer']} {entry['kind']} output "
+                                        "projection was not sliced to the plan's kept columns")
+                    mean = entry["mean"].to(current.device)
+                    kept_part = current.detach().double() @ mean[kept.to(current.device)]
+                    delta = (entry["full_mean"].to(current.device) - kept_part).to(current.dtype)
+                    with torch.no_grad():
+                        if linear.bias is None:
+                            linear.bias = nn.Parameter(delta.clone(), requires_grad=False)
+                            added += delta.numel()
+                        else:
+                            linear.bias.add_(delta.to(linear.bias.device))
                 modules += 1
         finally:
-            saved.clear()  # drop the references to the pre-slicing weights
+            saved.clear()
         info["compensated_modules"] = modules
         info["bias_entries_added"] = added
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from minillm.architectures import adapter_for, group_columns
 from minillm.errors import UserError
+from minillm.layerwise import materialised, rebind_hooked_forwards
 
 
 @dataclass
@@ -191,16 +192,20 @@ def apply_plan(model, plan: Plan):
         slice_channels = list(lp.channels) != list(range(adapter.num_channels(layer)))
         # indices first (a fused Linear's sections are located by the unsliced sizes), then slicing;
         # zero channels is exact as it is: 0-width Linears output zeros (plus the bias)
+        if not (slice_heads or slice_channels):
+            continue
         index = adapter.keep_index(layer, lp.heads if slice_heads else None, kv,
                                    lp.channels if slice_channels else None)
-        for (name, dim), keep in index.items():
-            slice_linear(layer.get_submodule(name), dim, keep)
-        if slice_heads:
-            adapter.set_heads(layer, list(lp.heads), list(kv))
-            if not lp.heads:
-                adapter.drop_attention(layer)
-        if slice_channels:
-            adapter.set_channels(layer, list(lp.channels))
+        with materialised(layer):  # offloaded weights: sliced on the device, written back (layerwise.py)
+            for (name, dim), keep in index.items():
+                slice_linear(layer.get_submodule(name), dim, keep)
+            if slice_heads:
+                adapter.set_heads(layer, list(lp.heads), list(kv))
+                if not lp.heads:
+                    adapter.drop_attention(layer)
+            if slice_channels:
+                adapter.set_channels(layer, list(lp.channels))
+        rebind_hooked_forwards(layer)  # a class swapped by set_heads/drop_attention, under accelerate's hooks
     setattr(model, PLAN_ATTRIBUTE, carried)
     return model
 

@@ -33,6 +33,7 @@ import torch
 from minillm import modeling_pruned
 from minillm.architectures import adapter_for
 from minillm.errors import UserError
+from minillm.layerwise import offloaded
 from minillm.plan import PLAN_ATTRIBUTE, Plan
 
 PLAN_FILE = "plan.json"
@@ -82,13 +83,18 @@ def standard_format(config) -> bool:
     return not (get("model_type") == "bloom" and (get("pretraining_tp") or 1) > 1 and get("slow_but_exact"))
 
 
+OFFLOADED_SHARD_SIZE = "500MB"
+
+
 def save_pruned(model, tokenizer, plan: Plan, out_dir, extra: dict | None = None) -> Path:
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # offloaded weights are read back shard by shard: small shards bound the memory this takes
+        shards = {"max_shard_size": OFFLOADED_SHARD_SIZE} if offloaded(model) else {}
+        model.save_pretrained(tmp, safe_serialization=True, **shards)
         if standard_format(model.config):  # else: the dense config + plan.json
             config_path = tmp / "config.json"
             config = standard_config(json.loads(config_path.read_text()), pruned_layers(model))

@@ -16,6 +16,11 @@ A method is one module (in `baselines/` or `minillm/`) registered in `suite/meth
 [nsamples, seqlen] calibration batch (None for data-free methods). Selection, slicing, budget and
 saving are shared (select.py, plan.py, saving.py). A method may return `compensate`, run after
 slicing with the plan (FLAP's bias compensation is the only one).
+
+Offloaded weights (`--offload`): a layer's weights are meta tensors except while it is resident.
+A method that reads or changes weights outside the layer pass iterates
+`layerwise.resident_sets(group_sets)` instead of `group_sets` (or uses
+`with layerwise.resident_layer(model, i):`); changes made there are written back.
 """
 from __future__ import annotations
 

@@ -33,6 +33,7 @@ import torch
 
 from minillm.architectures import adapter_for, all_group_sets
 from minillm.errors import UserError
+from minillm.layerwise import parameter_count
 from minillm.plan import Plan, plan_from_keep
 
 Scores = dict  # (layer, "heads"|"channels") -> 1-D tensor, one score per group (higher = keep)
@@ -109,7 +110,7 @@ def _budget(model, ratio, scope, layers, head_mode, allow_empty, round_to, score
     layers = prunable_layers(n_layers) if layers is None else sorted(layers)
     if not layers or not all(0 <= i < n_layers for i in layers):
         raise UserError(f"prunable layers must be a non-empty subset of 0..{n_layers - 1}, got {layers}")
-    total = sum(p.numel() for p in model.parameters())
+    total = parameter_count(model)  # tied weights once, offloaded ones by shape
     target = round(ratio * total)
     sets = all_group_sets(model, head_mode, layers=set(layers))
     if scores is not None:

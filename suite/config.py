@@ -108,6 +108,35 @@ def list_of(check, nonempty=True):
     return check_list
 
 
+def size(value, where):
+    """A memory size: bytes (integer) or a string such as 24GB, 512MiB (suite.offload.parse_size)."""
+    from suite.offload import parse_size
+
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise _Invalid(where, f"expected a size such as 24GB, got {value!r}")
+    try:
+        parse_size(value)
+    except UserError as exc:
+        raise _Invalid(where, str(exc)) from None
+    return value
+
+
+def _check_offload(config: dict) -> None:
+    if config["offload"] is None and config["device_memory"] is not None:
+        raise _Invalid("device_memory", "needs offload: cpu or disk")
+    if config["offload"] == "cpu" and config["device"].split(":")[0] == "cpu":
+        raise _Invalid("offload", "cpu keeps weights in host memory, which is the device on a CPU: use disk")
+    if config["offload"] is not None:
+        from suite.offload import NOT_OFFLOADABLE
+
+        for i, entry in enumerate(config["methods"]):
+            if entry["name"] in NOT_OFFLOADABLE:
+                raise _Invalid(f"methods[{i}]", f"{entry['name']} does not run with offload yet: "
+                               f"{NOT_OFFLOADABLE[entry['name']]}")
+    if config["offload"] is not None and (config["recovery"] or any(m.get("recovery") for m in config["methods"])):
+        raise _Invalid("offload", "LoRA recovery does not run on offloaded weights; drop offload or recovery")
+
+
 def file_name(value, where):
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", _expect(str, value, where)):
         raise _Invalid(where, f"expected a name made of letters, digits, '.', '_', '-', got {value!r}")
@@ -196,6 +225,11 @@ SCHEMA = {
     },
     "device": (string, "cpu"),
     "dtype": (one_of(*DTYPES), "float32"),
+    # models larger than the device (suite/offload.py); they never change a result, so they are in
+    # neither the cell key nor the grid's hash (RUNTIME_KEYS): a grid may resume with other values
+    "offload": (optional(one_of("cpu", "disk")), None),
+    "device_memory": (optional(lambda v, w: size(v, w)), None),
+    "hidden_on": (one_of("device", "cpu"), "device"),
     "dense": (boolean, True),
     # LoRA recovery after pruning (LLM-Pruner's post-training; suite/recovery.py): null = none
     "recovery": (optional(recovery_block), None),
@@ -353,6 +387,7 @@ def validate(data, source: str = "config") -> dict:
             del config["calibration"]["apply_to"]
         _check_unique(config)
         _check_calibration(config)
+        _check_offload(config)
         return config
     except _Invalid as exc:
         raise UserError(f"{source}: {exc}") from None
@@ -379,12 +414,15 @@ def grid_identity(config: dict) -> dict:
     """
     from suite.records import sha256_hex
 
-    hashed = config
+    hashed = {k: v for k, v in config.items() if k not in RUNTIME_KEYS}
     if config.get("calibration", {}).get("apply_to") == "all":
         # `apply_to: all` states what a grid calibration meant before issue 11 (one setting for
         # every method): the same grid, so the same hash, and older results files stay its own
-        hashed = {**config, "calibration": {k: v for k, v in config["calibration"].items() if k != "apply_to"}}
+        hashed["calibration"] = {k: v for k, v in config["calibration"].items() if k != "apply_to"}
     return {"name": config["name"], "config_hash": sha256_hex(hashed)[:16]}
+
+
+RUNTIME_KEYS = ("offload", "device_memory", "hidden_on")  # where weights and hidden states live: no result changes
 
 
 def expand_cells(config: dict) -> list[dict]:
@@ -392,6 +430,7 @@ def expand_cells(config: dict) -> list[dict]:
     carries `grid` (`grid_identity`), which `suite run` checks an existing results file against."""
     shared = {key: config[key] for key in ("evaluation", "device", "dtype")}
     grid_calib = {k: config["calibration"][k] for k in CALIBRATION_KEYS}
+    shared.update({key: config[key] for key in RUNTIME_KEYS if config.get(key) not in (None, "device")})
     shared["grid"] = grid_identity(config)
     cells = []
     for model in config["models"]:

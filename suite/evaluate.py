@@ -30,7 +30,11 @@ SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split
 
 
 def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    """Where the inputs go: the input embedding's device (its execution device when accelerate
+    offloaded it, `suite.models.load_model(offload=...)`)."""
+    from minillm.layerwise import device_of
+
+    return device_of(model.get_input_embeddings())
 
 
 # --------------------------------------------------------------------------- window length

@@ -307,20 +307,33 @@ def _check_supported(model):
     return model
 
 
-def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, device: str = "cpu"):
+def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, device: str = "cpu",
+               offload: str | None = None, device_memory=None, offload_folder=None):
     """Return the model named by `name_or_path` in eval mode (see module docstring for the forms).
 
     `dtype` (float32 | bfloat16 | float16) is the weights' dtype, applied while loading
     (`from_pretrained(dtype=...)`, or `suite.precision.cast_weights` for models built in code);
     precision-sensitive buffers (LLaMA's rotary `inv_freq`) stay float32. The model is then moved
-    to `device` without any dtype change. Raises UserError for an unknown model or dtype.
+    to `device` without any dtype change.
+
+    `offload` ("cpu" | "disk", default None: every weight on `device`) loads a model larger than the
+    device with accelerate's big-model machinery (`suite/offload.py`): at most `device_memory` bytes
+    (int, or a size such as "2GB"; default: what accelerate finds free) of whole decoder layers stay
+    on `device`, the rest lives in host memory ("cpu", a CUDA device only) or in `offload_folder`
+    ("disk"; on a CPU-only machine the cap then bounds the weights held in memory). Raises
+    UserError for an unknown model, dtype, offload kind or size.
     """
     from transformers import AutoModelForCausalLM
 
+    from suite.offload import check_offload, dispatch_offloaded, load_offloaded
     from suite.precision import cast_weights, parse_dtype
 
     dtype = parse_dtype(dtype)
+    check_offload(offload, device, device_memory, offload_folder)
     kind, where = resolve(name_or_path)
+    if offload is not None and kind in ("dir", "hub"):
+        _check_supported(_load_config(name_or_path, where))
+        return _check_supported(load_offloaded(str(where), dtype, device, offload, device_memory, offload_folder))
     if kind == "tiny":
         model = cast_weights(_tiny_model(where), dtype)  # built in fp32 (the same weights at any dtype)
     elif kind == "pruned":
@@ -337,6 +350,8 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
             model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype)
         except OSError as exc:
             raise UserError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
+    if offload is not None:  # built in code (tiny, pruned, gguf): dispatched as it is
+        return _check_supported(dispatch_offloaded(model.eval(), device, offload, device_memory, offload_folder))
     # device only: `.to(dtype=...)` would cast the rotary inv_freq buffer too (suite/precision.py)
     model = model.to(device=device).eval()
     return _check_supported(model)
@@ -412,8 +427,11 @@ def describe(model) -> dict:
 
 
 def count_parameters(model) -> int:
-    """Total parameter count, embeddings included, tied weights once (as LLM-Pruner reports)."""
-    return sum(p.numel() for p in model.parameters())
+    """Total parameter count, embeddings included, tied weights once (as LLM-Pruner reports);
+    offloaded weights by shape (`minillm.layerwise.parameter_count`)."""
+    from minillm.layerwise import parameter_count
+
+    return parameter_count(model)
 
 
 def config_json(model) -> dict:

@@ -11,6 +11,7 @@ import torch
 
 from minillm.architectures import adapter_for, all_group_sets
 from minillm.errors import UserError
+from minillm.layerwise import hidden_on as hidden_states_on
 from minillm.plan import apply_plan, plan_summary
 from minillm.scoring import Scoring, merge_options
 from minillm.select import Selection, prunable_layers, select
@@ -86,6 +87,16 @@ def calibration_origin(method, calib: dict | None) -> dict | None:
     return out
 
 
+def check_offloadable(model, method_name: str) -> None:
+    """UserError when `model` has offloaded weights (`load_model(offload=...)`) and the method
+    cannot score such a model yet (`NOT_OFFLOADABLE`)."""
+    from minillm.layerwise import offloaded
+    from suite.offload import refuse_method
+
+    if offloaded(model):
+        refuse_method(method_name)
+
+
 def calibration_settings(method, calib: dict | None) -> dict | None:
     """The method's paper defaults, overridden by the user's (corpus, nsamples, seqlen).
 
@@ -101,11 +112,15 @@ def calibration_settings(method, calib: dict | None) -> dict | None:
 def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, options: dict | None = None,
           calib: dict | None = None, head_mode: str = "q-head", scope: str | None = None, layers=None,
           allow_empty: bool = False, device: str = "cpu",
-          round_to: int | None = None) -> PruneOutcome:
-    """Score, select and slice `model` in place; returns the selection and measured phases."""
+          round_to: int | None = None, hidden_on: str | None = None) -> PruneOutcome:
+    """Score, select and slice `model` in place; returns the selection and measured phases.
+
+    `hidden_on` ("cpu" | "device" | None = the device): where the layer-by-layer passes keep the
+    calibration hidden states between layers (`layerwise.hidden_on`)."""
     if not 0.0 < float(ratio) < 1.0:
         raise UserError(f"ratio must be in (0, 1), got {ratio}")
     method = get_method(method_name)
+    check_offloadable(model, method_name)
     options = merge_options(method_name, method.OPTIONS, options)
     n_layers = len(adapter_for(model).layers(model))
     layers = parse_layers(layers if layers is not None else method.SELECTION.get("layers", "all"), n_layers)
@@ -126,6 +141,7 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
                                           settings["seqlen"], seed=seed)
     dense = count_parameters(model)
     torch.manual_seed(seed)
+    hidden = None if hidden_on in (None, "device") else hidden_on
     group_sets = all_group_sets(model, head_mode)
     if is_sequential(method, options):  # score, select and slice one layer at a time (minillm/sequential.py)
         if scope != "layer":
@@ -133,12 +149,12 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
                             f"scope {scope!r} needs --opt sequential=false")
         from minillm.sequential import prune_sequentially
 
-        with measure(device) as phases["score"]:
+        with measure(device) as phases["score"], hidden_states_on(hidden):
             selection, scoring = prune_sequentially(model, windows, method, options, ratio, layers,
                                                     head_mode=head_mode, allow_empty=allow_empty, round_to=round_to,
                                                     batch_size=int(options.get("batch_size", 1)))
     else:
-        with measure(device) as phases["score"]:
+        with measure(device) as phases["score"], hidden_states_on(hidden):
             scoring = method.score(model, windows, group_sets, options, seed)
     with measure(device) as phases["prune"]:
         if not scoring.info.get("sequential"):
@@ -226,7 +242,8 @@ def run_cell(cell: dict) -> dict:
     quiet = cell.get("quiet", True)
     phases = {}
     with measure(device) as phases["load"]:
-        model = load_model(cell["model"], dtype=dtype, device=device)
+        model = load_model(cell["model"], dtype=dtype, device=device, offload=cell.get("offload"),
+                           device_memory=cell.get("device_memory"))
         tokenizer = load_tokenizer(cell["model"])
     record = {"model": cell["model"], "method": cell["method"], "label": cell.get("label", cell["method"]),
               "seed": cell.get("seed", 0)}
@@ -250,7 +267,7 @@ def run_cell(cell: dict) -> dict:
         options = dict(cell.get("options") or {})
         common = {k: options.pop(k) for k in ("head_mode", "scope", "layers", "allow_empty", "round_to") if k in options}
         outcome = prune(model, tokenizer, cell["method"], cell["ratio"], seed=cell.get("seed", 0),
-                        options=options, calib=calib, device=device, **common)
+                        options=options, calib=calib, device=device, hidden_on=cell.get("hidden_on"), **common)
         record.update(outcome_record(outcome, cell["ratio"]))
         warnings = record.pop("warnings", []) + warnings
         record["phases"] = {**phases, **outcome.phases}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from minillm.errors import UserError
+from suite.offload import add_offload_arguments
 from suite.precision import add_dtype_argument
 
 NAME = "eval"
@@ -51,6 +52,7 @@ def add_arguments(parser) -> None:
                              "(perplexity then uses 4)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     add_dtype_argument(parser)
+    add_offload_arguments(parser)
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the metrics as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -63,6 +65,7 @@ def run(args) -> int:
     from suite import data, evaluate
     from suite.models import load_model, load_tokenizer
     from suite.records import write_json_atomic
+    from suite.offload import offload_kwargs
 
     ppl_batch = 4 if args.batch_size == "auto" else args.batch_size
     if args.seqlen < 2 or ppl_batch < 1:
@@ -73,8 +76,9 @@ def run(args) -> int:
     if not args.ppl and not tasks:
         raise UserError("nothing to evaluate: give --ppl and/or --tasks")
     data.require_source()  # no mirror and no hub: one line now, not after loading the model
+    offload = offload_kwargs(args)
 
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, **offload)
     warnings = [w for w in [evaluate.check_window(model, args.seqlen)] if w] if args.ppl else []
     tokenizer = load_tokenizer(args.model)
     result = {"model": args.model, "seqlen": args.seqlen, "max_tokens": args.max_tokens, "limit": args.limit,

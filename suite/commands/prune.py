@@ -7,6 +7,7 @@ plan.json), an empty directory or a regular file is replaced, never another dire
 """
 from __future__ import annotations
 
+from suite.offload import add_offload_arguments
 from suite.precision import add_dtype_argument
 
 NAME = "prune"
@@ -53,6 +54,7 @@ def add_arguments(parser):
     parser.add_argument("--max-tokens", type=int, default=16384, help="token cap for --ppl")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
     add_dtype_argument(parser)
+    add_offload_arguments(parser, hidden=True)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -92,6 +94,7 @@ def run(args) -> int:
     from suite.data import require_source
     from suite.methods import get_method
     from suite.models import load_model, load_tokenizer
+    from suite.offload import offload_kwargs, refuse_method
     from suite.pipeline import outcome_record, prune
     from suite.records import provenance
 
@@ -101,10 +104,13 @@ def run(args) -> int:
     options = parse_options(args.opt)
     checked_options(method, options, args.scope)  # unknown keys, types, values, scope: before loading anything
     check_out(Path(args.out), args.force)
+    offload = offload_kwargs(args)  # bad sizes or combinations: one line before loading
+    if args.offload is not None:
+        refuse_method(args.method)
     if method.CALIBRATION is not None or args.ppl:
         require_source()
     out = Path(args.out)
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, **offload)
     if getattr(model.config, "pruned_layers", None) is not None and carried_plan(model) is None:
         raise UserError(f"{args.model} is a pruned model without plan.json: its heads' and channels' original "
                         "numbering is unknown, so a second pruning could not be saved correctly")
@@ -118,7 +124,8 @@ def run(args) -> int:
     calib["origin"] = {k: "command line" for k, v in calib.items() if v is not None}  # the record's calibration_origin
     outcome = prune(model, tokenizer, args.method, args.ratio, seed=args.seed, options=options, calib=calib,
                     head_mode=args.head_mode, scope=args.scope, layers=args.layers,
-                    allow_empty=args.allow_empty, device=args.device, round_to=args.round_to)
+                    allow_empty=args.allow_empty, device=args.device, round_to=args.round_to,
+                    hidden_on=args.hidden_on)
     if args.ppl:
         ppl["after"] = perplexity(model, tokenizer, args.ppl, max_tokens=args.max_tokens, quiet=args.quiet)
     record = {"model": args.model, "method": args.method, "seed": args.seed, **outcome_record(outcome, args.ratio)}
