@@ -20,7 +20,7 @@ MiB, GiB = 2 ** 20, 2 ** 30
 
 def cells_of(models, methods, device="cuda", dtype="float16", nsamples=8, seqlen=32, **extra):
     config = {"name": "mem", "models": models, "methods": methods, "ratios": [0.25], "device": device,
-              "dtype": dtype, "calibration": {"nsamples": nsamples, "seqlen": seqlen},
+              "dtype": dtype, "calibration": {"apply_to": "all", "nsamples": nsamples, "seqlen": seqlen},
               "evaluation": {"perplexity": ["wikitext2"], "seqlen": 64, "tasks": [], "throughput": True}, **extra}
     return expand_cells(validate(config))
 
@@ -133,7 +133,7 @@ def test_parse_size():
 def write_config(tmp_path, models, **extra) -> str:
     path = tmp_path / "grid.yaml"
     config = {"name": "mem", "models": models, "methods": ["wanda-sp", "llm-pruner"], "ratios": [0.2],
-              "calibration": {"nsamples": 4, "seqlen": 32}, "device": "cpu",
+              "calibration": {"apply_to": "all", "nsamples": 4, "seqlen": 32}, "device": "cpu",
               "evaluation": {"perplexity": ["wikitext2"], "tasks": [], "throughput": False}, **extra}
     path.write_text(yaml.safe_dump(config))
     return str(path)
