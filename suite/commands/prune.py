@@ -92,6 +92,7 @@ def run(args) -> int:
     from suite.data import require_source
     from suite.methods import get_method
     from suite.models import load_model, load_tokenizer
+    from suite.config import default_label
     from suite.pipeline import outcome_record, prune
     from suite.records import provenance
 
@@ -120,7 +121,8 @@ def run(args) -> int:
                     allow_empty=args.allow_empty, device=args.device, quiet=args.quiet, round_to=args.round_to)
     if args.ppl:
         ppl["after"] = perplexity(model, tokenizer, args.ppl, max_tokens=args.max_tokens, quiet=args.quiet)
-    record = {"model": args.model, "method": args.method, "seed": args.seed, **outcome_record(outcome, args.ratio)}
+    record = {"model": args.model, "method": args.method, "label": default_label(args.method, outcome.options),
+              "seed": args.seed, **outcome_record(outcome, args.ratio)}
     if ppl:
         record["perplexity"] = {args.ppl: ppl}
     record["provenance"] = provenance(config=vars(args) | {"_run": None}, seed=args.seed)
