@@ -84,7 +84,7 @@ def flap_wanda_sp(model, windows: torch.Tensor, counts: dict) -> dict:
                 h.remove()
             heads = (o_proj.weight.double().abs() * sq["o"].sqrt()).mean(0).view(nheads, head_dim).sum(1)
             chans = (down.weight.double().abs() * sq["down"].sqrt()).mean(0)
-            removed_heads = _lowest(heads, counts[(i, "heads")], groups=nkv)
+            removed_heads = _lowest(heads, counts[(i, "heads")], groups=nkv if nkv < nheads else 1)
             removed_chans = _lowest(chans, counts[(i, "channels")])
             for h in removed_heads:
                 o_proj.weight[:, h * head_dim:(h + 1) * head_dim] = 0
@@ -95,20 +95,34 @@ def flap_wanda_sp(model, windows: torch.Tensor, counts: dict) -> dict:
     return kept
 
 
-@pytest.mark.slow
-def test_wanda_sp_keeps_what_flaps_sequential_loop_keeps(smollm2):
-    """SmolLM2-135M, 128 x 128 C4 windows (the suite's sampler, seed 0), ratios 0.2 and 0.5: every
-    layer's kept heads and channels are identical; the one-shot variant's are not (the test can fail)."""
-    model, tokenizer = smollm2
-    windows = calibration_windows(tokenizer, "c4", 128, 128, seed=0)
-    for ratio in RATIOS:
+def assert_same_as_flap(model, tokenizer, nsamples: int, seqlen: int, ratios) -> None:
+    """Every layer's kept heads and channels of `wanda-sp` (default: sequential) equal the reference
+    loop's; the one-shot variant's differ somewhere (so the comparison can fail)."""
+    windows = calibration_windows(tokenizer, "c4", nsamples, seqlen, seed=0)
+    calib = {"nsamples": nsamples, "seqlen": seqlen}
+    for ratio in ratios:
         budget = layer_budget(model, ratio, head_mode="q-head")
         assert sum(budget.counts.values()) > 0
         reference = flap_wanda_sp(copy.deepcopy(model), windows, budget.counts)
-        suite = prune(copy.deepcopy(model), tokenizer, "wanda-sp", ratio, seed=0).selection.plan
+        suite = prune(copy.deepcopy(model), tokenizer, "wanda-sp", ratio, seed=0, calib=calib).selection.plan
         ours = {i: (sorted(lp.heads), sorted(lp.channels)) for i, lp in enumerate(suite.layers)}
         assert ours == reference, ratio
-        one_shot = prune(copy.deepcopy(model), tokenizer, "wanda-sp", ratio, seed=0,
+        one_shot = prune(copy.deepcopy(model), tokenizer, "wanda-sp", ratio, seed=0, calib=calib,
                          options={"sequential": False}).selection.plan
         differ = sum(sorted(lp.channels) != reference[i][1] for i, lp in enumerate(one_shot.layers))
         assert differ > 0, ratio
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-llama-gqa"])
+def test_wanda_sp_keeps_what_flaps_loop_keeps_on_tiny_llama(name):
+    """The same check on the seeded tiny LLaMAs (MHA, GQA q-head), 8 windows of 32 tokens."""
+    from suite.models import load_model, load_tokenizer
+
+    assert_same_as_flap(load_model(name), load_tokenizer(name), 8, 32, (0.3,))
+
+
+@pytest.mark.slow
+def test_wanda_sp_keeps_what_flaps_sequential_loop_keeps(smollm2):
+    """SmolLM2-135M, 128 x 128 C4 windows (the suite's sampler, seed 0), ratios 0.2 and 0.5."""
+    model, tokenizer = smollm2
+    assert_same_as_flap(model, tokenizer, 128, 128, RATIOS)
