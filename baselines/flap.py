@@ -20,8 +20,10 @@ with the defaults of `main.py`: metric WIFV, structure AL-AM):
    because its running mean is overwritten before it is used, weights window j's squared deviations
    (from the running mean m_j of windows 1..j) by (j-1)/(j(K-1)) (`activations.StreamingVariance`
    derives it). It is NOT a per-module constant factor away from the token variance, and rankings
-   see it: on SmolLM2-135M (C4, seed 0, ratio 0.2) about 0.6 % of the removed groups swap at 128
-   windows, and far more at 8 (results/notes/layerwise.md has the counts and the command).
+   see it: on SmolLM2-135M (C4, seed 0, FLAP's global selection) 89 of 14,289 removed channels
+   swap at 128 windows and ratio 0.2 (92 of 33,035 at 0.5), in 20 (27) of 30 layers; at 8 windows
+   889 (993) swap and the kept channel sets differ in 22 (29) layers; heads swap only at 8 windows
+   and 0.5 (1 of 150). Command and table: results/notes/layerwise.md.
 
 2. Standardisation and adaptive global structure (Eq. 5; structure "AL-AM"): each module's column
    scores are standardised, Ŝ = (S - mean(S)) / std(S) (mean and unbiased std over that module's

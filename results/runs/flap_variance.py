@@ -1,6 +1,6 @@
 """How many of FLAP's removed groups change between variance=exact and variance=reference.
 
-    PYTHONPATH=. python results/runs/flap_variance.py > results/runs/flap_variance.json
+    PYTHONPATH=. python results/runs/flap_variance.py > results/runs/flap_variance.jsonl
 
 SmolLM2-135M, C4 calibration from the suite's sampler (seed 0), 128 and 8 windows of 128 tokens,
 FLAP's own selection (global, AL-AM), ratios 0.2 and 0.5. Per setting: removed heads / channels
