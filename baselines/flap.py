@@ -12,9 +12,18 @@ with the defaults of `main.py`: metric WIFV, structure AL-AM):
    i.e. the sample variance of the feature (how far the output moves from what a constant could
    replace) times the squared column norm. FLAP's code squares the attention columns' metric once
    more before standardising (`metrics[...] ** 2` for self_attn.o_proj only); option `head_power`
-   (default 2, as the code) keeps that. FLAP's streaming estimate (`BiasGPT.add_batch`) is the same
-   token variance up to per-module constant factors and a first-window quirk that standardisation
-   and ranking do not see; here it is the exact unbiased variance (`InputStats.var`).
+   (default 2, as the code) keeps that.
+
+   Option `variance`: `exact` (default, the paper's definition) is the unbiased token variance above
+   (`InputStats.var`). `reference` reproduces FLAP's streaming estimate (`lib/layerwrapper.py::
+   BiasGPT.add_batch`, one window per call): it discards the first window's contribution and,
+   because its running mean is overwritten before it is used, weights window j's squared deviations
+   (from the running mean m_j of windows 1..j) by (j-1)/(j(K-1)) (`activations.StreamingVariance`
+   derives it). It is NOT a per-module constant factor away from the token variance, and rankings
+   see it: on SmolLM2-135M (C4, seed 0, FLAP's global selection) 89 of 14,289 removed channels
+   swap at 128 windows and ratio 0.2 (92 of 33,035 at 0.5), in 20 (27) of 30 layers; at 8 windows
+   889 (993) swap and the kept channel sets differ in 22 (29) layers; heads swap only at 8 windows
+   and 0.5 (1 of 150). Command and table: results/notes/layerwise.md.
 
 2. Standardisation and adaptive global structure (Eq. 5; structure "AL-AM"): each module's column
    scores are standardised, Ŝ = (S - mean(S)) / std(S) (mean and unbiased std over that module's
@@ -42,7 +51,11 @@ Calibration: FLAP's scripts use 1024 WikiText-2 windows of 128 tokens (`--nsampl
 model.seqlen 128). C4 replaces WikiText-2 here (calibrating on WikiText-2 and reporting WikiText-2
 perplexity leaks, FLAP issue #13) and the default is 128 windows of 128 tokens (the FLAP repo's
 wanda_sp setting) to keep the forward pass short on a 2-core CPU; `--nsamples 1024` restores FLAP's.
-Option `batch_size` (default 1, as FLAP feeds one sample at a time): windows per statistics pass.
+Option `batch_size` (default 1, as FLAP feeds one sample at a time): windows per statistics pass
+(with `variance=reference` a micro-batch is split into its windows in order: the same value).
+
+Runs one-shot on the dense model's statistics (as `prune_flap`: the global ranking needs every
+layer's scores first), gathered layer by layer (`activations.input_stats` on `layerwise.LayerPass`).
 """
 from __future__ import annotations
 
@@ -51,11 +64,13 @@ import torch
 from minillm.activations import input_stats
 from minillm.architectures import adapter_for, output_only
 from minillm.compensation import bias_compensator, saved_projection
+from minillm.errors import UserError
 from minillm.layerwise import resident_sets
 from minillm.scoring import Scoring, standardise
 
 NAME = "flap"
-OPTIONS = {"compensate": True, "head_power": 2.0, "batch_size": 1}
+OPTIONS = {"compensate": True, "head_power": 2.0, "batch_size": 1, "variance": "exact"}
+VARIANCES = ("exact", "reference")
 CALIBRATION = {
     "corpus": "c4", "nsamples": 128, "seqlen": 128,
     "source": "FLAP scripts/llama_7b.sh: 1024 x 128-token WikiText-2 windows; here C4 (FLAP issue #13 "
@@ -64,9 +79,21 @@ CALIBRATION = {
 SELECTION = {"scope": "global", "layers": "all"}
 
 
+def check_options(options: dict) -> dict:
+    """`variance` is one of exact | reference (UserError otherwise)."""
+    if options["variance"] not in VARIANCES:
+        raise UserError(f"flap option variance: expected one of {', '.join(VARIANCES)}, got {options['variance']!r}")
+    return options
+
+
 def score(model, windows, group_sets, options, seed) -> Scoring:
+    """Scores (standardised fluctuation metric) of every group, from one pass of the dense model.
+
+    Raises UserError for an unknown `variance`."""
+    check_options(options)
     batch_size = max(1, int(options["batch_size"]))
-    stats = input_stats(model, windows, output_only(group_sets), batch_size=batch_size)
+    reference = options["variance"] == "reference"
+    stats = input_stats(model, windows, output_only(group_sets), batch_size=batch_size, streaming=reference)
     adapter = adapter_for(model)
     scores, saved = {}, []
     with torch.no_grad():
@@ -75,13 +102,14 @@ def score(model, windows, group_sets, options, seed) -> Scoring:
             linear = gs.linear(out)
             st = stats[(gs.layer, out.name)]
             col_sq = linear.weight.double().pow(2).sum(dim=0).cpu()          # ||W_{:,j}||^2
-            metric = st.var.cpu() * col_sq                                  # fluctuation metric
+            var = st.streaming.value if reference else st.var                # FLAP's fluc_inp
+            metric = var.cpu() * col_sq                                     # fluctuation metric
             if gs.kind == "heads":
                 metric = metric.pow(float(options["head_power"]))
             z = standardise(metric).view(gs.count, out.width).mean(dim=1)
             scores[(gs.layer, gs.kind)] = z
             if options["compensate"]:
                 saved.append(saved_projection(gs, st.mean, adapter.head_dim(gs.module) if gs.kind == "heads" else 1))
-    info = {"tokens": int(windows.numel()), "compensate": bool(options["compensate"])}
+    info = {"tokens": int(windows.numel()), "compensate": bool(options["compensate"]), "variance": options["variance"]}
     compensate = bias_compensator(saved, info, NAME) if options["compensate"] else None
     return Scoring(scores, compensate=compensate, info=info)

@@ -21,6 +21,28 @@ Offloaded weights (`--offload`): a layer's weights are meta tensors except while
 A method that reads or changes weights outside the layer pass iterates
 `layerwise.resident_sets(group_sets)` instead of `group_sets` (or uses
 `with layerwise.resident_layer(model, i):`); changes made there are written back.
+
+A method may also be SEQUENTIAL (pruned layer by layer, as FLAP's `prune_wanda_sp` and SparseGPT /
+Wanda's loops: layer l+1's statistics are gathered on the hidden states of the already PRUNED
+layers 0..l). It then defines:
+
+    sequential(options) -> bool
+                true: `suite.pipeline.prune` runs `minillm.sequential.prune_sequentially` (the shared
+                layer loop on `minillm.layerwise.LayerPass`) instead of `score`; false: `score` as
+                above (one-shot; a grid entry without a label is then named "NAME (one-shot)" and
+                the record says `variant: one-shot`). Sequential pruning needs scope "layer".
+    STATISTICS  "output" (only the output projections' inputs are hooked: o_proj / down_proj and
+                their OPT / BLOOM equivalents) or "all" (every member Linear; default)
+    score_layer(group_sets, stats, options) -> {(layer, kind): scores}
+                scores of ONE layer's groups: `group_sets` are that layer's head and channel sets,
+                `stats[(layer, member name)]` its members' `activations.InputStats` over all
+                calibration tokens (float64, [in_features] each); scores 1-D of length gs.count,
+                higher = more important. The shared per-layer budget (`select.layer_budget`, fixed
+                from shapes before layer 0) removes each kind's lowest-scoring groups; the layer is
+                sliced and its outputs recomputed before the next layer is scored.
+
+`wanda-sp` is the example (`baselines/wanda_sp.py`: sequential by default, `sequential=false` for
+the one-shot variant, whose `score` calls the same `score_layer` on dense statistics).
 """
 from __future__ import annotations
 

@@ -149,11 +149,29 @@ def method(value, where):
         value = {"name": value}
     _expect(dict, value, where)
     entry = _fill(METHOD_SCHEMA, value, where)
-    entry["label"] = entry["label"] or entry["name"]
     if entry["calibration"] is None:
         del entry["calibration"]  # absent, as before the key existed (the grid's hash stays the same)
     _check_method(entry, where)
+    entry["label"] = entry["label"] or default_label(entry["name"], entry["options"])
     return entry
+
+
+def default_label(name: str, options: dict) -> str:
+    """The table's row name of a method entry without a `label`: its name, and "NAME (one-shot)"
+    for a method that prunes layer by layer by default run with `sequential=false`
+    (`wanda-sp --opt sequential=false`, the earlier one-shot variant)."""
+    registry = _method_registry() or {}
+    module = registry.get(name)
+    try:
+        module = importlib.import_module(module) if isinstance(module, str) else module
+    except ImportError:
+        return name
+    defaults = _method_options(module) if module is not None else None
+    sequential = getattr(module, "sequential", None)
+    if defaults is None or sequential is None:
+        return name
+    given = {k: v for k, v in options.items() if k in defaults}
+    return name if sequential({**defaults, **given}) else f"{name} (one-shot)"
 
 
 def recovery_block(value, where):

@@ -186,6 +186,9 @@ def outcome_record(outcome: PruneOutcome, ratio: float) -> dict:
                       "target_removed": sel.target_removed, "removed": sel.removed},
         "plan_summary": plan_summary(sel.plan),
         "method_info": {k: v for k, v in outcome.scoring.info.items() if k != "layer_weights"},
+        # a method with a sequential kind says which variant ran (default label: "NAME (one-shot)")
+        **({"variant": "sequential" if outcome.scoring.info["sequential"] else "one-shot"}
+           if "sequential" in outcome.scoring.info else {}),
         "phases": outcome.phases,
         **({"warnings": outcome.warnings} if outcome.warnings else {}),
     }

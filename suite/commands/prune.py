@@ -95,6 +95,7 @@ def run(args) -> int:
     from suite.methods import get_method
     from suite.models import load_model, load_tokenizer
     from suite.offload import offload_kwargs, refuse_method
+    from suite.config import default_label
     from suite.pipeline import outcome_record, prune
     from suite.records import provenance
 
@@ -128,7 +129,8 @@ def run(args) -> int:
                     hidden_on=args.hidden_on)
     if args.ppl:
         ppl["after"] = perplexity(model, tokenizer, args.ppl, max_tokens=args.max_tokens, quiet=args.quiet)
-    record = {"model": args.model, "method": args.method, "seed": args.seed, **outcome_record(outcome, args.ratio)}
+    record = {"model": args.model, "method": args.method, "label": default_label(args.method, outcome.options),
+              "seed": args.seed, **outcome_record(outcome, args.ratio)}
     if ppl:
         record["perplexity"] = {args.ppl: ppl}
     record["provenance"] = provenance(config=vars(args) | {"_run": None}, seed=args.seed)
