@@ -121,13 +121,3 @@ def test_layer_budget_counts_are_select_counts_for_any_scores(name, head_mode):
             assert removed_groups == budget.counts[(gs.layer, "heads")]
     assert selection.removed == budget.removed and selection.target_removed == budget.target_removed
 
-
-def test_sequential_refuses_global_scope():
-    from minillm.errors import UserError
-    from suite.models import load_tokenizer
-    from suite.pipeline import prune
-
-    model = load_model("tiny-llama")
-    with pytest.raises(UserError, match="sequential=false"):
-        prune(model, load_tokenizer("tiny-llama"), "wanda-sp", 0.2, scope="global",
-              calib={"nsamples": 2, "seqlen": 16})

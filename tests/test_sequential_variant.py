@@ -30,7 +30,7 @@ def test_records_and_table_name_the_variant():
     tok = load_tokenizer("tiny-llama")
     records, plans = [], {}
     for label, options in (("wanda-sp", {}), ("wanda-sp (one-shot)", {"sequential": False})):
-        outcome = prune(load_model("tiny-llama"), tok, "wanda-sp", 0.3, options=options, quiet=True,
+        outcome = prune(load_model("tiny-llama"), tok, "wanda-sp", 0.3, options=options,
                         calib={"nsamples": 4, "seqlen": 32})
         record = outcome_record(outcome, 0.3)
         assert record["variant"] == ("one-shot" if options else "sequential")
@@ -49,4 +49,4 @@ def test_sequential_refuses_global_scope():
 
     with pytest.raises(UserError, match="needs --opt sequential=false"):
         prune(load_model("tiny-llama"), load_tokenizer("tiny-llama"), "wanda-sp", 0.3, scope="global",
-              quiet=True, calib={"nsamples": 2, "seqlen": 16})
+              calib={"nsamples": 2, "seqlen": 16})
