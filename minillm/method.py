@@ -16,8 +16,8 @@ This project's additions (not in the paper), each an option, all off by default:
     `minillm.gates`), estimated by the same forward-only SPSA over the gate vector; score =
     |ĝ_gate|, which *is* the feature-map sensitivity (first-order loss change when the group's
     feature map is scaled). `blockwise=true` perturbs one layer's gates at a time, running only
-    layers ≥ i from the cached input of layer i (`zo.LayerRunner`): d drops from ~46k to one
-    layer's groups. `mask_groups=heads` scores heads this way and channels by FMS.
+    layers ≥ i from layer i's unperturbed inputs on the layer-by-layer pass
+    (`zo.blockwise_layerwise`): d drops from ~46k to one layer's groups. `mask_groups=heads` scores heads this way and channels by FMS.
   - `space=layer`: forward-only sensitivities of one gate per sub-block (each layer's attention
     output and MLP output, d = 2·layers) allocate per-layer pruning ratios p_i ∝ w_i
     (`info["layer_weights"]`, rank-linear in [1 − λ, 1 + λ], least sensitive pruned most); FMS ranks
@@ -57,15 +57,24 @@ The paper's unknowns are options; defaults and why:
                   channels of all layers. The record's `selection.scope` says which ran.
   layers          all layers (SELECTION); the paper's skipped layers are unknown: use --layers.
   perturb         `prunable` (the weights FMS scores) or `all` parameters.
-  batch_size = 4  windows per forward. The loss never builds the [batch, seq, vocab] logits
-                  (`zo._lm_loss_sum` applies the output embedding a few rows at a time) and the
-                  statistics pass stops before the output embedding, so the forward-only method
-                  peaks near inference memory at any batch (SmolLM2, q = 2: 993 MB at 4 windows,
-                  1002 MB at 1; wanda-sp 935 MB; llm-pruner 3302 MB).
-  restore=auto    the perturbed weights' bytes go to a scratch file before SPSA and come back
-                  after it: bit-identical for every source and dtype (zo.Snapshot: disk = those
-                  weights' bytes, memory = one tensor). `checkpoint`: read back from the model's
-                  own safetensors where verifiable (no scratch file); `arithmetic`: the bounded drift.
+  forward passes  every loss is computed layer by layer (`zo.LayerwiseLoss` on `layerwise.LayerPass`):
+                  the 2q perturbed copies of the model are 2q hidden-state streams, each decoder
+                  layer resident once for all of them (perturbed per stream, restored before the
+                  next layer); memory = one layer + (2q + 1) × nsamples × seqlen × hidden of hidden
+                  states (`hidden_on=cpu` keeps them in host memory), not the whole model on the
+                  device. Same seeded z and the same losses as whole-model SPSA (tests/test_minillm.py).
+                  `perturb=all` (embeddings and head too) still runs whole-model forwards.
+  batch_size = 4  windows per layer forward. The loss never builds the [batch, seq, vocab] logits
+                  (`zo.head_loss_sum` applies the output embedding a few rows at a time) and the
+                  statistics pass stops before the output embedding; above the weights the method
+                  holds the carried streams (formula above) plus one micro-batch's activations
+                  (results/notes/minillm-layerwise.md; before the layer-by-layer pass, whole-model
+                  SPSA on SmolLM2 at q = 2 peaked at 993 MB at 4 windows, 1002 MB at 1).
+  restore=auto    the resident layer's perturbed weights are copied before its streams and copied
+                  back after them: bit-identical for every source and dtype (memory = one layer's
+                  perturbed weights, no disk; `perturb=all`: zo.Snapshot's scratch file).
+                  `checkpoint`: MeZO's in-place round trips, then read back from the model's own
+                  safetensors where verifiable; `arithmetic`: the round trips' bounded drift.
 """
 from __future__ import annotations
 

@@ -29,16 +29,23 @@ power-of-two multiple of ε), so after q directions every element satisfies
 which `spsa` accumulates per tensor (`Estimate.drift_bound`); typically ~1e-7 for fp32 weights of
 magnitude ≤ 1 at q = 64 (the measured drift is a random walk, well below the bound).
 In bf16 the bound is ~2^8 times the fp32 one: 16 round trips changed 85 % of SmolLM2's prunable
-weights, by up to 1.6e-2 relative. MINI-LLM therefore restores them exactly (`restore=auto`):
-`Snapshot` writes the perturbed tensors' bytes to an anonymous scratch file before the first
-direction and copies them back after the last, bit-identical for every source (hub id, local
-directory, `.bin`, GGUF, models built in code) and dtype. Memory: one tensor at a time on the
-host (plus, on a GPU, that tensor's host copy); disk: the perturbed tensors' bytes (SmolLM2-135M
-fp32 ≈ 0.4 GB, a 7B model in fp16 ≈ 13 GB), in `$MINILLM_SCRATCH` or the system's temp dir.
-`restore=checkpoint` instead reads the tensors back from the safetensors directory the model was
-loaded from (`model.name_or_path`; no scratch file), verified against the drift bound tensor by
-tensor (a file that is not the model's source is refused, and that tensor keeps its bounded
-drift); `restore=arithmetic` keeps the drift.
+weights, by up to 1.6e-2 relative. MINI-LLM therefore restores them exactly (`restore=auto`): on
+the layer-by-layer pass (`spsa_layerwise`, below) the perturbed tensors of the ONE resident layer
+are copied before its first stream and every stream starts from that copy, which is copied back
+before the next layer: bit-identical for every source (hub id, local directory, `.bin`, GGUF,
+models built in code) and dtype, at the memory of one layer's perturbed tensors (SmolLM2-135M fp32:
+one layer's q/k/v/o/gate/up/down ≈ 13.5 MiB) and no disk. `Snapshot` (a scratch file in
+`$MINILLM_SCRATCH` or the temp dir holding all perturbed tensors' bytes) remains for SPSA over
+tensors outside the decoder layers (`perturb=all`: embeddings and head too), which runs whole-model
+forwards. `restore=checkpoint` instead reads the tensors back from the safetensors directory the
+model was loaded from (`model.name_or_path`), verified against the drift bound tensor by tensor (a
+file that is not the model's source is refused, and that tensor keeps its bounded drift);
+`restore=arithmetic` keeps the drift.
+
+Layer by layer (`LayerwiseLoss`, `spsa_layerwise`, `coordinate_layerwise`, `blockwise_layerwise`):
+the losses are computed on `layerwise.LayerPass`, one decoder layer resident at a time, carrying
+one hidden-state stream per perturbed copy of the model (2q for SPSA); memory is one layer plus
+(2q + 1) × nsamples × seqlen × hidden of hidden states, wherever the rest of the model lives.
 """
 from __future__ import annotations
 
