@@ -489,6 +489,20 @@ class LayerwiseLoss:
                 total += float(head_loss_sum(self.head, h.reshape(-1, h.size(-1)), t.to(h.device)).double())
         return total / self.count
 
+    @staticmethod
+    def _consumed(streams, s):
+        """Stream s's micro-batches, each dropped from it as it is read when no other stream shares
+        the list (`LayerPass.forward` zips its inputs lazily): one micro-batch in flight, not a stream."""
+        stream = streams[s]
+        if any(other is stream for t, other in enumerate(streams) if t != s):
+            return stream
+
+        def read():
+            for b in range(len(stream)):
+                h, stream[b] = stream[b], None
+                yield h
+        return read()
+
     def losses(self, start: int, inputs: list[torch.Tensor], perturbation, progress=None) -> list[float]:
         streams = [inputs] * perturbation.n
         steps = range(start, self.depth)
@@ -499,7 +513,7 @@ class LayerwiseLoss:
                     try:
                         for s in range(perturbation.n):
                             perturbation.apply(j, s)
-                            streams[s] = self.lp.forward(j, streams[s])
+                            streams[s] = self.lp.forward(j, self._consumed(streams, s) if j > start else streams[s])
                     finally:
                         perturbation.leave(j)
                     self.layer_forwards += perturbation.n
@@ -507,7 +521,8 @@ class LayerwiseLoss:
                     done = {}
                     for s in range(perturbation.n):
                         if id(streams[s]) not in done:
-                            done[id(streams[s])] = self.lp.forward(j, streams[s])
+                            done[id(streams[s])] = self.lp.forward(
+                                j, self._consumed(streams, s) if j > start else streams[s])
                             self.layer_forwards += 1
                         streams[s] = done[id(streams[s])]
                     del done
