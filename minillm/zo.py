@@ -571,8 +571,9 @@ class Directions:
     +εz per direction, whose rounding drift `drift` bounds per tensor (see the module docstring).
     """
 
-    def __init__(self, tensors, layers, seeds, eps: float, exact: bool, device):
+    def __init__(self, tensors, layers, seeds, eps: float, exact: bool, device, resolve=None):
         self.n, self.seeds, self.eps, self.exact, self.device = 2 * len(seeds), seeds, eps, exact, device
+        self.resolve = resolve  # resolve(index) -> the tensor as it is while its layer is resident
         self.by_layer = {}
         for index, (t, layer) in enumerate(zip(tensors, layers)):
             self.by_layer.setdefault(layer, []).append((index, t))
@@ -594,6 +595,8 @@ class Directions:
     @torch.no_grad()
     def enter(self, j):
         self.offset = 0.0  # arithmetic: how far from θ layer j is, in units of ε·z_k
+        if self.resolve is not None:  # bringing a layer to the device may replace its Parameters (offload)
+            self.by_layer[j] = [(index, self.resolve(index)) for index, _ in self.by_layer[j]]
         if self.exact:
             self.saved = [t.detach().clone() for _, t in self.by_layer[j]]
         else:
@@ -660,7 +663,15 @@ def spsa_layerwise(runner: LayerwiseLoss, named_tensors, layers: Sequence[int], 
     device = runner.lp.device
     est = Estimate(names, [tuple(t.shape) for t in tensors], direction_seeds(seed, directions, stream), [],
                    float(eps), device=str(device.type if device.type != "cuda" else device))
-    pert = Directions(tensors, list(layers), est.seeds, eps, exact, device)
+    model = runner.lp.model
+
+    def resolve(index):  # a model parameter by its name (gates are the caller's own tensors)
+        try:
+            return model.get_parameter(names[index])
+        except AttributeError:
+            return tensors[index]
+
+    pert = Directions(tensors, list(layers), est.seeds, eps, exact, device, resolve=resolve)
     losses = runner.losses(start, runner.lp.hidden if inputs is None else inputs, pert, progress=progress)
     est.coeffs = [(losses[2 * k] - losses[2 * k + 1]) / (2 * eps) for k in range(directions)]
     est.drift_bound = pert.drift

@@ -444,6 +444,43 @@ def test_each_layer_is_resident_once_and_hidden_states_may_live_on_the_host(monk
         assert torch.equal(value, on_host.scores[key])
 
 
+def test_a_residency_that_replaces_the_parameters_is_followed(monkeypatch):
+    """Offloaded layers get new Parameter objects while resident (accelerate's
+    set_module_tensor_to_device): the perturbation must act on those, by name, and the scores
+    must equal those of a model whose layers never move."""
+    from contextlib import contextmanager
+
+    from minillm.layerwise import LayerPass
+
+    w, sets_of = windows(3, 16), all_group_sets
+    plain = load_model("tiny-opt")
+    expected = score(plain, w, sets_of(plain), opts(directions=2), seed=0).scores
+    model = load_model("tiny-opt")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    @contextmanager
+    def swapping(self, i):
+        layer = self.layers[i]
+        home = {n: p for n, p in layer.named_parameters()}
+        for n, p in home.items():  # fresh Parameters while resident, written back on leaving
+            module, _, attr = n.rpartition(".")
+            layer.get_submodule(module)._parameters[attr] = nn.Parameter(p.detach().clone(), requires_grad=False)
+        try:
+            yield layer
+        finally:
+            for n, p in home.items():
+                module, _, attr = n.rpartition(".")
+                with torch.no_grad():
+                    p.copy_(layer.get_submodule(module)._parameters[attr])
+                layer.get_submodule(module)._parameters[attr] = p
+
+    monkeypatch.setattr(LayerPass, "resident", swapping)
+    got = score(model, w, sets_of(model), opts(directions=2), seed=0)
+    for key, value in expected.items():
+        torch.testing.assert_close(got.scores[key], value, rtol=1e-6, atol=0)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 @pytest.mark.parametrize("name", ["tiny-llama-gqa", "tiny-opt", "tiny-bloom"])
 def test_gate_losses_from_a_layer_equal_the_whole_model_loss(name):
     """Gates on the layer-by-layer pass: perturbing layer i's gates and running from layer i's
