@@ -105,7 +105,7 @@ OPTIONS = {
     "abs": "element",         # element | group
     "members": "all",         # all (the group's every weight, paper) | output (only the out-projection columns)
     "estimator": "spsa",      # gate spaces: spsa (paper/MeZO) | coordinate (central differences, 2 forwards/gate)
-    "blockwise": False,       # mask space: one layer's gates at a time from its cached input
+    "blockwise": False,       # mask space: one layer's gates at a time from its unperturbed inputs
     "mask_groups": "all",     # mask space: all | heads (channels then by FMS)
     "layer_lambda": 0.3,      # layer space: weights rank-linear in [1-λ, 1+λ] (≤ 0.4 at ratio 0.5 on SmolLM2, see notes)
     "normalize": "param",     # param (per parameter) | standard (z-score per layer and kind) | unit (FLAP Eq. 5)
