@@ -33,8 +33,8 @@ weights, by up to 1.6e-2 relative. MINI-LLM therefore restores them exactly (`re
 the layer-by-layer pass (`spsa_layerwise`, below) the perturbed tensors of the ONE resident layer
 are copied before its first stream and every stream starts from that copy, which is copied back
 before the next layer: bit-identical for every source (hub id, local directory, `.bin`, GGUF,
-models built in code) and dtype, at the memory of one layer's perturbed tensors (SmolLM2-135M fp32:
-one layer's prunable q/o/gate/up/down, measured copy_mb 12.7 MiB) and no disk. `Snapshot` (a scratch file in
+models built in code) and dtype, at the memory of one layer's perturbed tensors (SmolLM2-135M
+fp32: one layer's q/o/gate/up/down, `copy_mb` 12.7 MiB) and no disk. `Snapshot` (a scratch file in
 `$MINILLM_SCRATCH` or the temp dir holding all perturbed tensors' bytes) remains for SPSA over
 tensors outside the decoder layers (`perturb=all`: embeddings and head too), which runs whole-model
 forwards. `restore=checkpoint` instead reads the tensors back from the safetensors directory the
