@@ -17,7 +17,8 @@ This project's additions (not in the paper), each an option, all off by default:
     |ĝ_gate|, which *is* the feature-map sensitivity (first-order loss change when the group's
     feature map is scaled). `blockwise=true` perturbs one layer's gates at a time, running only
     layers ≥ i from layer i's unperturbed inputs on the layer-by-layer pass
-    (`zo.blockwise_layerwise`): d drops from ~46k to one layer's groups. `mask_groups=heads` scores heads this way and channels by FMS.
+    (`zo.blockwise_layerwise`): d drops from ~46k to one layer's groups. `mask_groups=heads`
+    scores heads this way and channels by FMS.
   - `space=layer`: forward-only sensitivities of one gate per sub-block (each layer's attention
     output and MLP output, d = 2·layers) allocate per-layer pruning ratios p_i ∝ w_i
     (`info["layer_weights"]`, rank-linear in [1 − λ, 1 + λ], least sensitive pruned most); FMS ranks

@@ -513,7 +513,8 @@ class LayerwiseLoss:
                     try:
                         for s in range(perturbation.n):
                             perturbation.apply(j, s)
-                            streams[s] = self.lp.forward(j, self._consumed(streams, s) if j > start else streams[s])
+                            inputs_s = self._consumed(streams, s) if j > start else streams[s]
+                            streams[s] = self.lp.forward(j, inputs_s)
                     finally:
                         perturbation.leave(j)
                     self.layer_forwards += perturbation.n
