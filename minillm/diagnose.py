@@ -177,19 +177,22 @@ def diagnose_mask(model, windows, group_sets, qs, eps, o, seed, stats):
     t0 = time.perf_counter()
     estimates = []  # (sets covered, Estimate)
     forwards = 0.0
-    if o["blockwise"]:
-        from minillm.architectures import adapter_for
-
-        layers = adapter_for(model).layers(model)
-        runner = zo.LayerRunner(model, windows, layers, bs)
-        for i in sorted({gs.layer for gs in sets}):
-            part = [gs for gs in sets if gs.layer == i]
-            gates = [torch.ones(gs.count, device=device) for gs in part]
-            with gated(part, gates):
-                est = make(lambda i=i: runner.loss_from(i), [(f"{gs.layer}.{gs.kind}", g) for gs, g in zip(part, gates)],
-                           i + 1)
-            estimates.append((part, est))
-            forwards += _n_forwards(est) * (len(layers) - i) / len(layers)
+    if o["blockwise"]:  # one estimate per layer from its inputs on the layer-by-layer pass
+        runner = zo.LayerwiseLoss(model, windows, bs)
+        gates = [torch.ones(gs.count, device=device) for gs in sets]
+        named = [(f"{gs.layer}.{gs.kind}", g) for gs, g in zip(sets, gates)]
+        layers = [gs.layer for gs in sets]
+        with gated(sets, gates):
+            if o["estimator"] == "coordinate":
+                est = zo.coordinate_layerwise(runner, named, layers, eps, streams=2 * max(qs))
+                parts = [([i for i, gs in enumerate(sets) if gs.layer == layer], est) for layer in sorted(set(layers))]
+            else:
+                parts = zo.blockwise_layerwise(runner, named, layers, eps, max(qs), seed)
+        for idx, est in parts:
+            if o["estimator"] == "coordinate":  # per layer: that layer's rows of the one estimate
+                est = zo.CoordinateEstimate([est.names[i] for i in idx], [est.grads[i] for i in idx], est.eps, 0)
+            estimates.append(([sets[i] for i in idx], est))
+        forwards = runner.layer_forwards / runner.depth
         del runner
     else:
         gates = [torch.ones(gs.count, device=device) for gs in sets]

@@ -17,8 +17,9 @@ non-default value where no code path reads it is refused by `check_options` / `c
     `minillm.gates`), estimated by the same forward-only SPSA over the gate vector; score =
     |ĝ_gate|, which *is* the feature-map sensitivity (first-order loss change when the group's
     feature map is scaled). `blockwise=true` perturbs one layer's gates at a time, running only
-    layers ≥ i from the cached input of layer i (`zo.LayerRunner`): d drops from ~46k to one
-    layer's groups. `mask_groups=heads` scores heads this way and channels by FMS.
+    layers ≥ i from layer i's unperturbed inputs on the layer-by-layer pass
+    (`zo.blockwise_layerwise`): d drops from ~46k to one layer's groups. `mask_groups=heads`
+    scores heads this way and channels by FMS.
   - `space=layer`: forward-only sensitivities of one gate per sub-block (each layer's attention
     output and MLP output, d = 2·layers) allocate per-layer pruning ratios p_i ∝ w_i
     (`info["layer_weights"]`, rank-linear in [1 − λ, 1 + λ], least sensitive pruned most); FMS ranks
@@ -58,15 +59,24 @@ The paper's unknowns are options; defaults and why:
                   channels of all layers. The record's `selection.scope` says which ran.
   layers          all layers (SELECTION); the paper's skipped layers are unknown: use --layers.
   perturb         `prunable` (the weights FMS scores) or `all` parameters.
-  batch_size = 4  windows per forward. The loss never builds the [batch, seq, vocab] logits
-                  (`zo._lm_loss_sum` applies the output embedding a few rows at a time) and the
-                  statistics pass stops before the output embedding, so the forward-only method
-                  peaks near inference memory at any batch (SmolLM2, q = 2: 993 MB at 4 windows,
-                  1002 MB at 1; wanda-sp 935 MB; llm-pruner 3302 MB).
-  restore=auto    the perturbed weights' bytes go to a scratch file before SPSA and come back
-                  after it: bit-identical for every source and dtype (zo.Snapshot: disk = those
-                  weights' bytes, memory = one tensor). `checkpoint`: read back from the model's
-                  own safetensors where verifiable (no scratch file); `arithmetic`: the bounded drift.
+  forward passes  every loss is computed layer by layer (`zo.LayerwiseLoss` on `layerwise.LayerPass`):
+                  the 2q perturbed copies of the model are 2q hidden-state streams, each decoder
+                  layer resident once for all of them (perturbed per stream, restored before the
+                  next layer); memory = one layer + (2q + 1) × nsamples × seqlen × hidden of hidden
+                  states (`hidden_on=cpu` keeps them in host memory), not the whole model on the
+                  device. Same seeded z and the same losses as whole-model SPSA (tests/test_minillm.py).
+                  `perturb=all` (embeddings and head too) still runs whole-model forwards.
+  batch_size = 4  windows per layer forward. The loss never builds the [batch, seq, vocab] logits
+                  (`zo.head_loss_sum` applies the output embedding a few rows at a time) and the
+                  statistics pass stops before the output embedding; above the weights the method
+                  holds the carried streams (formula above) plus one micro-batch's activations
+                  (results/notes/minillm-layerwise.md; before the layer-by-layer pass, whole-model
+                  SPSA on SmolLM2 at q = 2 peaked at 993 MB at 4 windows, 1002 MB at 1).
+  restore=auto    the resident layer's perturbed weights are copied before its streams and copied
+                  back after them: bit-identical for every source and dtype (memory = one layer's
+                  perturbed weights, no disk; `perturb=all`: zo.Snapshot's scratch file).
+                  `checkpoint`: MeZO's in-place round trips, then read back from the model's own
+                  safetensors where verifiable; `arithmetic`: the round trips' bounded drift.
 """
 from __future__ import annotations
 
@@ -98,13 +108,14 @@ OPTIONS = {
     "abs": "element",         # element | group
     "members": "all",         # all (the group's every weight, paper) | output (only the out-projection columns)
     "estimator": "spsa",      # gate spaces: spsa (paper/MeZO) | coordinate (central differences, 2 forwards/gate)
-    "blockwise": False,       # mask space: one layer's gates at a time from its cached input
+    "blockwise": False,       # mask space: one layer's gates at a time from its unperturbed inputs
     "mask_groups": "all",     # mask space: all | heads (channels then by FMS)
     "layer_lambda": 0.3,      # layer space: weights rank-linear in [1-λ, 1+λ] (≤ 0.4 at ratio 0.5 on SmolLM2, see notes)
     "normalize": "param",     # param (per parameter) | standard (z-score per layer and kind) | unit (FLAP Eq. 5)
     "compensate": False,      # FLAP's baseline bias compensation after slicing (not in the paper)
     "restore": "auto",        # auto (scratch-file snapshot: exact) | checkpoint (source safetensors) | arithmetic
     "batch_size": 4,          # calibration windows per forward (speed; memory barely depends on it, see below)
+    "hidden_on": "device",    # where the forward-only passes carry their hidden-state streams: device | cpu
     "seed": -1,               # ZO direction seed; -1: the run's --seed
 }
 CALIBRATION = {"corpus": "c4", "nsamples": 16, "seqlen": 128,
@@ -123,6 +134,7 @@ CHOICES = {
     "mask_groups": ("all", "heads"),
     "estimator": ("spsa", "coordinate"),
     "restore": ("auto", "checkpoint", "arithmetic"),
+    "hidden_on": ("device", "cpu"),
     "normalize": ("param", "standard", "unit"),
 }
 
@@ -179,6 +191,11 @@ def check_scope(options: dict, scope: str | None) -> None:
     if options["space"] == "layer" and (scope or SELECTION["scope"]) == "global":
         raise UserError("minillm option space=layer computes per-layer pruning ratios; with --scope global "
                         "(scope: global) one ranking over all layers ignores them: use --scope layer")
+
+
+def hidden_device(options: dict):
+    """The LayerPass `hidden_device` of option hidden_on (None: the compute device)."""
+    return "cpu" if options["hidden_on"] == "cpu" else None
 
 
 def _progress(total_label: str):
@@ -248,19 +265,39 @@ class WeightGradient:
                 self._grads = {n: w.grad.detach().float() for n, w in members}
             self.info.update(loss=loss, forwards=1, backwards=1)
             return
-        if options["perturb"] == "all":
-            named = list(model.named_parameters())
-        else:
-            named = members
         t0 = time.perf_counter()
+        if options["perturb"] == "all":  # embeddings and head too: whole-model forwards
+            est = self._spsa_whole_model(model, windows, list(model.named_parameters()), options, seed)
+        else:  # the paper's prunable weights: layer by layer, one layer resident
+            runner = zo.LayerwiseLoss(model, windows, bs, hidden_device=hidden_device(options))
+            layers = zo.parameter_layers(runner.lp, [w for _, w in members])
+            est = zo.spsa_layerwise(runner, members, layers, options["eps"], options["directions"], seed,
+                                    exact=options["restore"] == "auto", progress=_progress("zo weight"))
+            self.info.update(est.summary(), forwards=2 * est.q, perturbed=options["perturb"], layerwise=True,
+                             full_forward_equivalents=round(runner.layer_forwards / runner.depth, 1))
+            if options["restore"] == "auto":
+                self.info.update(restore="layer-copy", restored=len(members), tensors=len(members),
+                                 drift_bound=0.0, copy_mb=round(est.copy_bytes / 2**20, 1))
+            elif options["restore"] == "checkpoint":
+                self.info.update(zo.restore_from_checkpoint(model, members, est.drift_bound))
+            else:
+                self.info.update(restore="arithmetic", drift_bound=max(est.drift_bound))
+            del runner
+        self.info["zo_seconds"] = round(time.perf_counter() - t0, 2)
+        self.estimate = est
+        self._index = {n: i for i, n in enumerate(est.names)}
+
+    def _spsa_whole_model(self, model, windows, named, options, seed):
+        """SPSA over tensors outside the decoder layers too (`perturb=all`): whole-model losses,
+        restored from a scratch-file `zo.Snapshot` (restore=auto)."""
         snapshot = zo.Snapshot([t for _, t in named]) if options["restore"] == "auto" else None
+        bs = options["batch_size"]
         try:
             est = zo.spsa(lambda: zo.calibration_loss(model, windows, bs), named, options["eps"],
                           options["directions"], seed, stream=0, progress=_progress("zo weight"))
         finally:
             restored = snapshot.restore([t for _, t in named]) if snapshot is not None else 0
-        self.info.update(est.summary(), forwards=2 * est.q, perturbed=options["perturb"],
-                         zo_seconds=round(time.perf_counter() - t0, 2))
+        self.info.update(est.summary(), forwards=2 * est.q, perturbed=options["perturb"], layerwise=False)
         if snapshot is not None:
             self.info.update(restore="snapshot", restored=restored, tensors=len(named),
                              drift_bound=max(est.drift_bound), scratch_mb=round(snapshot.bytes / 2**20, 1))
@@ -268,8 +305,7 @@ class WeightGradient:
             self.info.update(zo.restore_from_checkpoint(model, named, est.drift_bound))
         else:
             self.info.update(restore="arithmetic", drift_bound=max(est.drift_bound))
-        self.estimate = est
-        self._index = {n: i for i, n in enumerate(est.names)}
+        return est
 
     def of(self, name: str):
         if self.kind == "none":
@@ -355,7 +391,7 @@ def fms(model, windows, group_sets, options, seed, kind, stats=None, units=None)
 
 
 # --------------------------------------------------------------------------- gate spaces
-def _gate_sensitivity(model, windows, sets, gates, names, options, seed, kind, loss_fn=None, stream=0):
+def _gate_sensitivity(model, windows, sets, gates, names, options, seed, kind, stream=0):
     """|∂L/∂gate| for `gates` (list of tensors, edited in place) by SPSA or autograd."""
     bs = options["batch_size"]
     if kind == "backprop":
@@ -369,21 +405,25 @@ def _gate_sensitivity(model, windows, sets, gates, names, options, seed, kind, l
             g.grad = None
             g.requires_grad_(False)
         return grads, {"loss": loss, "forwards": 1, "backwards": 1}
-    loss_fn = loss_fn or (lambda: zo.calibration_loss(model, windows, bs))
+    runner = zo.LayerwiseLoss(model, windows, bs, hidden_device=hidden_device(options))
     with gated(sets, gates):
-        est = gate_estimate(loss_fn, list(zip(names, gates)), options, seed, stream)
+        est = gate_estimate(runner, list(zip(names, gates)), [gs.layer for gs in sets], options, seed, stream,
+                            progress=_progress("zo gates"))
     for g in gates:  # gates are ours: put them back exactly
         with torch.no_grad():
             g.fill_(1.0)
-    return [est.gradient(i).abs() for i in range(len(gates))], est.summary() | {"forwards": _forwards(est)}
+    return [est.gradient(i).abs() for i in range(len(gates))], est.summary() | {
+        "forwards": _forwards(est), "full_forward_equivalents": round(runner.layer_forwards / runner.depth, 1)}
 
 
-def gate_estimate(loss_fn, named, options, seed, stream=0, progress=None):
-    """SPSA over the gates (the paper's estimator), or central differences per gate (`coordinate`)."""
+def gate_estimate(runner, named, layers, options, seed, stream=0, progress=None):
+    """SPSA over the gates (the paper's estimator), or central differences per gate (`coordinate`),
+    on the layer-by-layer pass (`zo.LayerwiseLoss`); layers[i]: the decoder layer gate i scales."""
     if options["estimator"] == "coordinate":
-        return zo.coordinate(loss_fn, named, options["gate_eps"], progress=progress)
-    return zo.spsa(loss_fn, named, options["gate_eps"], options["directions"], seed, stream=stream,
-                   progress=progress)
+        return zo.coordinate_layerwise(runner, named, layers, options["gate_eps"],
+                                       streams=2 * options["directions"], progress=progress)
+    return zo.spsa_layerwise(runner, named, layers, options["gate_eps"], options["directions"], seed,
+                             stream=stream, progress=progress)
 
 
 def _forwards(est) -> int:
@@ -394,37 +434,35 @@ def mask_sensitivity(model, windows, sets, options, seed, kind):
     """One gate per group of `sets`; score = |ĝ_gate| (all layers at once, or block-wise)."""
     device = next(model.parameters()).device
     scores, info = {}, {"gradient": kind, "blockwise": bool(options["blockwise"])}
+    gates = [torch.ones(gs.count, device=device) for gs in sets]
+    names = [f"{gs.layer}.{gs.kind}" for gs in sets]
     if not options["blockwise"] or kind == "backprop":
-        gates = [torch.ones(gs.count, device=device) for gs in sets]
-        names = [f"{gs.layer}.{gs.kind}" for gs in sets]
         grads, part = _gate_sensitivity(model, windows, sets, gates, names, options, seed, kind)
         info.update(part, dims=sum(gs.count for gs in sets))
-        for gs, g in zip(sets, grads):
-            scores[(gs.layer, gs.kind)] = g.float().cpu()
-        return scores, info
-    from minillm.architectures import adapter_for
-
-    layers = adapter_for(model).layers(model)
-    runner = zo.LayerRunner(model, windows, layers, options["batch_size"])
-    by_layer = {}
-    for gs in sets:
-        by_layer.setdefault(gs.layer, []).append(gs)
-    layer_forwards = 0.0
-    progress = _progress("zo mask (block-wise)")
-    order = sorted(by_layer)
-    for i in (progress(order) if progress else order):
-        group = by_layer[i]
-        gates = [torch.ones(gs.count, device=device) for gs in group]
-        names = [f"{gs.layer}.{gs.kind}" for gs in group]
-        grads, part = _gate_sensitivity(model, windows, group, gates, names, options, seed, "zo",
-                                        loss_fn=lambda i=i: runner.loss_from(i), stream=i + 1)
-        layer_forwards += part["forwards"] * (len(layers) - i) / len(layers)
-        for gs, g in zip(group, grads):
-            scores[(gs.layer, gs.kind)] = g.float().cpu()
-    info.update(q=options["directions"], eps=options["gate_eps"], estimator=options["estimator"],
-                full_forward_equivalents=round(layer_forwards, 1),
-                clean_loss=runner.clean_loss, dims_per_layer=max(sum(gs.count for gs in g) for g in by_layer.values()))
-    del runner
+    else:  # one estimate per layer from its unperturbed inputs (a coordinate is one layer's already)
+        runner = zo.LayerwiseLoss(model, windows, options["batch_size"], hidden_device=hidden_device(options))
+        named, layers = list(zip(names, gates)), [gs.layer for gs in sets]
+        progress = _progress("zo mask (block-wise)")
+        grads = [None] * len(sets)
+        with gated(sets, gates):
+            if options["estimator"] == "coordinate":
+                est = zo.coordinate_layerwise(runner, named, layers, options["gate_eps"],
+                                              streams=2 * options["directions"], progress=progress)
+                grads = [est.gradient(i).abs() for i in range(len(sets))]
+            else:
+                for idx, est in zo.blockwise_layerwise(runner, named, layers, options["gate_eps"],
+                                                       options["directions"], seed, progress=progress):
+                    for j, i in enumerate(idx):
+                        grads[i] = est.gradient(j).abs()
+        per_layer = {}
+        for gs in sets:
+            per_layer[gs.layer] = per_layer.get(gs.layer, 0) + gs.count
+        info.update(q=options["directions"], eps=options["gate_eps"], estimator=options["estimator"],
+                    full_forward_equivalents=round(runner.layer_forwards / runner.depth, 1),
+                    clean_loss=runner.clean_loss, dims_per_layer=max(per_layer.values()))
+        del runner
+    for gs, g in zip(sets, grads):
+        scores[(gs.layer, gs.kind)] = g.float().cpu()
     return scores, info
 
 
@@ -443,14 +481,17 @@ def layer_sensitivity(model, windows, group_sets, options, seed, kind):
         grads = [float(s.grad.abs()) for s in scalars]
         info = {"loss": loss, "forwards": 1, "backwards": 1}
     else:
+        runner = zo.LayerwiseLoss(model, windows, bs, hidden_device=hidden_device(options))
         with gated(group_sets, views):
-            est = gate_estimate(lambda: zo.calibration_loss(model, windows, bs), list(zip(names, scalars)),
-                                options, seed, stream=1 << 20, progress=_progress("zo layer"))
+            est = gate_estimate(runner, list(zip(names, scalars)), [gs.layer for gs in group_sets], options, seed,
+                                stream=1 << 20, progress=_progress("zo layer"))
         with torch.no_grad():
             for s in scalars:
                 s.fill_(1.0)
         grads = [float(est.gradient(i).abs()) for i in range(len(scalars))]
-        info = est.summary() | {"forwards": _forwards(est)}
+        info = est.summary() | {"forwards": _forwards(est),
+                                "full_forward_equivalents": round(runner.layer_forwards / runner.depth, 1)}
+        del runner
     per_layer = {}
     for gs, g in zip(group_sets, grads):
         per_layer.setdefault(gs.layer, {})[gs.kind] = g

@@ -29,16 +29,23 @@ power-of-two multiple of ε), so after q directions every element satisfies
 which `spsa` accumulates per tensor (`Estimate.drift_bound`); typically ~1e-7 for fp32 weights of
 magnitude ≤ 1 at q = 64 (the measured drift is a random walk, well below the bound).
 In bf16 the bound is ~2^8 times the fp32 one: 16 round trips changed 85 % of SmolLM2's prunable
-weights, by up to 1.6e-2 relative. MINI-LLM therefore restores them exactly (`restore=auto`):
-`Snapshot` writes the perturbed tensors' bytes to an anonymous scratch file before the first
-direction and copies them back after the last, bit-identical for every source (hub id, local
-directory, `.bin`, GGUF, models built in code) and dtype. Memory: one tensor at a time on the
-host (plus, on a GPU, that tensor's host copy); disk: the perturbed tensors' bytes (SmolLM2-135M
-fp32 ≈ 0.4 GB, a 7B model in fp16 ≈ 13 GB), in `$MINILLM_SCRATCH` or the system's temp dir.
-`restore=checkpoint` instead reads the tensors back from the safetensors directory the model was
-loaded from (`model.name_or_path`; no scratch file), verified against the drift bound tensor by
-tensor (a file that is not the model's source is refused, and that tensor keeps its bounded
-drift); `restore=arithmetic` keeps the drift.
+weights, by up to 1.6e-2 relative. MINI-LLM therefore restores them exactly (`restore=auto`): on
+the layer-by-layer pass (`spsa_layerwise`, below) the perturbed tensors of the ONE resident layer
+are copied before its first stream and every stream starts from that copy, which is copied back
+before the next layer: bit-identical for every source (hub id, local directory, `.bin`, GGUF,
+models built in code) and dtype, at the memory of one layer's perturbed tensors (SmolLM2-135M
+fp32: one layer's q/o/gate/up/down, `copy_mb` 12.7 MiB) and no disk. `Snapshot` (a scratch file in
+`$MINILLM_SCRATCH` or the temp dir holding all perturbed tensors' bytes) remains for SPSA over
+tensors outside the decoder layers (`perturb=all`: embeddings and head too), which runs whole-model
+forwards. `restore=checkpoint` instead reads the tensors back from the safetensors directory the
+model was loaded from (`model.name_or_path`), verified against the drift bound tensor by tensor (a
+file that is not the model's source is refused, and that tensor keeps its bounded drift);
+`restore=arithmetic` keeps the drift.
+
+Layer by layer (`LayerwiseLoss`, `spsa_layerwise`, `coordinate_layerwise`, `blockwise_layerwise`):
+the losses are computed on `layerwise.LayerPass`, one decoder layer resident at a time, carrying
+one hidden-state stream per perturbed copy of the model (2q for SPSA); memory is one layer plus
+(2q + 1) × nsamples × seqlen × hidden of hidden states, wherever the rest of the model lives.
 """
 from __future__ import annotations
 
@@ -52,7 +59,6 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from minillm.architectures import decoder_and_head
@@ -405,7 +411,12 @@ def _lm_loss_sum(model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets, reduction="sum")
         return loss, targets.numel()
     hidden = base(input_ids=batch, use_cache=False)[0][:, :-1]
-    hidden = hidden.reshape(-1, hidden.size(-1))
+    return head_loss_sum(head, hidden.reshape(-1, hidden.size(-1)), targets), targets.numel()
+
+
+def head_loss_sum(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Σ cross-entropy(head(hidden), targets) for hidden [tokens, hidden] and targets [tokens], the
+    output embedding applied `LOSS_CHUNK_ELEMENTS // vocab` rows at a time (fp32 logits per chunk)."""
     rows = max(1, LOSS_CHUNK_ELEMENTS // head.out_features)
     saving = torch.is_grad_enabled()
     loss = hidden.new_zeros((), dtype=torch.float32)
@@ -416,7 +427,7 @@ def _lm_loss_sum(model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
         else:
             part = _chunk_loss_sum(head, h, t)
         loss = loss + part
-    return loss, targets.numel()
+    return loss
 
 
 def calibration_loss(model, windows: torch.Tensor, batch_size: int = 4) -> float:
@@ -454,69 +465,309 @@ def backprop_loss(model, windows: torch.Tensor, batch_size: int = 4) -> float:
     return total / count
 
 
-# --------------------------------------------------------------------------- block-wise runs
-def _layer_container(model, layers: list[nn.Module]) -> tuple[nn.Module, str]:
-    """(parent module, attribute) of the ModuleList holding the decoder layers."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == len(layers) and module[0] is layers[0]:
-            parent_name, _, attr = name.rpartition(".")
-            return model.get_submodule(parent_name) if parent_name else model, attr
-    raise RuntimeError("cannot find the ModuleList holding the decoder layers")
+# --------------------------------------------------------------------------- layer by layer
+class LayerwiseLoss:
+    """The calibration loss of perturbed copies of the model, computed on the layer-by-layer pass.
 
+    A *stream* is one copy's hidden states (a list of [b, seq, hidden] micro-batches, on the pass's
+    `hidden_device`). `losses(start, inputs, perturbation)` sends `perturbation.n` streams into
+    layer `start` with `inputs` and through every later layer, each layer resident ONCE for all
+    streams (`LayerPass.resident`): at a layer the perturbation touches, stream s runs after
+    `perturbation.apply(j, s)` has put layer j's tensors in stream s's state, and
+    `perturbation.leave(j)` puts them back before the next layer (also when anything raises);
+    at a layer it does not touch, streams that share their inputs share one forward. After the
+    last layer `LayerPass.finish` and the output embedding in chunks (`head_loss_sum`, as
+    `calibration_loss`) give each stream's mean next-token cross-entropy.
 
-class LayerRunner:
-    """The calibration loss evaluated from decoder layer i on, with layer i's input cached.
-
-    One clean pass caches the hidden states entering every decoder layer (nsamples × seqlen ×
-    hidden per layer). `loss_from(i)` then swaps the model's layer list for layers[i:] and feeds
-    layer i its cached input (a forward pre-hook replaces the hidden states), so a perturbation of
-    layer i's gates costs a forward of layers ≥ i only. Embeddings, masks and rotary/ALiBi tables
-    are recomputed by the model itself (cheap), which keeps this architecture-agnostic.
-    This block-wise scheme is this project's addition, not the paper's.
+    Memory: one layer's weights and activations, plus n + 1 streams of nsamples × seqlen × hidden
+    × bytes (n = 2q for SPSA), plus the perturbation's own copy of one layer's perturbed tensors.
+    `layer_forwards` counts forwards of one layer over the whole calibration set.
     """
 
-    def __init__(self, model, windows: torch.Tensor, layers: list[nn.Module], batch_size: int = 4):
-        self.model, self.windows, self.layers, self.batch_size = model, windows, list(layers), batch_size
-        self.device = next(model.parameters()).device
-        self.container, self.attr = _layer_container(model, self.layers)
-        self.inputs: list[list[torch.Tensor]] = [[] for _ in self.layers]
-        handles = []
-        for j, layer in enumerate(self.layers):
-            def grab(module, args, kwargs, j=j):
-                h = args[0] if args else kwargs["hidden_states"]
-                self.inputs[j].append(h.detach())
-            handles.append(layer.register_forward_pre_hook(grab, with_kwargs=True))
+    def __init__(self, model, windows: torch.Tensor, batch_size: int = 4, hidden_device=None):
+        from minillm.layerwise import LayerPass
+
+        _, self.head = decoder_and_head(model)
+        if self.head is None:
+            raise ValueError(f"{type(model).__name__}: no decoder/head split for the layer-by-layer loss")
+        self.lp = LayerPass(model, windows, batch_size, hidden_device=hidden_device)
+        self.targets = [b[:, 1:].reshape(-1) for b in windows.split(max(1, int(batch_size)))]
+        self.count = int(windows[:, 1:].numel())
+        self.layer_forwards = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self.lp.layers)
+
+    def loss(self, stream: list[torch.Tensor]) -> float:
+        """Mean next-token cross-entropy of a stream that has passed the last layer."""
+        total = 0.0
+        with torch.no_grad():
+            for h, t in zip(stream, self.targets, strict=True):
+                h = self.lp.finish(h.to(self.lp.device))[:, :-1]
+                total += float(head_loss_sum(self.head, h.reshape(-1, h.size(-1)), t.to(h.device)).double())
+        return total / self.count
+
+    @staticmethod
+    def _consumed(streams, s):
+        """Stream s's micro-batches, each dropped from it as it is read when no other stream shares
+        the list (`LayerPass.forward` zips its inputs lazily): one micro-batch in flight, not a stream."""
+        stream = streams[s]
+        if any(other is stream for t, other in enumerate(streams) if t != s):
+            return stream
+
+        def read():
+            for b in range(len(stream)):
+                h, stream[b] = stream[b], None
+                yield h
+        return read()
+
+    def losses(self, start: int, inputs: list[torch.Tensor], perturbation, progress=None) -> list[float]:
+        streams = [inputs] * perturbation.n
+        steps = range(start, self.depth)
+        for j in (progress(steps) if progress else steps):
+            with self.lp.resident(j):
+                if j in perturbation.layers:
+                    perturbation.enter(j)
+                    try:
+                        for s in range(perturbation.n):
+                            perturbation.apply(j, s)
+                            inputs_s = self._consumed(streams, s) if j > start else streams[s]
+                            streams[s] = self.lp.forward(j, inputs_s)
+                    finally:
+                        perturbation.leave(j)
+                    self.layer_forwards += perturbation.n
+                else:
+                    done = {}
+                    for s in range(perturbation.n):
+                        if id(streams[s]) not in done:
+                            done[id(streams[s])] = self.lp.forward(
+                                j, self._consumed(streams, s) if j > start else streams[s])
+                            self.layer_forwards += 1
+                        streams[s] = done[id(streams[s])]
+                    del done
+        out = []
+        for s in range(perturbation.n):
+            out.append(self.loss(streams[s]))
+            streams[s] = None
+        return out
+
+    def clean_inputs(self, layers):
+        """Yield (i, the unperturbed inputs of layer i) for the sorted `layers`, advancing one stream
+        from layer 0 (each layer between resident once); then `clean_loss` holds the unperturbed loss."""
+        h, i = self.lp.hidden, 0
+        for target in sorted(set(layers)):
+            while i < target:
+                with self.lp.resident(i):
+                    h = self.lp.forward(i, h)
+                self.layer_forwards += 1
+                i += 1
+            yield target, h
+        while i < self.depth:
+            with self.lp.resident(i):
+                h = self.lp.forward(i, h)
+            self.layer_forwards += 1
+            i += 1
+        self.clean_loss = self.loss(h)
+
+
+def parameter_layers(lp, tensors) -> list[int]:
+    """The decoder layer holding each tensor (by identity); ValueError for one outside the layers."""
+    where = {id(p): i for i, layer in enumerate(lp.layers) for p in layer.parameters()}
+    missing = [i for i, t in enumerate(tensors) if id(t) not in where]
+    if missing:
+        raise ValueError(f"{len(missing)} perturbed tensor(s) are not in a decoder layer")
+    return [where[id(t)] for t in tensors]
+
+
+class Directions:
+    """SPSA's 2q streams: stream 2k is θ + εz_k, stream 2k+1 is θ − εz_k on every perturbed layer.
+
+    z_k's share of tensor `index` is `direction(seeds[k], index, shape)`: the same z as `spsa`
+    perturbing all tensors at once, so the estimate is the same up to floating-point order.
+    exact=True: layer j's perturbed tensors are copied once on entering it (memory: one layer's
+    perturbed tensors) and every stream starts from that copy, which is copied back on leaving:
+    bit-identical for every source and dtype. exact=False: MeZO's in-place round trips +εz, −2εz,
+    +εz per direction, whose rounding drift `drift` bounds per tensor (see the module docstring).
+    """
+
+    def __init__(self, tensors, layers, seeds, eps: float, exact: bool, device, resolve=None):
+        self.n, self.seeds, self.eps, self.exact, self.device = 2 * len(seeds), seeds, eps, exact, device
+        self.resolve = resolve  # resolve(index) -> the tensor as it is while its layer is resident
+        self.by_layer = {}
+        for index, (t, layer) in enumerate(zip(tensors, layers)):
+            self.by_layer.setdefault(layer, []).append((index, t))
+        self.layers = set(self.by_layer)
+        self.drift = [0.0] * len(tensors)
+        self.copy_bytes = max((sum(t.numel() * t.element_size() for _, t in ts) for ts in self.by_layer.values()),
+                              default=0)
+
+    def _add(self, j, k, scale, want_max=False):
+        zmax = {}
+        for index, t in self.by_layer[j]:
+            z = direction(self.seeds[k], index, t.shape, t.device if self.device is None else self.device)
+            if want_max:
+                zmax[index] = float(z.abs().max()) if z.numel() else 0.0
+            t.add_(z.to(device=t.device, dtype=t.dtype), alpha=scale)
+            del z
+        return zmax
+
+    @torch.no_grad()
+    def enter(self, j):
+        self.offset = 0.0  # arithmetic: how far from θ layer j is, in units of ε·z_k
+        if self.resolve is not None:  # bringing a layer to the device may replace its Parameters (offload)
+            self.by_layer[j] = [(index, self.resolve(index)) for index, _ in self.by_layer[j]]
+        if self.exact:
+            self.saved = [t.detach().clone() for _, t in self.by_layer[j]]
+        else:
+            self.amax = {index: float(t.abs().max()) if t.numel() else 0.0 for index, t in self.by_layer[j]}
+
+    @torch.no_grad()
+    def apply(self, j, s):
+        k, sign = divmod(s, 2)
+        sign = 1.0 - 2.0 * sign
+        if self.exact:
+            for (index, t), saved in zip(self.by_layer[j], self.saved):
+                t.copy_(saved)
+            self._add(j, k, sign * self.eps)
+            return
+        if sign > 0:
+            if self.offset:  # back from θ − εz_{k−1}
+                self._add(j, k - 1, self.eps)
+                self.offset = 0.0
+            zmax = self._add(j, k, self.eps, want_max=True)
+            self.offset = 1.0
+            for index, t in self.by_layer[j]:
+                step = 2 * self.eps * zmax[index]
+                big = self.amax[index] + self.drift[index] + step
+                self.drift[index] += 1.5 * (ulp(big, t.dtype) + ulp(step, t.dtype)) if big > 0 else 0.0
+        else:
+            self._add(j, k, -2 * self.eps)
+            self.offset = -1.0
+        self.k = k
+
+    @torch.no_grad()
+    def leave(self, j):
+        if self.exact:
+            for (_, t), saved in zip(self.by_layer[j], self.saved):
+                t.copy_(saved)
+            del self.saved
+        elif self.offset:
+            self._add(j, self.k, -self.offset * self.eps)
+            self.offset = 0.0
+
+
+def spsa_layerwise(runner: LayerwiseLoss, named_tensors, layers: Sequence[int], eps: float, directions: int,
+                   seed: int, stream: int = 0, start: int = 0, inputs=None, exact: bool = True,
+                   progress=None) -> Estimate:
+    """Two-sided SPSA as `spsa` of the calibration loss, on the layer-by-layer pass.
+
+    named_tensors: (name, tensor) perturbed in place; layers[i]: the decoder layer whose forward
+    reads tensor i (its own weights, or a gate hooked into it). The q directions' 2q losses
+    L(θ ± εz_k) come from 2q hidden-state streams carried from layer `start` (inputs: that
+    layer's unperturbed inputs, default the pass's layer-0 inputs) to the end, each layer
+    resident once with all directions (the loop order that keeps memory at one layer; MeZO's
+    `zo_step` loops directions outside and whole-model forwards inside). Memory: one layer
+    + (2q + 1) × nsamples × seqlen × hidden × bytes of hidden states (on the pass's hidden
+    device) + one layer's perturbed tensors (exact=True). Same seeds and z as `spsa`, so the
+    coefficients c_k = (L₊ − L₋)/2ε equal the whole-model ones up to floating-point order
+    (tests/test_minillm.py). The tensors are back to their values on return (bit-identical if
+    `exact`, else within `Estimate.drift_bound`).
+    """
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if directions < 1:
+        raise ValueError(f"directions must be >= 1, got {directions}")
+    names = [n for n, _ in named_tensors]
+    tensors = [t for _, t in named_tensors]
+    device = runner.lp.device
+    est = Estimate(names, [tuple(t.shape) for t in tensors], direction_seeds(seed, directions, stream), [],
+                   float(eps), device=str(device.type if device.type != "cuda" else device))
+    model = runner.lp.model
+
+    def resolve(index):  # a model parameter by its name (gates are the caller's own tensors)
         try:
-            self.clean_loss = calibration_loss(model, windows, batch_size)
-        finally:
-            for h in handles:
-                h.remove()
+            return model.get_parameter(names[index])
+        except AttributeError:
+            return tensors[index]
 
-    def loss_from(self, i: int) -> float:
-        if i == 0:
-            return calibration_loss(self.model, self.windows, self.batch_size)
-        original = self.container._modules[self.attr]
-        state = {"batch": 0}
+    pert = Directions(tensors, list(layers), est.seeds, eps, exact, device, resolve=resolve)
+    losses = runner.losses(start, runner.lp.hidden if inputs is None else inputs, pert, progress=progress)
+    est.coeffs = [(losses[2 * k] - losses[2 * k + 1]) / (2 * eps) for k in range(directions)]
+    est.drift_bound = pert.drift
+    est.copy_bytes = pert.copy_bytes if exact else 0
+    return est
 
-        def feed(module, args, kwargs):
-            h = self.inputs[i][state["batch"]]
-            if args:
-                args = (h,) + tuple(args[1:])
-            else:
-                kwargs["hidden_states"] = h
-            return args, kwargs
 
-        handle = self.layers[i].register_forward_pre_hook(feed, with_kwargs=True)
-        self.container._modules[self.attr] = nn.ModuleList(self.layers[i:])
-        total, count = 0.0, 0
-        try:
-            with torch.no_grad():
-                for b, batch in enumerate(self.windows.split(self.batch_size)):
-                    state["batch"] = b
-                    loss, n = _lm_loss_sum(self.model, batch.to(self.device))
-                    total += float(loss.double())
-                    count += n
-        finally:
-            self.container._modules[self.attr] = original
-            handle.remove()
-        return total / count
+class Coordinates:
+    """Central differences: stream 2c is gate element c + ε, stream 2c+1 element c − ε (one layer)."""
+
+    def __init__(self, coords, eps: float):
+        self.coords, self.eps, self.n = coords, eps, 2 * len(coords)
+        self.layers = {layer for layer, _, _ in coords}
+
+    @torch.no_grad()
+    def enter(self, j):
+        self.saved = None
+
+    @torch.no_grad()
+    def apply(self, j, s):
+        c, sign = divmod(s, 2)
+        self.leave(j)
+        _, flat, e = self.coords[c]
+        self.saved = (flat, e, flat[e].clone())
+        flat[e] = self.saved[2] + (self.eps if sign == 0 else -self.eps)
+
+    @torch.no_grad()
+    def leave(self, j):
+        if self.saved is not None:
+            flat, e, value = self.saved
+            flat[e] = value  # the saved scalar: exact
+            self.saved = None
+
+
+def coordinate_layerwise(runner: LayerwiseLoss, named_tensors, layers: Sequence[int], eps: float,
+                         streams: int = 32, progress=None) -> CoordinateEstimate:
+    """`coordinate` on the layer-by-layer pass: a coordinate of a tensor read by layer i changes
+    nothing before layer i, so its two losses run from layer i's unperturbed inputs (one clean
+    stream advanced through the layers) with at most `streams` streams at a time.
+    Memory: one layer + (streams + 1) × nsamples × seqlen × hidden × bytes."""
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    out = [torch.zeros(t.numel(), dtype=torch.float64) for _, t in named_tensors]
+    coords = {}
+    for i, ((_, t), layer) in enumerate(zip(named_tensors, layers)):
+        coords.setdefault(layer, []).extend((layer, i, e) for e in range(t.numel()))
+    chunk = max(1, streams // 2)
+    forwards = 0
+    clean = runner.clean_inputs(coords)
+    for layer, inputs in (progress(clean) if progress else clean):
+        todo = coords[layer]
+        for at in range(0, len(todo), chunk):
+            part = todo[at:at + chunk]
+            flats = [(layer, named_tensors[i][1].view(-1), e) for _, i, e in part]
+            losses = runner.losses(layer, inputs, Coordinates(flats, eps))
+            for c, (_, i, e) in enumerate(part):
+                out[i][e] = (losses[2 * c] - losses[2 * c + 1]) / (2 * eps)
+            forwards += 2 * len(part)
+    grads = [g.float().view(t.shape).to(t.device) for (_, t), g in zip(named_tensors, out)]
+    return CoordinateEstimate([n for n, _ in named_tensors], grads, float(eps), forwards)
+
+
+def blockwise_layerwise(runner: LayerwiseLoss, named_tensors, layers: Sequence[int], eps: float, directions: int,
+                        seed: int, progress=None) -> list[tuple[list[int], Estimate]]:
+    """One SPSA estimate per layer i over the tensors read by layer i alone (stream i + 1 of
+    `seed`), its 2q streams started from layer i's unperturbed inputs (one clean stream advanced
+    through the layers): d drops to one layer's tensors, at the cost of layers ≥ i per estimate.
+    Returns (indices into `named_tensors`, estimate) per layer. This project's addition."""
+    by_layer = {}
+    for i, layer in enumerate(layers):
+        by_layer.setdefault(layer, []).append(i)
+    out = []
+    clean = runner.clean_inputs(by_layer)
+    for layer, inputs in (progress(clean) if progress else clean):
+        idx = by_layer[layer]
+        est = spsa_layerwise(runner, [named_tensors[i] for i in idx], [layer] * len(idx), eps, directions, seed,
+                             stream=layer + 1, start=layer, inputs=inputs)
+        out.append((idx, est))
+    return out

@@ -364,16 +364,174 @@ def test_backprop_mask_scores_are_the_gate_gradients():
 
 
 # --------------------------------------------------------------------------- block-wise runs and spaces
-@pytest.mark.parametrize("name", ["tiny-llama-gqa", "tiny-opt", "tiny-bloom"])
-def test_loss_from_a_cached_layer_input_equals_the_full_loss(name):
+def _perturbed_copy(model, named, seed, index_of, eps):
+    """A deep copy of `model` with tensor `name` += eps·z(seed, index_of[name]) (this test's arithmetic)."""
+    import copy
+
+    m = copy.deepcopy(model)
+    params = dict(m.named_parameters())
+    with torch.no_grad():
+        for name, _ in named:
+            params[name].add_(zo.direction(seed, index_of[name], params[name].shape), alpha=eps)
+    return m
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-llama-gqa", "tiny-opt", "tiny-bloom"])
+def test_layerwise_spsa_equals_whole_model_spsa(name):
+    """Weight space on the layer-by-layer pass: each of the 2q losses is the whole-model loss of the
+    same perturbed model; ĝ and the FMS scores equal today's whole-model SPSA (same seeds); the
+    weights come back bit-identical."""
+    import copy
+
+    from minillm.activations import input_stats
+    from minillm.method import fms_scores
+
     model = load_model(name)
-    w = windows(3, 12)
-    runner = zo.LayerRunner(model, w, adapter_for(model).layers(model), batch_size=2)
-    full = zo.calibration_loss(model, w, 2)
-    for i in range(len(runner.layers)):
-        assert math.isclose(runner.loss_from(i), full, rel_tol=1e-6)
-    # the model's layer list is back in place
-    assert len(adapter_for(model).layers(model)) == len(runner.layers)
+    reference = copy.deepcopy(model)
+    w, q, eps, seed = windows(3, 16), 3, 1e-3, 5
+    sets = all_group_sets(model)
+    named = member_weights(model, sets)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    runner = zo.LayerwiseLoss(model, w, batch_size=2)
+    layers = zo.parameter_layers(runner.lp, [t for _, t in named])
+    seeds = zo.direction_seeds(seed, q)
+    losses = runner.losses(0, runner.lp.hidden, zo.Directions([t for _, t in named], layers, seeds, eps, True,
+                                                                runner.lp.device))
+    index_of = {n: i for i, (n, _) in enumerate(named)}
+    for k in range(q):
+        for sign, got in ((1, losses[2 * k]), (-1, losses[2 * k + 1])):
+            want = zo.calibration_loss(_perturbed_copy(reference, named, seeds[k], index_of, sign * eps), w, 2)
+            assert abs(got - want) <= 1e-6 * want
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # the estimate and the scores against the whole-model estimator on the untouched copy
+    result = score(model, w, sets, opts(directions=q, seed=seed), seed=0)
+    assert result.info["weight"]["restore"] == "layer-copy" and result.info["weight"]["layerwise"] is True
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    ref_sets = all_group_sets(reference)
+    ref_named = member_weights(reference, ref_sets)
+    whole = zo.spsa(lambda: zo.calibration_loss(reference, w, 2), ref_named, eps, q, seed)
+    est = zo.spsa_layerwise(runner, named, layers, eps, q, seed)
+    scale = max(abs(c) for c in whole.coeffs)
+    assert all(abs(a - b) <= 1e-3 * scale for a, b in zip(est.coeffs, whole.coeffs))
+    ghat = torch.cat([est.gradient(i).flatten() for i in range(len(named))])
+    assert cosine(ghat, torch.cat([whole.gradient(i).flatten() for i in range(len(named))])) >= 0.9999
+    stats = input_stats(reference, w, ref_sets, batch_size=2)
+    index = {n: i for i, n in enumerate(whole.names)}
+    expected = fms_scores(reference, ref_sets, stats, lambda n: whole.gradient(index[n]))
+    for gs in sets:
+        key = (gs.layer, gs.kind)
+        torch.testing.assert_close(result.scores[key].double() * gs.params_per_group(), expected[key].double(),
+                                   rtol=2e-3, atol=1e-7)
+
+
+def test_each_layer_is_resident_once_and_hidden_states_may_live_on_the_host(monkeypatch):
+    from minillm.layerwise import LayerPass
+
+    model = load_model("tiny-llama-gqa")
+    w, sets = windows(3, 16), all_group_sets(model)
+    resident = []
+    original = LayerPass.resident
+
+    def counting(self, i):
+        resident.append(i)
+        return original(self, i)
+
+    monkeypatch.setattr(LayerPass, "resident", counting)
+    on_device = score(model, w, sets, opts(directions=2), seed=0)
+    assert resident == list(range(len(adapter_for(model).layers(model)))) * 2  # statistics pass, then SPSA
+    on_host = score(model, w, sets, opts(directions=2, hidden_on="cpu"), seed=0)
+    for key, value in on_device.scores.items():
+        assert torch.equal(value, on_host.scores[key])
+
+
+def test_a_residency_that_replaces_the_parameters_is_followed(monkeypatch):
+    """Offloaded layers get new Parameter objects while resident (accelerate's
+    set_module_tensor_to_device): the perturbation must act on those, by name, and the scores
+    must equal those of a model whose layers never move."""
+    from contextlib import contextmanager
+
+    from minillm.layerwise import LayerPass
+
+    w, sets_of = windows(3, 16), all_group_sets
+    plain = load_model("tiny-opt")
+    expected = score(plain, w, sets_of(plain), opts(directions=2), seed=0).scores
+    model = load_model("tiny-opt")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    @contextmanager
+    def swapping(self, i):
+        layer = self.layers[i]
+        home = {n: p for n, p in layer.named_parameters()}
+        for n, p in home.items():  # fresh Parameters while resident, written back on leaving
+            module, _, attr = n.rpartition(".")
+            layer.get_submodule(module)._parameters[attr] = nn.Parameter(p.detach().clone(), requires_grad=False)
+        try:
+            yield layer
+        finally:
+            for n, p in home.items():
+                module, _, attr = n.rpartition(".")
+                with torch.no_grad():
+                    p.copy_(layer.get_submodule(module)._parameters[attr])
+                layer.get_submodule(module)._parameters[attr] = p
+
+    monkeypatch.setattr(LayerPass, "resident", swapping)
+    got = score(model, w, sets_of(model), opts(directions=2), seed=0)
+    for key, value in expected.items():
+        torch.testing.assert_close(got.scores[key], value, rtol=1e-6, atol=0)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("name", ["tiny-llama-gqa", "tiny-opt", "tiny-bloom"])
+def test_gate_losses_from_a_layer_equal_the_whole_model_loss(name):
+    """Gates on the layer-by-layer pass: perturbing layer i's gates and running from layer i's
+    unperturbed inputs (block-wise), or all layers' gates from layer 0, gives the whole-model loss
+    of the same gates."""
+    model = load_model(name)
+    w, eps, seed = windows(3, 12), 1e-2, 3
+    sets = all_group_sets(model)
+    gates = [torch.ones(gs.count) for gs in sets]
+    layers = [gs.layer for gs in sets]
+    seeds = zo.direction_seeds(seed, 1)
+
+    def whole_model_loss(part, sign):
+        with torch.no_grad():
+            for i in part:
+                gates[i].add_(zo.direction(seeds[0], part.index(i), gates[i].shape), alpha=sign * eps)
+            loss = zo.calibration_loss(model, w, 2)
+            for g in gates:
+                g.fill_(1.0)
+        return loss
+
+    with gated(sets, gates):
+        runner = zo.LayerwiseLoss(model, w, batch_size=2)
+        every = list(range(len(sets)))
+        got = runner.losses(0, runner.lp.hidden, zo.Directions(gates, layers, seeds, eps, True, None))
+        assert all(torch.equal(g, torch.ones_like(g)) for g in gates)
+        for s, sign in enumerate((1, -1)):
+            want = whole_model_loss(every, sign)
+            assert abs(got[s] - want) <= 1e-6 * want
+        for layer, inputs in runner.clean_inputs(layers):
+            part = [i for i in every if layers[i] == layer]
+            got = runner.losses(layer, inputs, zo.Directions([gates[i] for i in part], [layer] * len(part), seeds,
+                                                             eps, True, None))
+            for s, sign in enumerate((1, -1)):
+                want = whole_model_loss(part, sign)
+                assert abs(got[s] - want) <= 1e-6 * want
+        assert abs(runner.clean_loss - zo.calibration_loss(model, w, 2)) <= 1e-6 * runner.clean_loss
+
+
+def test_layerwise_coordinate_differences_equal_the_whole_model_ones():
+    model, w, sets, true = head_gates_with_autograd_gradient()
+    gates = [torch.ones(gs.count) for gs in sets]
+    named = [(str(i), g) for i, g in enumerate(gates)]
+    with gated(sets, gates):
+        whole = zo.coordinate(lambda: zo.calibration_loss(model, w), named, 1e-2)
+        runner = zo.LayerwiseLoss(model, w, batch_size=4)
+        layered = zo.coordinate_layerwise(runner, named, [gs.layer for gs in sets], 1e-2, streams=3)
+    assert layered.forwards == whole.forwards
+    for i in range(len(gates)):
+        torch.testing.assert_close(layered.gradient(i), whole.gradient(i), rtol=1e-3, atol=1e-4)
+    assert all(torch.equal(g, torch.ones_like(g)) for g in gates)
 
 
 def test_layer_space_returns_layer_weights_and_heads_mask_uses_fms_for_channels():

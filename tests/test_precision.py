@@ -62,8 +62,8 @@ def _assert_bit_identical_after_scoring(model, dtype):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert all(p.dtype == dtype for p in before.values())
     info = _score_minillm(model)
-    assert info["restore"] == "snapshot" and info["restored"] == info["tensors"] > 0
-    assert info["scratch_mb"] > 0
+    assert info["restore"] == "layer-copy" and info["restored"] == info["tensors"] > 0
+    assert info["copy_mb"] > 0 and info["layerwise"] is True
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     return info
 
@@ -116,6 +116,22 @@ def test_scoring_leaves_a_model_built_in_code_bit_identical(dtype):
     _assert_bit_identical_after_scoring(load_model("tiny-llama-gqa", dtype=dtype), dtype)
 
 
+def test_perturbing_all_parameters_restores_them_from_the_snapshot():
+    """perturb=all (embeddings and head too) runs whole-model passes; its scratch-file snapshot
+    puts every parameter back bit-identically in bf16, where the round trips alone would not."""
+    from minillm.architectures import all_group_sets
+    from minillm.method import OPTIONS, score
+
+    model = load_model("tiny-llama-gqa", dtype=torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(1))
+    info = score(model, ids, all_group_sets(model), {**OPTIONS, "batch_size": 2, "directions": 2, "perturb": "all"},
+                 seed=0).info["weight"]
+    assert info["restore"] == "snapshot" and info["layerwise"] is False
+    assert info["restored"] == info["tensors"] == len(before) and info["scratch_mb"] > 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 @pytest.mark.slow
 def test_scoring_leaves_the_gguf_models_weights_bit_identical():
     from minillm.architectures import all_group_sets
@@ -127,7 +143,7 @@ def test_scoring_leaves_the_gguf_models_weights_bit_identical():
     ids = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(1))
     info = score(model, ids, all_group_sets(model), {**OPTIONS, "batch_size": 1, "directions": 1},
                  seed=0).info["weight"]
-    assert info["restore"] == "snapshot" and info["restored"] == info["tensors"] > 0
+    assert info["restore"] == "layer-copy" and info["restored"] == info["tensors"] > 0
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
