@@ -92,6 +92,7 @@ from minillm.activations import input_stats
 from minillm.compensation import bias_compensator, saved_projections
 from minillm.errors import UserError
 from minillm.gates import gated
+from minillm.layerwise import resident_sets
 from minillm.scoring import Scoring, group_tensor, standardise
 
 NAME = "minillm"
@@ -340,9 +341,9 @@ def fms_scores(model, group_sets, stats, gradient_of, activation="l2", aggregate
     If `units` is a dict it also receives, per (layer, kind), the [count, width] sums per feature-map
     unit (a head's head_dim dimensions: q row u and o column u are unit u; a channel is one unit).
     """
-    names = param_names(model)
+    modules = {id(m): n for n, m in model.named_modules()}  # by module: offloaded weights get new Parameters
     scores = {}
-    for gs in group_sets:
+    for gs in resident_sets(group_sets):  # offloaded layers: weights read on the device (layerwise.py)
         total = torch.zeros(gs.count, dtype=torch.float64)
         unit = torch.zeros(gs.count, gs.output.width, dtype=torch.float64)
         elements = 0
@@ -351,7 +352,7 @@ def fms_scores(model, group_sets, stats, gradient_of, activation="l2", aggregate
             w = lin.weight
             x = activation_statistic(stats[(gs.layer, m.name)], activation).to(device=w.device, dtype=torch.float32)
             s = w.detach().float() * x.unsqueeze(0)
-            g = gradient_of(names[id(w)])
+            g = gradient_of(f"{modules[id(lin)]}.weight")
             if g is not None:
                 s.mul_(g.to(s.device))
                 del g

@@ -127,12 +127,12 @@ def _check_offload(config: dict) -> None:
     if config["offload"] == "cpu" and config["device"].split(":")[0] == "cpu":
         raise _Invalid("offload", "cpu keeps weights in host memory, which is the device on a CPU: use disk")
     if config["offload"] is not None:
-        from suite.offload import NOT_OFFLOADABLE
+        from suite.offload import offload_refusal
 
         for i, entry in enumerate(config["methods"]):
-            if entry["name"] in NOT_OFFLOADABLE:
-                raise _Invalid(f"methods[{i}]", f"{entry['name']} does not run with offload yet: "
-                               f"{NOT_OFFLOADABLE[entry['name']]}")
+            why = offload_refusal(entry["name"], entry.get("options"))
+            if why:
+                raise _Invalid(f"methods[{i}]", f"{why}: it does not run with offload yet")
     if config["offload"] is not None and (config["recovery"] or any(m.get("recovery") for m in config["methods"])):
         raise _Invalid("offload", "LoRA recovery does not run on offloaded weights; drop offload or recovery")
 

@@ -25,19 +25,31 @@ from minillm.errors import UserError
 
 OFFLOAD_KINDS = ("cpu", "disk")
 
-# Methods whose scoring cannot run on offloaded weights yet: MINI-LLM's zo.LayerRunner copies every
-# weight's bytes and perturbs all layers at once. Removed from here when it runs on the layer pass
-# (issue 11). LLM-Pruner backpropagates layer by layer on offloaded weights (layerwise.layer_gradients).
-NOT_OFFLOADABLE = {
-    "minillm": "its forward passes perturb every layer's weights at once (zo.LayerRunner)",
-}
+def offload_refusal(method_name: str, options: dict | None = None) -> str | None:
+    """Why `method_name` with `options` cannot score offloaded weights yet, or None.
+
+    Every method's default runs on offloaded weights (one layer resident: `layerwise.LayerPass`,
+    `resident_sets`, LLM-Pruner's `layerwise.layer_gradients`, MINI-LLM's layer-by-layer SPSA).
+    What still needs the whole model at once is refused: MINI-LLM's `perturb=all` (embeddings and
+    head perturbed with every layer, `zo.Snapshot`) and `gradient=backprop` / `fms_gradient=backprop`
+    (one whole-model backward), LLM-Pruner's `importance=element2` (a Fisher buffer per weight of
+    every layer across its per-window passes)."""
+    o = options or {}
+    if method_name == "minillm":
+        if o.get("perturb") == "all":
+            return "minillm perturb=all perturbs the embeddings and head together with every layer"
+        if "backprop" in (o.get("gradient"), o.get("fms_gradient")):
+            return "minillm gradient=backprop backpropagates through the whole model at once"
+    if method_name == "llm-pruner" and o.get("importance") == "element2":
+        return "llm-pruner importance=element2 keeps a Fisher buffer per weight of every layer"
+    return None
 
 
-def refuse_method(method_name: str) -> None:
-    """UserError for a method that cannot score offloaded weights yet (`NOT_OFFLOADABLE`)."""
-    if method_name in NOT_OFFLOADABLE:
-        raise UserError(f"{method_name} does not run with --offload yet: {NOT_OFFLOADABLE[method_name]}; "
-                        "load the model without --offload")
+def refuse_method(method_name: str, options: dict | None = None) -> None:
+    """UserError for a method / option combination that cannot score offloaded weights yet."""
+    why = offload_refusal(method_name, options)
+    if why:
+        raise UserError(f"{why}: it does not run with --offload yet; load the model without --offload")
 
 
 def parse_size(value) -> int | None:

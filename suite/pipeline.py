@@ -87,14 +87,14 @@ def calibration_origin(method, calib: dict | None) -> dict | None:
     return out
 
 
-def check_offloadable(model, method_name: str) -> None:
-    """UserError when `model` has offloaded weights (`load_model(offload=...)`) and the method
-    cannot score such a model yet (`NOT_OFFLOADABLE`)."""
+def check_offloadable(model, method_name: str, options: dict | None = None) -> None:
+    """UserError when `model` has offloaded weights (`load_model(offload=...)`) and the method with
+    these options cannot score such a model yet (`suite.offload.offload_refusal`)."""
     from minillm.layerwise import offloaded
     from suite.offload import refuse_method
 
     if offloaded(model):
-        refuse_method(method_name)
+        refuse_method(method_name, options)
 
 
 def calibration_settings(method, calib: dict | None) -> dict | None:
@@ -120,8 +120,8 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
     if not 0.0 < float(ratio) < 1.0:
         raise UserError(f"ratio must be in (0, 1), got {ratio}")
     method = get_method(method_name)
-    check_offloadable(model, method_name)
     options = merge_options(method_name, method.OPTIONS, options)
+    check_offloadable(model, method_name, options)
     n_layers = len(adapter_for(model).layers(model))
     layers = parse_layers(layers if layers is not None else method.SELECTION.get("layers", "all"), n_layers)
     scope = scope or method.SELECTION.get("scope", "layer")

@@ -51,7 +51,7 @@ def _offloaded(path, name, tmp_path):
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-bloom"])
 @pytest.mark.parametrize("method,options", [("wanda-sp", {}), ("flap", {}), ("magnitude", {}),
-                                            ("llm-pruner", {"layers": "all"})])
+                                            ("llm-pruner", {"layers": "all"}), ("minillm", {})])
 def test_offloaded_pruning_equals_resident(saved, tmp_path, name, method, options):
     from suite.pipeline import prune
 
@@ -135,9 +135,10 @@ def test_methods_not_offloadable_yet_are_refused(saved, tmp_path):
     from suite.pipeline import prune
 
     off = _offloaded(saved("tiny-llama"), "tiny-llama", tmp_path)
-    with pytest.raises(UserError, match="minillm does not run with --offload"):
-        prune(off, byte_tokenizer(), "minillm", 0.3, calib=CALIB)
-    with pytest.raises(UserError, match="importance=element2 does not run with --offload"):
+    for options in ({"perturb": "all"}, {"gradient": "backprop"}):  # whole-model passes: refused
+        with pytest.raises(UserError, match="minillm .* does not run with --offload"):
+            prune(off, byte_tokenizer(), "minillm", 0.3, options=options, calib=CALIB)
+    with pytest.raises(UserError, match="importance=element2 .*does not run with --offload"):
         prune(off, byte_tokenizer(), "llm-pruner", 0.3, options={"importance": "element2"}, calib=CALIB)
 
 
@@ -174,8 +175,9 @@ def test_offload_config_keys(tmp_path):
                          ({"offload": "cpu"}, "offload: cpu keeps weights"),
                          ({"offload": "disk", "device_memory": "-3"}, "device_memory"),
                          ({"hidden_on": "gpu"}, "hidden_on"),
-                         ({"offload": "disk", "methods": ["wanda-sp", "minillm"]},
-                          r"methods\[1\]: minillm does not run with offload")]:
+                         ({"offload": "disk", "methods": ["wanda-sp", {"name": "minillm",
+                                                                       "options": {"perturb": "all"}}]},
+                          r"methods\[1\]: minillm perturb=all .* does not run with offload")]:
         with pytest.raises(UserError, match=message):
             validate({**base, **bad})
 

@@ -103,11 +103,11 @@ def run(args) -> int:
         raise UserError(f"ratio must be in (0, 1), got {args.ratio}")
     method = get_method(args.method)  # fail fast on an unknown method, before loading anything
     options = parse_options(args.opt)
-    checked_options(method, options, args.scope)  # unknown keys, types, values, scope: before loading anything
+    merged = checked_options(method, options, args.scope)  # unknown keys, types, values, scope: before loading anything
     check_out(Path(args.out), args.force)
     offload = offload_kwargs(args)  # bad sizes or combinations: one line before loading
     if args.offload is not None:
-        refuse_method(args.method)
+        refuse_method(args.method, merged)
     if method.CALIBRATION is not None or args.ppl:
         require_source()
     out = Path(args.out)
