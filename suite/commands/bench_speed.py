@@ -50,9 +50,13 @@ def run(args) -> int:
     pruned_dirs = [p.strip() for p in args.pruned.split(",") if p.strip()]
     if not pruned_dirs or len(set(pruned_dirs)) < len(pruned_dirs):
         raise UserError("--pruned: one or more distinct directories, comma separated")
-    dense = load_model(args.model, dtype=args.dtype, device=args.device)
+    # Every timed model in freshly allocated memory (`copy.deepcopy`): a loaded model's untouched
+    # tensors may still be pages of its memory-mapped safetensors file, a copy's are not. On idle
+    # cores, with the loaded dense model timed against its copy, every decode control came out above 1
+    # (+1.4 to +3.3 %, results/notes/precision.md 5.3).
+    dense = copy.deepcopy(load_model(args.model, dtype=args.dtype, device=args.device))
     dense_again = copy.deepcopy(dense)  # the control: the dense weights in their own storage, like a pruned model
-    pruned = {p: load_model(p, dtype=args.dtype, device=args.device) for p in pruned_dirs}
+    pruned = {p: copy.deepcopy(load_model(p, dtype=args.dtype, device=args.device)) for p in pruned_dirs}
     windows = eval_windows(load_tokenizer(args.model), "wikitext2", args.seqlen,
                            max_tokens=args.batch_size * args.seqlen)
     threads = args.threads or torch.get_num_threads()
