@@ -60,7 +60,7 @@ def main():
         for n in WINDOWS:
             phase = run(out, method, n)
             rows.append((method, "", n, phase["peak_mb"], "this note", phase["peak_delta_mb"], phase["seconds"], opts))
-    for (method, opt, n), (peak, source) in REUSED.items():
+    for (method, n, opt), (peak, source) in REUSED.items():
         opts = dict([opt.split("=")]) if opt else {}
         rows.append((method, opt, n, peak, source, None, None, {k: int(v) for k, v in opts.items()}))
     print(f"weights: {shapes.params:,} parameters x 4 B = {weights:.1f} MiB; one stream: {stream:.3f} MiB per window\n")
