@@ -67,9 +67,9 @@ CONSTANTS = {
     "perplexity_batch": 4,
     "speed_batch": 4,
     "lm_eval_tokens": 512,
-    # MINI-LLM weight space: False = today's whole-model SPSA (zo.LayerRunner: no carried streams);
-    # True = SPSA layer by layer on the LayerPass with (2q + 1) hidden-state streams.
-    "minillm_layerwise": False,
+    # MINI-LLM weight space: True = SPSA layer by layer on the LayerPass with (2q + 1) hidden-state
+    # streams (minillm.zo.LayerwiseLoss, merged in i11d); False = the earlier whole-model SPSA.
+    "minillm_layerwise": True,
 }
 
 
