@@ -32,7 +32,8 @@ def offload_refusal(method_name: str, options: dict | None = None) -> str | None
     `resident_sets`, LLM-Pruner's `layerwise.layer_gradients`, MINI-LLM's layer-by-layer SPSA).
     What still needs the whole model at once is refused: MINI-LLM's `perturb=all` (embeddings and
     head perturbed with every layer, `zo.Snapshot`) and `gradient=backprop` / `fms_gradient=backprop`
-    (one whole-model backward), LLM-Pruner's `importance=element2` (a Fisher buffer per weight of
+    (one whole-model backward) and its gate spaces `space=mask|layer` (gates hooked on every layer's
+    projections at once; their weights are not materialised), LLM-Pruner's `importance=element2` (a Fisher buffer per weight of
     every layer across its per-window passes)."""
     o = options or {}
     if method_name == "minillm":
@@ -40,6 +41,8 @@ def offload_refusal(method_name: str, options: dict | None = None) -> str | None
             return "minillm perturb=all perturbs the embeddings and head together with every layer"
         if "backprop" in (o.get("gradient"), o.get("fms_gradient")):
             return "minillm gradient=backprop backpropagates through the whole model at once"
+        if o.get("space") in ("mask", "layer"):
+            return f"minillm space={o['space']} gates the projections of every layer at once"
     if method_name == "llm-pruner" and o.get("importance") == "element2":
         return "llm-pruner importance=element2 keeps a Fisher buffer per weight of every layer"
     return None

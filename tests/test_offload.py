@@ -135,7 +135,7 @@ def test_methods_not_offloadable_yet_are_refused(saved, tmp_path):
     from suite.pipeline import prune
 
     off = _offloaded(saved("tiny-llama"), "tiny-llama", tmp_path)
-    for options in ({"perturb": "all"}, {"gradient": "backprop"}):  # whole-model passes: refused
+    for options in ({"perturb": "all"}, {"gradient": "backprop"}, {"space": "mask"}, {"space": "layer"}):
         with pytest.raises(UserError, match="minillm .* does not run with --offload"):
             prune(off, byte_tokenizer(), "minillm", 0.3, options=options, calib=CALIB)
     with pytest.raises(UserError, match="importance=element2 .*does not run with --offload"):
