@@ -45,7 +45,7 @@ def test_single_window_is_zero_as_flap():
 
 def _flap_formula(per_window: list[torch.Tensor]) -> torch.Tensor:
     """F_K from the unrolled formula, each window [tokens, features]."""
-    k, total, mean = len(per_window), 0.0, 0.0
+    k, total = len(per_window), 0.0
     means = [w.mean(0) for w in per_window]
     for j in range(1, k + 1):
         m_j = sum(means[:j]) / j

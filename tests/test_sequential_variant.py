@@ -1,6 +1,5 @@
 """`wanda-sp` is sequential by default; `sequential=false` is the one-shot variant, named as such in
 grid labels, records (`variant`) and tables, and it keeps other layers' choices than the default."""
-from pathlib import Path
 
 import pytest
 
