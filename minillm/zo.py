@@ -176,6 +176,19 @@ def _perturb(tensors, seed: int, scale: float, device, want_max: bool = False) -
     return zmax
 
 
+def _new_estimate(named_tensors, eps: float, directions: int, seed: int, stream: int, device) -> "Estimate":
+    """An empty `Estimate` for SPSA over `named_tensors` (`spsa`, `spsa_layerwise`): the direction
+    seeds of (seed, stream), the tensors' names and shapes. Raises ValueError for eps <= 0 or
+    directions < 1."""
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if directions < 1:
+        raise ValueError(f"directions must be >= 1, got {directions}")
+    return Estimate([n for n, _ in named_tensors], [tuple(t.shape) for _, t in named_tensors],
+                    direction_seeds(seed, directions, stream), [], float(eps),
+                    device=str(device.type if device.type != "cuda" else device))
+
+
 def spsa(loss_fn: Callable[[], float], named_tensors: Sequence[tuple[str, torch.Tensor]], eps: float,
          directions: int, seed: int, stream: int = 0, progress=None) -> Estimate:
     """Two-sided SPSA of `loss_fn` w.r.t. `named_tensors`, perturbed in place and put back.
@@ -184,15 +197,9 @@ def spsa(loss_fn: Callable[[], float], named_tensors: Sequence[tuple[str, torch.
     calibration batch is used for L₊ and L₋ (MeZO). If anything raises mid-direction the pending
     perturbation is undone before the exception propagates.
     """
-    if eps <= 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    if directions < 1:
-        raise ValueError(f"directions must be >= 1, got {directions}")
-    names = [n for n, _ in named_tensors]
     tensors = [t for _, t in named_tensors]
     device = tensors[0].device if tensors else torch.device("cpu")
-    est = Estimate(names, [tuple(t.shape) for t in tensors], direction_seeds(seed, directions, stream), [],
-                   float(eps), device=str(device.type if device.type != "cuda" else device))
+    est = _new_estimate(named_tensors, eps, directions, seed, stream, device)
     with torch.no_grad():
         amax = [float(t.abs().max()) if t.numel() else 0.0 for t in tensors]
     drift = [0.0] * len(tensors)
@@ -674,20 +681,14 @@ def spsa_layerwise(runner: LayerwiseLoss, named_tensors, layers: Sequence[int], 
     (tests/test_minillm.py). The tensors are back to their values on return (bit-identical if
     `exact`, else within `Estimate.drift_bound`).
     """
-    if eps <= 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    if directions < 1:
-        raise ValueError(f"directions must be >= 1, got {directions}")
-    names = [n for n, _ in named_tensors]
     tensors = [t for _, t in named_tensors]
     device = runner.lp.device
-    est = Estimate(names, [tuple(t.shape) for t in tensors], direction_seeds(seed, directions, stream), [],
-                   float(eps), device=str(device.type if device.type != "cuda" else device))
+    est = _new_estimate(named_tensors, eps, directions, seed, stream, device)
     model = runner.lp.model
 
     def resolve(index):  # a model parameter by its name (gates are the caller's own tensors)
         try:
-            return model.get_parameter(names[index])
+            return model.get_parameter(est.names[index])
         except AttributeError:
             return tensors[index]
 

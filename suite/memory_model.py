@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from minillm.errors import UserError
+from suite.offload import parse_size  # accelerate's units, as --offload's --device-memory
 
 MiB = 2 ** 20
 GiB = 2 ** 30
@@ -498,22 +499,6 @@ def predict(cell: dict, s: Shapes | None = None) -> dict | None:
 
 
 # --------------------------------------------------------------------------- sizes and tables
-def parse_size(text) -> int:
-    """'24GB', '24GiB', '512MB', or a byte count -> bytes, with accelerate's units
-    (`convert_file_size_to_int`: GB = 10^9, GiB = 2^30; as `--device-memory` of --offload).
-    Raises UserError for anything else."""
-    from accelerate.utils import convert_file_size_to_int
-
-    value = str(text).strip().upper()
-    try:
-        size = int(value) if value.isdigit() else convert_file_size_to_int(value)
-    except (ValueError, TypeError):
-        size = None
-    if not isinstance(size, int) or size <= 0:
-        raise UserError(f"--device-memory: expected a size such as 24GB, 80GiB, 512MB or a byte count, got {text!r}")
-    return size
-
-
 def device_memory(device: str) -> int | None:
     """Default capacity: the visible GPU's memory for a cuda cell (None when torch sees none), the
     host's total RAM for a cpu cell."""
