@@ -21,28 +21,28 @@ from __future__ import annotations
 
 import torch
 
-from minillm.errors import UserError
+from typing import Literal
+
 from minillm.layerwise import resident_sets
+from minillm.options import MethodOptions
 from minillm.scoring import Scoring
 
 NAME = "magnitude"
-OPTIONS = {"norm": "l2", "weights": "output"}
+
+
+class Options(MethodOptions):
+    norm: Literal["l2", "l1"] = "l2"
+    weights: Literal["output", "group"] = "output"
+
+
+OPTIONS = Options.defaults()
 CALIBRATION = None
 SELECTION = {"scope": "layer", "layers": "all"}
 
 _P = {"l1": 1, "l2": 2}
 
 
-def check_options(options: dict) -> dict:
-    if options["norm"] not in _P:
-        raise UserError(f"magnitude option norm must be l1 or l2, got {options['norm']!r}")
-    if options["weights"] not in ("output", "group"):
-        raise UserError(f"magnitude option weights must be output or group, got {options['weights']!r}")
-    return options
-
-
 def score(model, windows, group_sets, options, seed) -> Scoring:
-    check_options(options)
     p = _P[options["norm"]]
     scores = {}
     with torch.no_grad():

@@ -87,6 +87,10 @@ def checked_options(method, given: dict | None, scope: str | None = None) -> dic
     Raises UserError for an unknown key, an ill-typed value, a value the method refuses or an option
     the scope would ignore; needs no model, so commands call it before loading one.
     """
+    if hasattr(method, "Options"):  # declared with minillm.options (pydantic): one parse does it all
+        from minillm.options import parse
+
+        return parse(method.Options, method.NAME, given, scope)
     options = merge_options(method.NAME, method.OPTIONS, given)
     check = getattr(method, "check_options", None)
     options = check(dict(options)) if check else options

@@ -313,6 +313,21 @@ def _check_method(entry: dict, where: str) -> None:
         raise _Invalid(f"{where}.name", "'dense' is not a pruning method; the dense row comes from `dense: true`")
     if name not in registry:
         raise _Invalid(f"{where}.name", f"unknown method {name!r} (known: {', '.join(sorted(registry))})")
+    module = registry[name]
+    try:
+        module = importlib.import_module(module) if isinstance(module, str) else module
+    except ImportError:
+        return  # a broken method module fails its own cells, with the error in the record
+    if hasattr(module, "Options"):  # one declaration (minillm.options): types, choices, ranges, combinations
+        from minillm.options import parse
+
+        given = {k: v for k, v in entry["options"].items() if k not in SELECTION_OPTIONS}
+        try:
+            parsed = parse(module.Options, name, given, entry["options"].get("scope"))
+        except UserError as exc:
+            raise _Invalid(f"{where}.options", str(exc)) from None
+        entry["options"].update({k: parsed[k] for k in given})
+        return
     defaults = _method_options(registry[name])
     if defaults is None:
         return

@@ -91,7 +91,7 @@ def test_prune_force_replaces_an_earlier_model_and_a_file(pruned, tmp_path, caps
 @pytest.mark.parametrize("method, opt, says", [
     ("minillm", "direction=8", "has no option 'direction'"),
     ("minillm", "space=foo", "space='foo'"),
-    ("magnitude", "norm=l3", "norm must be l1 or l2"),
+    ("magnitude", "norm=l3", "norm='l3': choose one of l2, l1"),  # issue 13: one schema, one wording
     ("llm-pruner", "importance=taylor", "importance must be one of"),
     ("flap", "head_power=two", "expected float"),
 ])
@@ -116,7 +116,7 @@ def test_grid_method_options_are_checked_when_the_config_loads(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("name: bad\nmodels: [tiny-llama]\nratios: [0.2]\n"
                     "methods: [{name: magnitude, options: {norm: l3}}]\n")
-    with pytest.raises(UserError, match=r"bad.yaml: methods\[0\]\.options: magnitude option norm must be l1 or l2"):
+    with pytest.raises(UserError, match=r"bad.yaml: methods\[0\]\.options: magnitude option norm='l3': choose one of l2, l1"):
         load_config(path)
 
 
