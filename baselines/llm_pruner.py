@@ -223,7 +223,9 @@ def score(model, windows, group_sets, options, seed) -> Scoring:
             p.grad = None
             p.requires_grad_(flag)
     return Scoring(scores, info={"importance": importance, "aggregation": options["aggregation"],
-                                 "tokens": int(windows.numel()), "micro_batch": batch_size})
+                                 "tokens": int(windows.numel()),
+                                 "micro_batch": min(batch_size, len(windows)),  # windows batched, not the limit
+                                 "micro_batches": -(-len(windows) // batch_size)})
 
 
 def _score_layerwise(model, windows, group_sets, options) -> Scoring:
@@ -252,7 +254,8 @@ def _score_layerwise(model, windows, group_sets, options) -> Scoring:
                 scores[(gs.layer, gs.kind)] = _aggregate(per_member, options["aggregation"]).cpu()
 
     batch = int(options["batch_size"])
-    layer_gradients(model, windows, score_layer, batch_size=batch if batch > 0 else auto_batch_size(model, windows.shape[1]),
-                    layers=sorted(by_layer))
+    batch = batch if batch > 0 else auto_batch_size(model, windows.shape[1])
+    layer_gradients(model, windows, score_layer, batch_size=batch, layers=sorted(by_layer))
     return Scoring(scores, info={"importance": importance, "aggregation": options["aggregation"],
-                                 "tokens": int(windows.numel()), "backprop": "layer by layer"})
+                                 "tokens": int(windows.numel()), "backprop": "layer by layer",
+                                 "micro_batch": min(batch, len(windows)), "micro_batches": -(-len(windows) // batch)})

@@ -77,8 +77,27 @@ def test_llm_pruner_micro_batched_scores_equal_one_batch(name, monkeypatch):
         opts = merge_options("llm-pruner", llm_pruner.OPTIONS, {"batch_size": batch_size})
         scoring = llm_pruner.score(model, ids, all_group_sets(model), opts, 0)
         close(scoring.scores, want)
-        assert scoring.info["micro_batch"] == (2 if batch_size else llm_pruner.auto_batch_size(model, ids.shape[1]))
+        assert scoring.info["micro_batch"] == (2 if batch_size else min(len(ids), llm_pruner.auto_batch_size(model, ids.shape[1])))
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_llm_pruner_records_the_windows_it_batched(offload, tmp_path):
+    """info.micro_batch / micro_batches are the windows actually batched and the passes, counted here
+    by a hook on the input embedding (every pass embeds its micro-batch), not the auto limit."""
+    from suite.offload import dispatch_offloaded
+
+    model, ids = load_model("tiny-llama"), windows(n=5)
+    assert llm_pruner.auto_batch_size(model, ids.shape[1]) > len(ids)  # the limit is not what was batched
+    if offload:
+        model = dispatch_offloaded(model, "cpu", "disk", 6_000_000, tmp_path / "off")
+    for batch_size, want in ((0, [5]), (2, [2, 2, 1])):
+        seen = []
+        hook = model.get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+        opts = merge_options("llm-pruner", llm_pruner.OPTIONS, {"batch_size": batch_size})
+        info = llm_pruner.score(model, ids, all_group_sets(model), opts, 0).info
+        hook.remove()
+        assert seen == want and info["micro_batch"] == max(seen) and info["micro_batches"] == len(seen)
 
 
 def test_llm_pruner_fisher_keeps_per_window_passes(monkeypatch):
