@@ -179,9 +179,10 @@ def add_offload_arguments(parser, hidden: bool = False) -> None:
     parser.add_argument("--offload-folder", default=None, metavar="DIR",
                         help="with --offload: where offloaded weights go (default: a temporary directory removed at exit)")
     if hidden:
-        parser.add_argument("--hidden-on", default="device", choices=HIDDEN_ON,
+        parser.add_argument("--hidden-on", default=None, choices=HIDDEN_ON,
                             help="where the layer-by-layer passes keep the calibration hidden states between "
-                                 "layers (default device; cpu: host memory, one micro-batch moved at a time)")
+                                 "layers (default device; cpu: host memory, one micro-batch moved at a time); "
+                                 "refused for a method that calibrates on nothing (random, magnitude)")
 
 
 HIDDEN_ON = ("device", "cpu")

@@ -108,6 +108,9 @@ def run(args) -> int:
     offload = offload_kwargs(args)  # bad sizes or combinations: one line before loading
     if args.offload is not None:
         refuse_method(args.method, merged)
+    if args.hidden_on is not None and method.CALIBRATION is None:
+        raise UserError(f"--hidden-on: {args.method} calibrates on nothing, so no layer-by-layer pass keeps "
+                        "hidden states to place; leave --hidden-on out")
     if method.CALIBRATION is not None or args.ppl:
         require_source()
     out = Path(args.out)
@@ -133,6 +136,10 @@ def run(args) -> int:
               "seed": args.seed, **outcome_record(outcome, args.ratio)}
     if ppl:
         record["perplexity"] = {args.ppl: ppl}
+    # where the weights and hidden states lived (the grid's RUNTIME_KEYS, plus the folder; None: a
+    # temporary one): they change no result, but say how the scoring's time and memory were spent
+    record.update(offload=args.offload, device_memory=args.device_memory, offload_folder=args.offload_folder,
+                  hidden_on=args.hidden_on or "device")
     record["provenance"] = provenance(config=vars(args) | {"_run": None}, seed=args.seed)
     save_pruned(model, tokenizer, carried_plan(model), out, extra=record)  # original numbering
     sel = outcome.selection

@@ -1,0 +1,57 @@
+"""The open findings of the sixth fresh-user trial (results/notes/newcomer.md §6), one test each:
+each failed before its fix."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CALIB = ["--nsamples", "4", "--seqlen", "32"]
+
+
+def suite_env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path]), "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", **extra}
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+# --------------------------------------------------------------------------- 4. --hidden-on, data-free
+@pytest.mark.parametrize("method", ["random", "magnitude"])
+def test_hidden_on_is_refused_for_a_data_free_method(tmp_path, capsys, monkeypatch, method):
+    from suite import models
+    from suite.cli import main
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    for where in ("cpu", "device"):
+        args = ["prune", "--model", "tiny-llama", "--method", method, "--ratio", "0.2", "--out",
+                str(tmp_path / "o"), "--hidden-on", where]
+        assert main(args) == 2
+        assert f"--hidden-on: {method} calibrates on nothing" in one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- 8. offload settings recorded
+def test_pruning_json_records_the_offload_settings(tmp_path):
+    from suite.cli import main
+
+    common = ["--model", "tiny-llama", "--method", "wanda-sp", "--ratio", "0.2", *CALIB, "--quiet"]
+    folder = tmp_path / "off"
+    assert main(["prune", *common, "--out", str(tmp_path / "a"), "--offload", "disk", "--device-memory", "2MB",
+                 "--offload-folder", str(folder), "--hidden-on", "cpu"]) == 0
+    assert main(["prune", *common, "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / d / "pruning.json").read_text()) for d in "ab")
+    assert {k: a[k] for k in ("offload", "device_memory", "offload_folder", "hidden_on")} == {
+        "offload": "disk", "device_memory": "2MB", "offload_folder": str(folder), "hidden_on": "cpu"}
+    assert {k: b[k] for k in ("offload", "device_memory", "offload_folder", "hidden_on")} == {
+        "offload": None, "device_memory": None, "offload_folder": None, "hidden_on": "device"}
+    assert a["plan_summary"] == b["plan_summary"]  # the settings change no result
