@@ -115,19 +115,46 @@ def max_memory(device, offload, device_memory) -> dict:
     return out
 
 
+_TEMPORARY: list[str] = []  # this process's temporary offload folders
+
+
+def _remove_temporary() -> None:
+    import shutil
+
+    while _TEMPORARY:
+        shutil.rmtree(_TEMPORARY.pop(), ignore_errors=True)
+
+
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM (a `kill`, a batch system's stop) as Ctrl-C and a normal exit: the temporary offload
+    folders removed, then SIGTERM's default action, so the process still ends killed by SIGTERM."""
+    import os
+    import signal
+
+    _remove_temporary()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 def offload_dir(offload_folder) -> str:
     """The offload folder: the given one (created; it must be empty: accelerate would reuse the
-    weights an earlier run left there), or a temporary one removed at exit."""
+    weights an earlier run left there), or a temporary one removed at exit, on Ctrl-C and on SIGTERM
+    (a handler is installed where SIGTERM has the default one, in the main thread)."""
     import atexit
-    import shutil
+    import signal
     import tempfile
+    import threading
 
     if offload_folder is not None:
         _check_folder(offload_folder)
         Path(offload_folder).mkdir(parents=True, exist_ok=True)
         return str(offload_folder)
     path = tempfile.mkdtemp(prefix="minillm-offload-")
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    if not _TEMPORARY:
+        atexit.register(_remove_temporary)
+    _TEMPORARY.append(path)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
     return path
 
 

@@ -55,3 +55,28 @@ def test_pruning_json_records_the_offload_settings(tmp_path):
     assert {k: b[k] for k in ("offload", "device_memory", "offload_folder", "hidden_on")} == {
         "offload": None, "device_memory": None, "offload_folder": None, "hidden_on": "device"}
     assert a["plan_summary"] == b["plan_summary"]  # the settings change no result
+
+
+# --------------------------------------------------------------------------- 3. SIGTERM and the temp folder
+def test_sigterm_removes_the_temporary_offload_folder(tmp_path):
+    """A process holding a tiny model loaded with offload="disk" (what `--offload disk` does) and the
+    default, temporary offload folder is sent SIGTERM: the folder is gone, the process ended by SIGTERM."""
+    import signal
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    code = ("from suite.models import load_model; "
+            "m = load_model('tiny-llama', offload='disk', device_memory=2_000_000); "
+            "print('loaded', flush=True); import time; time.sleep(300)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=suite_env(TMPDIR=str(tmp)), cwd=tmp_path)
+    try:
+        assert proc.stdout.readline().strip() == "loaded", proc.stderr.read()
+        folders = list(tmp.glob("minillm-offload-*"))
+        assert len(folders) == 1 and any(folders[0].iterdir())  # weights were offloaded there
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not folders[0].exists()
