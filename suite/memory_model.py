@@ -579,6 +579,26 @@ def compare_table(cells: list[dict], records: list[dict]) -> tuple[str, float | 
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), worst
 
 
+def commit_warning(cells: list[dict], records: list[dict], path) -> str | None:
+    """One line when the records `compare_table` matches were written by another commit than the
+    current code's (`provenance.git_commit`): their peaks may predate the code the formulas follow."""
+    from collections import Counter
+
+    from suite.records import cell_key, provenance
+
+    keys = {cell_key(cell) for cell in cells}
+    current = provenance()["git_commit"]
+    commits = Counter(str((r.get("provenance") or {}).get("git_commit") or "unknown")[:12]
+                      for r in records if not r.get("error") and r.get("cell_key") in keys)
+    others = [(c, n) for c, n in commits.most_common() if c != current[:12]]
+    if not others:
+        return None
+    named = ", ".join(f"{c} ({n})" for c, n in others)
+    return (f"warning: {path}: {sum(n for _, n in others)} of {sum(commits.values())} compared records come "
+            f"from commit {named}, not the current code's {current[:12]}: measured peaks of older code may "
+            "differ from what these formulas model")
+
+
 def read_records(path) -> list[dict]:
     try:
         lines = open(path, encoding="utf-8").read().splitlines()

@@ -80,3 +80,46 @@ def test_sigterm_removes_the_temporary_offload_folder(tmp_path):
         proc.kill()
         proc.wait()
     assert not folders[0].exists()
+
+
+def write_grid(tmp_path, models=("tiny-llama",), methods=("wanda-sp",), **extra) -> str:
+    import yaml
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "t6", "models": list(models), "methods": list(methods), "ratios": [0.2],
+        "calibration": {"apply_to": "all", "nsamples": 4, "seqlen": 32}, "device": "cpu",
+        "evaluation": {"perplexity": ["wikitext2"], "max_tokens": 256, "tasks": [], "throughput": False}, **extra}))
+    return str(path)
+
+
+# --------------------------------------------------------------------------- 1. --compare, older code
+def test_compare_warns_when_the_records_come_from_another_commit(tmp_path, capsys):
+    from suite import memory_model as mm
+    from suite.cli import main
+    from suite.config import expand_cells, load_config
+    from suite.records import cell_key
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    if len(head) != 40:
+        pytest.skip("not a git checkout: the code has no commit to compare with")
+    config = write_grid(tmp_path)
+    cells = expand_cells(load_config(config))  # dense and wanda-sp
+
+    def results(*commits):
+        path = tmp_path / "r.jsonl"
+        path.write_text("".join(json.dumps({
+            "cell_key": cell_key(cell), "provenance": {"git_commit": commit},
+            "phases": {"load": {"peak_mb": mm.predict(cell)["load"] / 2 ** 20}}}) + "\n"
+            for cell, commit in zip(cells, commits)))
+        return str(path)
+
+    old = "0123456789ab" * 3 + "0123"
+    assert main(["run", config, "--dry-run", "--compare", results(old, head)]) == 0
+    out, err = capsys.readouterr()
+    assert [line for line in err.splitlines() if "warning" in line.lower()] == [
+        f"warning: {tmp_path / 'r.jsonl'}: 1 of 2 compared records come from commit {old[:12]} (1), not the "
+        f"current code's {head[:12]}: measured peaks of older code may differ from what these formulas model"]
+    assert "largest |error|: 0.0 %" in out
+    assert main(["run", config, "--dry-run", "--compare", results(head, head)]) == 0
+    assert "warning:" not in capsys.readouterr().err

@@ -46,7 +46,10 @@ def add_arguments(parser) -> None:
 
 
 def dry_run(args) -> int:
-    """The memory model's table for the grid (and, with --compare, its error against records)."""
+    """The memory model's table for the grid (and, with --compare, its error against records, with a
+    warning when they were recorded by another commit)."""
+    import sys
+
     from suite import memory_model
     from suite.config import expand_cells, load_config
 
@@ -60,6 +63,9 @@ def dry_run(args) -> int:
           + (f"; {unknown} of unknown shapes" if unknown else ""))
     if records is not None:
         table, worst = memory_model.compare_table(cells, records)
+        warning = memory_model.commit_warning(cells, records, args.compare)
+        if warning:
+            print(warning, file=sys.stderr)
         print(f"\npredicted vs measured ({args.compare}):\n{table}")
         print("no recorded cell of this grid" if worst is None else f"largest |error|: {worst:.1f} %")
     return 0
