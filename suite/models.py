@@ -291,6 +291,24 @@ def resolve(name_or_path: str):
     return "hub", spec
 
 
+def missing_local_path(spec: str) -> bool:
+    """Whether `spec` is written as a local path (it starts with ".", "/" or "~", or its first
+    component is a directory here, as "out/wanda" with out/ present) and nothing is there. A hub id
+    ("owner/name" with no such local directory) is not: `resolve` decides about the hub."""
+    spec = str(spec)
+    if spec in TINY_MODELS or spec == EMBEDDED or Path(spec).expanduser().exists():
+        return False
+    return spec.startswith((".", "/", "~")) or ("/" in spec and Path(spec.split("/")[0]).is_dir())
+
+
+def refuse_missing_paths(specs, where: str) -> None:
+    """One-line UserError for the first of a grid's `models` that is a missing local path, before any
+    cell runs (else: a "shapes unknown" row in `--dry-run`, a failed cell in a run)."""
+    for spec in specs:
+        if missing_local_path(spec):
+            raise UserError(f"{where}: models: {spec}: no such file or directory")
+
+
 def _load_config(name_or_path, where):
     from transformers import AutoConfig
 

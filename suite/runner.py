@@ -207,6 +207,9 @@ def run_grid(config_path, out=None, force: bool = False, quiet: bool = False, re
     `ray_options` going to suite.ray_backend.run_cells) and append one record per finished cell.
     A results file holding another grid's records is refused unless `merge`."""
     config = load_config(config_path)
+    from suite.models import refuse_missing_paths
+
+    refuse_missing_paths(config["models"], config_path)  # one line now, not a failed cell per missing path
     out = Path(out) if out else default_out(config)
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a results file (.jsonl)")

@@ -123,3 +123,28 @@ def test_compare_warns_when_the_records_come_from_another_commit(tmp_path, capsy
     assert "largest |error|: 0.0 %" in out
     assert main(["run", config, "--dry-run", "--compare", results(head, head)]) == 0
     assert "warning:" not in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- 6. a missing local model path
+@pytest.mark.parametrize("missing", ["./no/such/dir", "out/no-such-model", "~/no-such-model-t6"])
+def test_a_missing_local_model_path_is_refused_before_any_cell(tmp_path, capsys, monkeypatch, missing):
+    from suite import runner
+    from suite.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()  # "out/..." is then a local path, not a hub id
+    monkeypatch.setattr(runner, "run_cells_locally", lambda *a, **k: pytest.fail("a cell ran"))
+    config = write_grid(tmp_path, models=["tiny-llama", missing], methods=["magnitude"])
+    for extra in (["--dry-run"], ["--out", str(tmp_path / "r.jsonl")]):
+        assert main(["run", config, *extra]) == 2
+        assert one_line_error(capsys) == f"error: {config}: models: {missing}: no such file or directory\n"
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_an_unreachable_hub_id_keeps_its_shapes_unknown_row(tmp_path, capsys, monkeypatch):
+    from suite.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", write_grid(tmp_path, models=["nobody/no-such-model"], methods=["magnitude"]),
+                 "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("shapes unknown") == 2  # dense and magnitude

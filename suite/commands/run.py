@@ -54,8 +54,12 @@ def dry_run(args) -> int:
     from suite.config import expand_cells, load_config
 
     capacity = memory_model.parse_size(args.device_memory) if args.device_memory is not None else None
+    from suite.models import refuse_missing_paths
+
     records = memory_model.read_records(args.compare) if args.compare else None
-    cells = expand_cells(load_config(args.config))
+    config = load_config(args.config)
+    refuse_missing_paths(config["models"], args.config)  # a hub id it cannot reach stays a "shapes unknown" row
+    cells = expand_cells(config)
     table, misfits, unknown = memory_model.dry_run_table(cells, capacity)
     print(table)
     print(f"{len(cells)} cells; {misfits} will not fit" + ("" if args.device_memory is None
