@@ -32,6 +32,36 @@ def add_arguments(parser):
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "intermediate_size", "ffn_dim", "word_embed_proj_dim")
+
+
+def base_mismatch(dense, pruned) -> str | None:
+    """Why `pruned` was not pruned from `dense`, or None. A pruned model's config is its dense
+    model's (minillm/saving.py), so the dense shape fields must agree; pruning and LoRA recovery never
+    touch the input embeddings, so they must be equal too (this catches another model of the same shapes)."""
+    import torch
+
+    for key in SHAPE_KEYS:
+        mine, theirs = getattr(pruned.config, key, None), getattr(dense.config, key, None)
+        if mine is not None and theirs is not None and mine != theirs:
+            return f"its dense {key} is {mine}, the dense model's {theirs}"
+    a, b = pruned.get_input_embeddings().weight, dense.get_input_embeddings().weight
+    if a.shape != b.shape or not torch.equal(a, b):
+        return "its input embeddings differ from the dense model's (pruning keeps them whole)"
+    return None
+
+
+def _recorded_base(path) -> str | None:
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads((Path(path) / "pruning.json").read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def run(args) -> int:
     import copy
 
@@ -56,7 +86,13 @@ def run(args) -> int:
     # (+1.4 to +3.3 %, results/notes/precision.md 5.3).
     dense = copy.deepcopy(load_model(args.model, dtype=args.dtype, device=args.device))
     dense_again = copy.deepcopy(dense)  # the control: the dense weights in their own storage, like a pruned model
-    pruned = {p: copy.deepcopy(load_model(p, dtype=args.dtype, device=args.device)) for p in pruned_dirs}
+    pruned = {}
+    for p in pruned_dirs:  # each checked against the dense model before anything is timed
+        model = load_model(p, dtype=args.dtype, device=args.device)
+        if why := base_mismatch(dense, model):
+            raise UserError(f"--pruned {p} was not pruned from --model {args.model}: {why}"
+                            + (f" (pruning.json names {base})" if (base := _recorded_base(p)) else ""))
+        pruned[p] = copy.deepcopy(model)
     windows = eval_windows(load_tokenizer(args.model), "wikitext2", args.seqlen,
                            max_tokens=args.batch_size * args.seqlen)
     threads = args.threads or torch.get_num_threads()
