@@ -202,7 +202,9 @@ def add_offload_arguments(parser, hidden: bool = False) -> None:
                         help="keep only what fits --device-memory on the device; the rest of the weights in "
                              "host memory (cpu: a CUDA device only) or in --offload-folder (disk)")
     parser.add_argument("--device-memory", default=None, metavar="SIZE",
-                        help="with --offload: cap on the device's weights, e.g. 24GB, 512MiB (default: free memory)")
+                        help="with --offload: cap on the weights kept on the device (accelerate's max_memory), e.g. "
+                             "24GB, 512MiB (default: free memory); a grid's device_memory: is the same cap, "
+                             "`run --dry-run --device-memory` is the device's size instead")
     parser.add_argument("--offload-folder", default=None, metavar="DIR",
                         help="with --offload: where offloaded weights go (default: a temporary directory removed at exit)")
     if hidden:

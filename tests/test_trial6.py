@@ -185,3 +185,21 @@ def test_bench_speed_refuses_a_model_pruned_from_another_base(tmp_path, capsys, 
         assert "(pruning.json names tiny-llama)" in err
     with pytest.raises(Timed):  # the model it was pruned from: accepted, timing starts
         main(["bench-speed", "--model", "tiny-llama", *args])
+
+
+# --------------------------------------------------------------------------- 5. scope: global in a grid
+def test_grid_method_entry_scope_global_reaches_the_record(tmp_path):
+    """`options: {scope: global}` in a grid's method entry: the cell's record says selection.scope
+    global and holds the plan of a direct global-scope pruning (which differs from the per-layer one)."""
+    from suite.config import expand_cells, load_config
+    from suite.models import byte_tokenizer, load_model
+    from suite.pipeline import plan_summary, prune, run_cell
+
+    config = write_grid(tmp_path, methods=[{"name": "magnitude", "options": {"scope": "global"}}], ratios=[0.3],
+                        dense=False)
+    (cell,) = expand_cells(load_config(config))
+    record = run_cell(cell)
+    assert record["selection"]["scope"] == "global"
+    plans = {scope: plan_summary(prune(load_model("tiny-llama"), byte_tokenizer(), "magnitude", 0.3,
+                                       scope=scope).selection.plan) for scope in ("global", "layer")}
+    assert json.loads(json.dumps(plans["global"])) == record["plan_summary"] != json.loads(json.dumps(plans["layer"]))

@@ -26,8 +26,10 @@ def add_arguments(parser) -> None:
                      help="run nothing: print every cell's predicted peak memory per phase on its device, from "
                           "the models' configs alone (no weight is read), and mark the cells that will not fit")
     dry.add_argument("--device-memory", metavar="SIZE",
-                     help="with --dry-run: the memory to fit in, e.g. 24GB, 80GiB, 512MB (accelerate's units: "
-                          "GB = 10^9 bytes, GiB = 2^30; default: the visible GPU's for cuda cells, the host's RAM for cpu cells)")
+                     help="with --dry-run: the device's size, which every cell's predicted peak must fit in, e.g. "
+                          "24GB, 80GiB, 512MB (accelerate's units: GB = 10^9 bytes, GiB = 2^30; default: the visible "
+                          "GPU's for cuda cells, the host's RAM for cpu cells). Not an offload cap: a grid's "
+                          "device_memory: (with offload:) caps the weights kept on the device, and the prediction uses it")
     dry.add_argument("--compare", metavar="RESULTS",
                      help="with --dry-run: also print predicted vs measured peak per phase and the error of "
                           "every cell recorded in RESULTS (a results .jsonl of this grid)")
