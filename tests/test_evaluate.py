@@ -55,13 +55,6 @@ def test_perplexity_matches_a_cross_entropy_loop(tiny):
     assert 1 < got < 512 * 4  # a random model is near-uniform over the 512-token vocabulary
 
 
-def test_throughput_counts_tokens_per_second(tiny):
-    model, tok = tiny
-    windows = torch.randint(3, 259, (6, 32))
-    tps = evaluate.throughput(model, windows, batch_size=2)
-    assert isinstance(tps, float) and tps > 0
-
-
 # --------------------------------------------------------------------------- zero-shot
 LIMIT = 5
 OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
