@@ -120,7 +120,12 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
     if not 0.0 < float(ratio) < 1.0:
         raise UserError(f"ratio must be in (0, 1), got {ratio}")
     method = get_method(method_name)
-    options = merge_options(method_name, method.OPTIONS, options)
+    if hasattr(method, "Options"):  # one declaration (minillm.options): old spellings become the canonical keys
+        from minillm.options import parse
+
+        options = parse(method.Options, method_name, options, scope)
+    else:
+        options = merge_options(method_name, method.OPTIONS, options)
     check_offloadable(model, method_name, options)
     n_layers = len(adapter_for(model).layers(model))
     layers = parse_layers(layers if layers is not None else method.SELECTION.get("layers", "all"), n_layers)

@@ -16,7 +16,7 @@ from baselines import flap, llm_pruner, magnitude, wanda_sp
 from minillm.architectures import all_group_sets
 from minillm.plan import apply_plan
 from minillm.saving import load_pruned, save_pruned
-from minillm.scoring import merge_options
+from minillm.scoring import checked_options
 from minillm.select import select
 from suite.models import load_model
 from suite.pipeline import parse_layers
@@ -117,7 +117,7 @@ def close(got: dict, want: dict):
 
 
 def run(method, model, ids, mode="q-head", **options):
-    opts = merge_options(method.NAME, method.OPTIONS, options)
+    opts = checked_options(method, options)  # as `suite prune`: a declared Options class parses old spellings too
     return method.score(model, ids, all_group_sets(model, mode), opts, 0)
 
 
@@ -148,15 +148,20 @@ def models():
 
 # ------------------------------------------------------------------ magnitude
 @pytest.mark.parametrize("name,mode", CASES)
-@pytest.mark.parametrize("norm,weights", [("l2", "output"), ("l1", "output"), ("l2", "group"), ("l1", "group")])
-def test_magnitude_scores(models, name, mode, norm, weights):
+@pytest.mark.parametrize("norm,given", [("l2", {}), ("l1", {"members": "output"}), ("l2", {"members": "all"}),
+                                        ("l1", {"members": "all"}), ("l2", {"weights": "output"}),
+                                        ("l1", {"weights": "group"})])
+def test_magnitude_scores(models, name, mode, norm, given):
+    """`members=all` is the p-norm over every weight of the group; `weights=output|group` is the old spelling
+    of `members=output|all` (same scores, computed here from the spelling's meaning, not through the alias)."""
     model = models(name)
     p = 1 if norm == "l1" else 2
+    whole_group = given.get("members") == "all" or given.get("weights") == "group"
     want = {}
     for i, layer in enumerate(arch(model)["layers"](model)):
         for kind in ("heads", "channels"):
             mems, count = members(model, kind, mode)
-            if weights == "output":
+            if not whole_group:
                 o_name, _, width = mems[-1]
                 w = layer.get_submodule(o_name).weight.detach().double()
                 col = w.abs().pow(p).sum(0).pow(1 / p)               # FLAP mag_sp: torch.norm(W, dim=0)
@@ -167,8 +172,9 @@ def test_magnitude_scores(models, name, mode, norm, weights):
                     w = layer.get_submodule(mname).weight.detach().double()
                     total = total + per_vector(w, dim, width, count).abs().pow(p).sum(dim=(1, 2))
                 want[(i, kind)] = total.pow(1 / p)
-    got = run(magnitude, model, None, mode, norm=norm, weights=weights).scores
-    close(got, want)
+    result = run(magnitude, model, None, mode, norm=norm, **given)
+    close(result.scores, want)
+    assert result.info == {"norm": norm, "members": "all" if whole_group else "output"}  # the canonical spelling
 
 
 # ------------------------------------------------------------------ wanda-sp
@@ -352,3 +358,30 @@ def test_cli_prune_records_scoring_phase(method, tmp_path):
     if method != "magnitude":
         assert record["calibration"] == {"corpus": "c4", "nsamples": 4, "seqlen": 32}
     load_pruned(out)  # reloads (FLAP: with its created biases)
+
+
+def test_magnitude_old_spelling_prunes_as_members_all_and_records_members():
+    """`weights=group` (the old spelling) and `members=all` keep the same heads and channels through
+    `suite.pipeline.prune`; the outcome's options (the record's `options`) name `members` only."""
+    from suite.pipeline import prune
+
+    outcomes = {}
+    for spelling in ({"weights": "group"}, {"members": "all"}, {"weights": "output"}, {}):
+        model = load_model("tiny-llama-gqa")
+        outcomes[str(spelling)] = prune(model, None, "magnitude", 0.3, options=spelling)
+    old, new = outcomes["{'weights': 'group'}"], outcomes["{'members': 'all'}"]
+    assert old.selection.plan.to_json() == new.selection.plan.to_json()
+    assert old.options == new.options == {"norm": "l2", "members": "all"}
+    assert outcomes["{'weights': 'output'}"].options == outcomes["{}"].options == {"norm": "l2", "members": "output"}
+    assert outcomes["{}"].selection.plan.to_json() != new.selection.plan.to_json()  # the option does change the plan
+
+
+@pytest.mark.xfail(strict=True, reason="needs suite/config.py _check_method to write back only parsed keys: "
+                   "`{k: parsed[k] for k in given if k in parsed}` (results/notes/naming.md); remove this mark then")
+def test_a_grid_accepts_magnitude_old_spelling(tmp_path):
+    from suite.config import load_config
+
+    path = tmp_path / "grid.yaml"
+    path.write_text("name: t\nmodels: [tiny-llama]\nmethods: [{name: magnitude, options: {weights: group}}]\n"
+                    "ratios: [0.2]\n")
+    assert load_config(path)["methods"][0]["options"] == {"weights": "group"}
