@@ -46,10 +46,6 @@ class Selection:
     removed: int
     total: int
 
-    @property
-    def achieved_ratio(self) -> float:
-        return self.removed / self.total
-
 
 def prunable_layers(n_layers: int, skip_first: int = 0, skip_last: int = 0, layers=None) -> list[int]:
     """Layer indices that may be pruned: all but the first `skip_first` and last `skip_last`, or `layers`."""
