@@ -20,6 +20,7 @@ from minillm.scoring import checked_options
 from minillm.select import select
 from suite.models import load_model
 from suite.pipeline import parse_layers
+from tests.tiny import token_ids
 
 TOL = 1e-5
 
@@ -88,8 +89,7 @@ def per_vector(t, dim, width, count):
 
 
 def windows(n=6, length=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 259, (n, length), generator=g)
+    return token_ids(n, length, seed)
 
 
 def output_inputs(model, ids):
@@ -116,6 +116,15 @@ def close(got: dict, want: dict):
         assert err <= TOL, f"{key}: relative error {err:.2e}"
 
 
+def output_weights(model, mode):
+    """(layer, kind, group count, group width, out-projection weight as float64) for every layer and kind."""
+    for i, layer in enumerate(arch(model)["layers"](model)):
+        for kind in ("heads", "channels"):
+            mems, count = members(model, kind, mode)
+            o_name, _, width = mems[-1]
+            yield i, kind, count, width, layer.get_submodule(o_name).weight.detach().double()
+
+
 def run(method, model, ids, mode="q-head", **options):
     opts = checked_options(method, options)  # as `suite prune`: a declared Options class parses old spellings too
     return method.score(model, ids, all_group_sets(model, mode), opts, 0)
@@ -125,14 +134,7 @@ CASES = [("tiny-llama", "q-head"), ("tiny-opt", "q-head"), ("tiny-llama-gqa", "q
          ("tiny-llama-gqa", "kv-group"), ("tiny-bloom", "q-head")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread; on a loaded 2-core machine OpenMP's second thread
-    spin-waits and a 4-layer forward goes from ~0.05 s to ~2 s. Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -183,14 +185,10 @@ def test_wanda_sp_scores(models, name, mode):
     model, ids = models(name), windows()
     xs = output_inputs(model, ids)
     want = {}
-    for i, layer in enumerate(arch(model)["layers"](model)):
-        for kind in ("heads", "channels"):
-            mems, count = members(model, kind, mode)
-            o_name, _, width = mems[-1]
-            w = layer.get_submodule(o_name).weight.detach().double()
-            x_norm = xs[(i, kind)].pow(2).sum(0).sqrt()            # ||X_j||_2 over all tokens
-            s = (w.abs() * x_norm[None, :]).mean(0)                # Wanda Eq. 1, mean over rows (FLAP)
-            want[(i, kind)] = s.view(count, width).sum(1)
+    for i, kind, count, width, w in output_weights(model, mode):
+        x_norm = xs[(i, kind)].pow(2).sum(0).sqrt()                # ||X_j||_2 over all tokens
+        s = (w.abs() * x_norm[None, :]).mean(0)                    # Wanda Eq. 1, mean over rows (FLAP)
+        want[(i, kind)] = s.view(count, width).sum(1)
     close(run(wanda_sp, model, ids, mode).scores, want)
 
 
@@ -198,16 +196,12 @@ def test_wanda_sp_scores(models, name, mode):
 def flap_reference(model, ids, mode, head_power=2.0):
     xs = output_inputs(model, ids)
     want = {}
-    for i, layer in enumerate(arch(model)["layers"](model)):
-        for kind in ("heads", "channels"):
-            mems, count = members(model, kind, mode)
-            o_name, _, width = mems[-1]
-            w = layer.get_submodule(o_name).weight.detach().double()
-            s = torch.var(xs[(i, kind)], dim=0, unbiased=True) * w.pow(2).sum(0)
-            if kind == "heads":
-                s = s ** head_power
-            z = (s - s.mean()) / s.std(unbiased=True)
-            want[(i, kind)] = z.view(count, width).mean(1)
+    for i, kind, count, width, w in output_weights(model, mode):
+        s = torch.var(xs[(i, kind)], dim=0, unbiased=True) * w.pow(2).sum(0)
+        if kind == "heads":
+            s = s ** head_power
+        z = (s - s.mean()) / s.std(unbiased=True)
+        want[(i, kind)] = z.view(count, width).mean(1)
     return want, xs
 
 

@@ -21,14 +21,7 @@ def mirror(monkeypatch):
     return MIRROR
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and OpenMP spin-waits make them several
-    times slower when the cores are shared (parallel test runs): one thread for this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
