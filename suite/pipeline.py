@@ -14,7 +14,7 @@ from minillm.errors import UserError
 from minillm.layerwise import hidden_on as hidden_states_on
 from minillm.plan import apply_plan, plan_summary
 from minillm.scoring import Scoring, merge_options
-from minillm.select import Selection, prunable_layers, select
+from minillm.select import Selection, layer_range, select
 from suite.measure import measure
 from suite.methods import get_method
 from suite.models import count_parameters
@@ -26,7 +26,7 @@ class PruneOutcome:
     scoring: Scoring
     options: dict
     calibration: dict | None
-    layers: list[int]
+    layer_range: list[int]  # the layers that may be pruned (recorded as selection.layers)
     scope: str
     phases: dict = field(default_factory=dict)
     params_dense: int = 0
@@ -36,8 +36,10 @@ class PruneOutcome:
     calibration_origin: dict | None = None
 
 
-def parse_layers(spec, n_layers: int) -> list[int]:
-    """'all' | [start_frac, end_frac] (proportions of depth, as LLM-Pruner's 4..30 of 32) | 'a:b' | [i, j, ...]."""
+def parse_layer_range(spec, n_layers: int) -> list[int]:
+    """The layer range (indices of the layers that may be pruned) from `--layers` / a grid's `layers` /
+    a method's SELECTION["layers"]: 'all' | [start_frac, end_frac] (proportions of depth, as LLM-Pruner's
+    4..30 of 32) | 'a:b' (indices, or fractions with a '.') | [i, j, ...]. Raises UserError for another form."""
     if spec is None or spec == "all":
         return list(range(n_layers))
     if isinstance(spec, str):
@@ -49,11 +51,11 @@ def parse_layers(spec, n_layers: int) -> list[int]:
         except ValueError:
             raise UserError(f"layers must be 'all', 'start:end' or a list, got {spec!r}") from None
         if lo < 1 and hi <= 1 and ("." in a or "." in b):
-            return prunable_layers(n_layers, round(lo * n_layers), n_layers - round(hi * n_layers))
+            return layer_range(n_layers, round(lo * n_layers), n_layers - round(hi * n_layers))
         return list(range(int(lo), min(int(hi), n_layers)))
     spec = list(spec)
     if len(spec) == 2 and all(isinstance(v, float) for v in spec):
-        return prunable_layers(n_layers, round(spec[0] * n_layers), n_layers - round(spec[1] * n_layers))
+        return layer_range(n_layers, round(spec[0] * n_layers), n_layers - round(spec[1] * n_layers))
     return sorted(int(i) for i in spec)
 
 
@@ -128,7 +130,7 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
         options = merge_options(method_name, method.OPTIONS, options)
     check_offloadable(model, method_name, options)
     n_layers = len(adapter_for(model).layers(model))
-    layers = parse_layers(layers if layers is not None else method.SELECTION.get("layers", "all"), n_layers)
+    layers = parse_layer_range(layers if layers is not None else method.SELECTION.get("layers", "all"), n_layers)
     scope = scope or method.SELECTION.get("scope", "layer")
     settings = calibration_settings(method, calib)
     warnings = []
@@ -164,7 +166,7 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
     with measure(device) as phases["prune"]:
         if not scoring.info.get("sequential"):
             selection = select(model, scoring.scores, ratio, scope=scope, layers=layers, head_mode=head_mode,
-                               layer_weights=scoring.info.get("layer_weights"), allow_empty=allow_empty,
+                               allocation_weights=scoring.info.get("layer_weights"), allow_empty=allow_empty,
                                round_to=round_to)
             apply_plan(model, selection.plan)
         if dense - count_parameters(model) != selection.removed:
@@ -187,7 +189,7 @@ def outcome_record(outcome: PruneOutcome, ratio: float) -> dict:
         "options": outcome.options,
         "calibration": outcome.calibration,
         "calibration_origin": outcome.calibration_origin,
-        "selection": {"scope": outcome.scope, "layers": outcome.layers, "round_to": outcome.round_to,
+        "selection": {"scope": outcome.scope, "layers": outcome.layer_range, "round_to": outcome.round_to,
                       "target_removed": sel.target_removed, "removed": sel.removed},
         "plan_summary": plan_summary(sel.plan),
         "method_info": {k: v for k, v in outcome.scoring.info.items() if k != "layer_weights"},

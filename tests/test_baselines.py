@@ -19,7 +19,7 @@ from minillm.saving import load_pruned, save_pruned
 from minillm.scoring import checked_options
 from minillm.select import select
 from suite.models import load_model
-from suite.pipeline import parse_layers
+from suite.pipeline import parse_layer_range
 from tests.tiny import token_ids
 
 TOL = 1e-5
@@ -334,7 +334,7 @@ def test_llm_pruner_batching_and_cleanup(models):
 
 def test_llm_pruner_default_layers_match_reference():
     # LLM-Pruner prunes blocks 4..29 of LLaMA-7B's 32 (block_*_layer_start 4, end 30)
-    assert parse_layers(llm_pruner.SELECTION["layers"], 32) == list(range(4, 30))
+    assert parse_layer_range(llm_pruner.SELECTION["layers"], 32) == list(range(4, 30))
 
 
 # ------------------------------------------------------------------ CLI and records
