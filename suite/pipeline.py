@@ -117,7 +117,8 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
           round_to: int | None = None, hidden_on: str | None = None) -> PruneOutcome:
     """Score, select and slice `model` in place; returns the selection and measured phases.
 
-    `hidden_on` ("cpu" | "device" | None = the device): where the layer-by-layer passes keep the
+    scope: the selection scope ("layer" | "global"; None: the method's); layers: the layer range
+    (`parse_layer_range`'s forms; None: the method's SELECTION["layers"]). `hidden_on` ("cpu" | "device" | None = the device): where the layer-by-layer passes keep the
     calibration hidden states between layers (`layerwise.hidden_on`)."""
     if not 0.0 < float(ratio) < 1.0:
         raise UserError(f"ratio must be in (0, 1), got {ratio}")
@@ -130,7 +131,7 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
         options = merge_options(method_name, method.OPTIONS, options)
     check_offloadable(model, method_name, options)
     n_layers = len(adapter_for(model).layers(model))
-    layers = parse_layer_range(layers if layers is not None else method.SELECTION.get("layers", "all"), n_layers)
+    layer_range = parse_layer_range(layers if layers is not None else method.SELECTION.get("layers", "all"), n_layers)
     scope = scope or method.SELECTION.get("scope", "layer")
     settings = calibration_settings(method, calib)
     warnings = []
@@ -157,7 +158,7 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
         from minillm.sequential import prune_sequentially
 
         with measure(device) as phases["score"], hidden_states_on(hidden):
-            selection, scoring = prune_sequentially(model, windows, method, options, ratio, layers,
+            selection, scoring = prune_sequentially(model, windows, method, options, ratio, layer_range,
                                                     head_mode=head_mode, allow_empty=allow_empty, round_to=round_to,
                                                     batch_size=int(options.get("batch_size", 1)))
     else:
@@ -165,7 +166,7 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
             scoring = method.score(model, windows, group_sets, options, seed)
     with measure(device) as phases["prune"]:
         if not scoring.info.get("sequential"):
-            selection = select(model, scoring.scores, ratio, scope=scope, layers=layers, head_mode=head_mode,
+            selection = select(model, scoring.scores, ratio, scope=scope, layers=layer_range, head_mode=head_mode,
                                allocation_weights=scoring.info.get("layer_weights"), allow_empty=allow_empty,
                                round_to=round_to)
             apply_plan(model, selection.plan)
@@ -175,7 +176,7 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
         if scoring.compensate is not None:  # may add parameters (FLAP creates biases on LLaMA)
             scoring.compensate(model, selection.plan)
     pruned = count_parameters(model)
-    return PruneOutcome(selection, scoring, options, settings, layers, scope, phases, dense, pruned,
+    return PruneOutcome(selection, scoring, options, settings, layer_range, scope, phases, dense, pruned,
                         warnings=warnings, round_to=round_to, calibration_origin=calibration_origin(method, calib))
 
 
