@@ -160,20 +160,19 @@ def test_magnitude_scores(models, name, mode, norm, given):
     p = 1 if norm == "l1" else 2
     whole_group = given.get("members") == "all" or given.get("weights") == "group"
     want = {}
-    for i, layer in enumerate(arch(model)["layers"](model)):
-        for kind in ("heads", "channels"):
-            mems, count = members(model, kind, mode)
-            if not whole_group:
-                o_name, _, width = mems[-1]
-                w = layer.get_submodule(o_name).weight.detach().double()
-                col = w.abs().pow(p).sum(0).pow(1 / p)               # FLAP mag_sp: torch.norm(W, dim=0)
-                want[(i, kind)] = col.view(count, width).sum(1)
-            else:
+    if whole_group:
+        for i, layer in enumerate(arch(model)["layers"](model)):
+            for kind in ("heads", "channels"):
+                mems, count = members(model, kind, mode)
                 total = 0
                 for mname, dim, width in mems:
                     w = layer.get_submodule(mname).weight.detach().double()
                     total = total + per_vector(w, dim, width, count).abs().pow(p).sum(dim=(1, 2))
                 want[(i, kind)] = total.pow(1 / p)
+    else:
+        for i, kind, count, width, w in output_weights(model, mode):
+            col = w.abs().pow(p).sum(0).pow(1 / p)                   # FLAP mag_sp: torch.norm(W, dim=0)
+            want[(i, kind)] = col.view(count, width).sum(1)
     result = run(magnitude, model, None, mode, norm=norm, **given)
     close(result.scores, want)
     assert result.info == {"norm": norm, "members": "all" if whole_group else "output"}  # the canonical spelling
