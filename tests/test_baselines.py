@@ -378,3 +378,23 @@ def test_a_grid_accepts_magnitude_old_spelling(tmp_path):
     path.write_text("name: t\nmodels: [tiny-llama]\nmethods: [{name: magnitude, options: {weights: group}}]\n"
                     "ratios: [0.2]\n")
     assert load_config(path)["methods"][0]["options"] == {"weights": "group"}
+
+
+def test_prune_cli_takes_magnitude_old_spelling_and_refuses_both(tmp_path, capsys):
+    import json
+
+    from suite.cli import main
+
+    out = {}
+    for name, opts in (("old", ["--opt", "weights=group"]), ("new", ["--opt", "members=all"])):
+        out[name] = tmp_path / name
+        assert main(["prune", "--model", "tiny-opt", "--method", "magnitude", "--ratio", "0.3", "--out",
+                     str(out[name]), "--quiet", *opts]) == 0
+    plans = [json.loads((out[name] / "plan.json").read_text()) for name in ("old", "new")]
+    assert plans[0] == plans[1]
+    capsys.readouterr()
+    assert main(["prune", "--model", "tiny-opt", "--method", "magnitude", "--ratio", "0.3", "--out",
+                 str(tmp_path / "both"), "--opt", "weights=group", "--opt", "members=all"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: magnitude options: give members=output|all") and err.count("\n") == 1
+    assert not (tmp_path / "both").exists()
