@@ -11,17 +11,20 @@ a channel is one column. Groups are then ranked per layer (FLAP's uniform "UL-UM
 
 Options:
   norm     "l2" (default, FLAP mag_sp) or "l1".
-  weights  "output" (default, FLAP mag_sp: output-projection columns only) or "group": every weight
+  members  "output" (default, FLAP mag_sp: output-projection columns only) or "all": every weight
            of the coupled group (q/k/v rows + o_proj columns; gate/up rows + down column), scored
            as the group's p-norm (sum_{w in group} |w|^p)^(1/p) (LLM-Pruner's MagnitudeImportance
-           sums |w|^p over the group, a monotone transform of the same ranking).
+           sums |w|^p over the group, a monotone transform of the same ranking). The same word and
+           values as minillm's `members`. The old spelling `weights=output|group` is accepted
+           (`weights=group` is `members=all`); results record `members`.
 Biases are not weights of the norm (neither reference includes them).
 """
 from __future__ import annotations
 
-import torch
-
 from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
 
 from minillm.layerwise import resident_sets
 from minillm.options import MethodOptions
@@ -32,7 +35,23 @@ NAME = "magnitude"
 
 class Options(MethodOptions):
     norm: Literal["l2", "l1"] = "l2"
-    weights: Literal["output", "group"] = "output"
+    members: Literal["output", "all"] = "output"
+    weights: Literal["output", "group", None] = Field(None, exclude=True)  # old spelling of `members`
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_spelling(cls, given):
+        """`weights=output|group` -> `members=output|all` (one of the two spellings, not both)."""
+        old = given.get("weights") if isinstance(given, dict) else None
+        if old is not None and "members" in given:
+            raise ValueError("give members=output|all (weights= is its old spelling), not both")
+        if old in ("output", "group"):  # another value: refused by the `weights` field's choices
+            given = {**given, "members": {"output": "output", "group": "all"}[old]}
+        return given
+
+    @classmethod
+    def defaults(cls) -> dict:
+        return {k: v for k, v in super().defaults().items() if k != "weights"}
 
 
 OPTIONS = Options.defaults()
@@ -47,7 +66,7 @@ def score(model, windows, group_sets, options, seed) -> Scoring:
     scores = {}
     with torch.no_grad():
         for gs in resident_sets(group_sets):  # offloaded layers: weights read on the device
-            if options["weights"] == "output":
+            if options["members"] == "output":
                 # [count, width, out_features]: one norm per column, summed over the group's columns
                 blocks = gs.weight_blocks(gs.output).double()
                 scores[(gs.layer, gs.kind)] = torch.linalg.vector_norm(blocks, ord=p, dim=2).sum(1)
@@ -59,4 +78,4 @@ def score(model, windows, group_sets, options, seed) -> Scoring:
                 scores[(gs.layer, gs.kind)] = total.pow(1.0 / p)
             scores[(gs.layer, gs.kind)] = scores[(gs.layer, gs.kind)].cpu()
     return Scoring(scores,
-                   info={"norm": options["norm"], "weights": options["weights"]})
+                   info={"norm": options["norm"], "members": options["members"]})

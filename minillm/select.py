@@ -1,20 +1,22 @@
 """Select step of the flow: group scores + a parameter budget -> a pruning plan.
 
 `ratio` is the fraction of the model's TOTAL parameter count (embeddings included, as LLM-Pruner
-reports) to remove. Two scopes:
+reports) to remove: the budget. The layer range (`layers`, default all) says which decoder layers
+may be pruned. The budget is split into an allocation (`Allocation`: how many groups each layer of
+the range removes, per kind) in one of two selection scopes:
 
-- ``layer`` (MINI-LLM Algorithm 1, LLM-Pruner): every prunable layer removes the same fraction p of
-  its heads and of its channels, its lowest-scoring ones; p is solved so the total hits the target.
+- ``layer`` (MINI-LLM Algorithm 1, LLM-Pruner): every layer of the range removes the same fraction p
+  of its heads and of its channels, its lowest-scoring ones; p is solved so the total hits the target.
   Head counts are integers, so channels absorb the rounding: the achieved count is within one
-  channel's parameters of the target. Optional per-layer weights w_i make layer i remove
+  channel's parameters of the target. Optional allocation weights w_i make layer i remove
   p_i = min(s·w_i, p_max) (MINI-LLM `layer` space: forward-only sensitivities allocate ratios).
 - ``global`` (FLAP's adaptive structure search, LLM-Pruner's global ranking): heads and channels
-  of all prunable layers compete in one ranking, the lowest-scoring removed first until the
+  of all layers of the range compete in one ranking, the lowest-scoring removed first until the
   removed parameters reach the target (each group weighted by its parameter count). Scores must
   be comparable across layers (FLAP standardises them).
 
 GQA in ``q-head`` mode removes the same number of q heads from every kv group of a layer (the
-lowest-scoring within each group), so `repeat_kv` stays valid. Each prunable layer keeps at least
+lowest-scoring within each group), so `repeat_kv` stays valid. Each layer of the range keeps at least
 one head group and one channel unless ``allow_empty``.
 
 ``round_to`` (off by default; LLM-Pruner's option, torch-pruning's `round_to`): every pruned layer
@@ -46,15 +48,10 @@ class Selection:
     removed: int
     total: int
 
-    @property
-    def achieved_ratio(self) -> float:
-        return self.removed / self.total
 
-
-def prunable_layers(n_layers: int, skip_first: int = 0, skip_last: int = 0, layers=None) -> list[int]:
-    """Layer indices that may be pruned: all but the first `skip_first` and last `skip_last`, or `layers`."""
-    if layers is not None:
-        return sorted(set(int(i) for i in layers))
+def layer_range(n_layers: int, skip_first: int = 0, skip_last: int = 0) -> list[int]:
+    """The layer range: indices of the layers that may be pruned, all but the first `skip_first` and
+    the last `skip_last` of `n_layers` (LLM-Pruner's `block_attention_layer_start/end`)."""
     return list(range(skip_first, n_layers - skip_last))
 
 
@@ -78,11 +75,13 @@ def _lowest(gs, scores: torch.Tensor, n_remove: int, unit: int) -> list[int]:
 
 
 @dataclass
-class Budget:
-    """How many groups each prunable (layer, kind) removes, fixed before any group is chosen.
+class Allocation:
+    """The budget allocated over the layer range: how many groups each (layer, kind) removes, fixed
+    before any group is chosen.
 
     counts: (layer, kind) -> groups to remove; units: (layer, kind) -> removal unit (nkv q heads
-    in GQA q-head mode, else 1); sets: the GroupSets the counts refer to."""
+    in GQA q-head mode, else 1); sets: the GroupSets the counts refer to; target_removed, removed,
+    total: parameters (the budget, what the counts remove, the model's total)."""
     counts: dict
     units: dict
     sets: list
@@ -98,7 +97,8 @@ class Budget:
         return _lowest(gs, scores, self.counts[key], self.units[key])
 
 
-def _budget(model, ratio, scope, layers, head_mode, allow_empty, round_to, scores=None, layer_weights=None) -> Budget:
+def _allocate(model, ratio, scope, layers, head_mode, allow_empty, round_to, scores=None,
+              allocation_weights=None) -> Allocation:
     if not 0.0 < ratio < 1.0:
         raise UserError(f"ratio must be in (0, 1), got {ratio}")
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
@@ -107,7 +107,7 @@ def _budget(model, ratio, scope, layers, head_mode, allow_empty, round_to, score
         raise UserError(f"unknown selection scope {scope!r}; choose layer or global")
     adapter = adapter_for(model)
     n_layers = len(adapter.layers(model))
-    layers = prunable_layers(n_layers) if layers is None else sorted(layers)
+    layers = layer_range(n_layers) if layers is None else sorted(layers)
     if not layers or not all(0 <= i < n_layers for i in layers):
         raise UserError(f"prunable layers must be a non-empty subset of 0..{n_layers - 1}, got {layers}")
     total = parameter_count(model)  # tied weights once, offloaded ones by shape
@@ -119,8 +119,8 @@ def _budget(model, ratio, scope, layers, head_mode, allow_empty, round_to, score
             if s is None or s.shape != (gs.count,):
                 raise UserError(f"method gave no scores of shape ({gs.count},) for layer {gs.layer} {gs.kind}")
     nkv = {i: adapter.num_kv_heads(adapter.layers(model)[i]) for i in layers}
-    pick = _select_global if scope == "global" else _select_layer
-    counts = pick(sets, scores, target, head_mode, nkv, layer_weights, allow_empty)
+    pick = _global_scope_counts if scope == "global" else _layer_scope_counts
+    counts = pick(sets, scores, target, head_mode, nkv, allocation_weights, allow_empty)
     if round_to and round_to > 1:
         for gs in sets:
             n = counts[(gs.layer, gs.kind)]
@@ -129,41 +129,48 @@ def _budget(model, ratio, scope, layers, head_mode, allow_empty, round_to, score
                 counts[(gs.layer, gs.kind)] = gs.count - kept
     units = {(gs.layer, gs.kind): _units(gs, head_mode, nkv[gs.layer]) for gs in sets}
     removed = sum(counts[(gs.layer, gs.kind)] * gs.params_per_group() for gs in sets)
-    return Budget(counts, units, sets, target, removed, total)
+    return Allocation(counts, units, sets, target, removed, total)
 
 
-def layer_budget(model, ratio: float, layers=None, head_mode: str = "q-head", allow_empty: bool = False,
-                 round_to: int | None = None) -> Budget:
-    """The ``layer`` scope's per-layer removal counts, which depend on the model's shapes only: what
-    sequential pruning (`minillm.sequential`) fixes before it scores layer 0. Same counts as
-    `select(..., scope="layer")` for any scores."""
-    return _budget(model, ratio, "layer", layers, head_mode, allow_empty, round_to)
+def layer_scope_allocation(model, ratio: float, layers=None, head_mode: str = "q-head", allow_empty: bool = False,
+                           round_to: int | None = None) -> Allocation:
+    """The ``layer`` scope's allocation (per-layer removal counts), which depends on the model's shapes
+    only: what sequential pruning (`minillm.sequential`) fixes before it scores layer 0. Same counts as
+    `select(..., scope="layer")` for any scores. `layers`: the layer range (None: all)."""
+    return _allocate(model, ratio, "layer", layers, head_mode, allow_empty, round_to)
 
 
 def select(model, scores: Scores, ratio: float, scope: str = "layer", layers=None,
-           head_mode: str = "q-head", layer_weights=None, allow_empty: bool = False,
-           round_to: int | None = None) -> Selection:
+           head_mode: str = "q-head", allocation_weights=None, allow_empty: bool = False,
+           round_to: int | None = None, *, layer_weights=None) -> Selection:
     """Build the plan that removes `ratio` of all parameters given per-group `scores`.
 
-    `round_to`: each pruned layer keeps a multiple of this many MLP channels (module docstring)."""
-    budget = _budget(model, ratio, scope, layers, head_mode, allow_empty, round_to, scores=scores,
-                     layer_weights=layer_weights)
-    keep = {(gs.layer, gs.kind): budget.keep(gs, scores[(gs.layer, gs.kind)]) for gs in budget.sets}
+    scores: (layer, "heads"|"channels") -> [group count] tensor; scope: "layer" | "global" (the
+    selection scope); layers: the layer range (indices; None: all); allocation_weights: {layer: w_i}
+    for the ``layer`` scope (MINI-LLM `space=layer`; `layer_weights=` is its old name); `round_to`:
+    each pruned layer keeps a multiple of this many MLP channels (module docstring). Raises UserError
+    for a ratio outside (0, 1), an unknown scope, a bad layer range, ill-shaped scores or an
+    unreachable target."""
+    allocation = _allocate(model, ratio, scope, layers, head_mode, allow_empty, round_to, scores=scores,
+                           allocation_weights=layer_weights if allocation_weights is None else allocation_weights)
+    keep = {(gs.layer, gs.kind): allocation.keep(gs, scores[(gs.layer, gs.kind)]) for gs in allocation.sets}
     plan = plan_from_keep(model, keep, head_mode=head_mode, allow_empty=allow_empty)
-    return Selection(plan=plan, target_removed=budget.target_removed, removed=budget.removed, total=budget.total)
+    return Selection(plan=plan, target_removed=allocation.target_removed, removed=allocation.removed,
+                     total=allocation.total)
 
 
 def _max_removable(gs, allow_empty, unit):
     return gs.count if allow_empty else gs.count - unit
 
 
-def _select_layer(sets, scores, target, head_mode, nkv, layer_weights, allow_empty):
-    """Per-layer fraction p_i = min(s·w_i, 1): heads rounded, channels fill the remaining budget."""
+def _layer_scope_counts(sets, scores, target, head_mode, nkv, allocation_weights, allow_empty):
+    """Per-layer fraction p_i = min(s·w_i, 1) (w_i: the allocation weights, default 1): heads rounded,
+    channels fill the remaining budget."""
     heads = [gs for gs in sets if gs.kind == "heads"]
     chans = [gs for gs in sets if gs.kind == "channels"]
     w = {gs.layer: 1.0 for gs in heads}
-    if layer_weights is not None:
-        w = {i: float(layer_weights[i]) for i in w}
+    if allocation_weights is not None:
+        w = {i: float(allocation_weights[i]) for i in w}
     cap = {gs.layer: _max_removable(gs, allow_empty, 1) / gs.count for gs in chans}
 
     def frac(s, i):
@@ -210,8 +217,8 @@ def _select_layer(sets, scores, target, head_mode, nkv, layer_weights, allow_emp
     return counts
 
 
-def _select_global(sets, scores, target, head_mode, nkv, layer_weights, allow_empty):
-    """One ranking over all groups of all prunable layers, lowest removed first until the target.
+def _global_scope_counts(sets, scores, target, head_mode, nkv, allocation_weights, allow_empty):
+    """One ranking over all groups of the layer range, lowest removed first until the target.
 
     A head that would overshoot is skipped so finer channels close the gap. When the channels run
     out first, `_close_gap` trades: the weakest skipped head in, the strongest removed channels back

@@ -5,12 +5,12 @@ gather layer l+1's calibration statistics on the PRUNED model's hidden states, s
 chosen knowing what earlier removals did. Here, for every method whose `sequential(options)` is
 true:
 
-1. the ``layer`` scope's per-layer removal counts are fixed from the model's shapes alone
-   (`select.layer_budget`: the same counts one-shot selection gives, so the budget is the same);
+1. the ``layer`` scope's allocation (per-layer removal counts) is fixed from the model's shapes alone
+   (`select.layer_scope_allocation`: the same counts one-shot selection gives, so the budget is the same);
 2. a `layerwise.LayerPass` carries the calibration hidden states; for each prunable layer i, the
    method's `score_layer(group_sets_i, stats_i, options)` scores layer i's groups from the input
    statistics of its members (`STATISTICS`: "output" = the output projections only, "all"),
-   the budget removes each kind's lowest-scoring groups, the layer is sliced (`plan.apply_plan`
+   the allocation removes each kind's lowest-scoring groups, the layer is sliced (`plan.apply_plan`
    with a plan that changes layer i only) and its outputs recomputed for layer i+1.
 
 Within a layer, the attention's and the MLP's statistics come from the same (unpruned) layer
@@ -26,7 +26,7 @@ from minillm.errors import UserError
 from minillm.layerwise import LayerPass
 from minillm.plan import apply_plan, full_plan, plan_from_keep
 from minillm.scoring import Scoring
-from minillm.select import Selection, layer_budget
+from minillm.select import Selection, layer_scope_allocation
 
 
 def statistics_sets(method, group_sets) -> list[GroupSet]:
@@ -38,14 +38,14 @@ def prune_sequentially(model, windows, method, options: dict, ratio: float, laye
                        allow_empty: bool = False, round_to: int | None = None, batch_size: int = 1,
                        hidden_device=None) -> tuple[Selection, Scoring]:
     """Prune `model` in place layer by layer; returns the selection (plan in the numbering the model
-    had on entry, the budget's counts) and the scoring (scores of every prunable layer, taken on
-    the hidden states of the already-pruned earlier layers).
+    had on entry, the allocation's counts) and the scoring (scores of every layer of the layer range
+    `layers`, taken on the hidden states of the already-pruned earlier layers).
 
     Raises UserError for an unreachable budget or a method that gives ill-shaped scores."""
-    budget = layer_budget(model, ratio, layers=layers, head_mode=head_mode, allow_empty=allow_empty,
-                          round_to=round_to)
+    allocation = layer_scope_allocation(model, ratio, layers=layers, head_mode=head_mode, allow_empty=allow_empty,
+                                        round_to=round_to)
     by_layer = {}
-    for gs in budget.sets:
+    for gs in allocation.sets:
         by_layer.setdefault(gs.layer, []).append(gs)
     entry_plan = full_plan(model)            # the numbering on entry; filled layer by layer
     lp = LayerPass(model, windows, batch_size, hidden_device=hidden_device)
@@ -64,7 +64,7 @@ def prune_sequentially(model, windows, method, options: dict, ratio: float, laye
                 if key not in part:
                     raise UserError(f"{method.NAME} gave no scores for layer {i} {gs.kind}")
                 scores[key] = part[key]
-                keep[key] = budget.keep(gs, part[key])
+                keep[key] = allocation.keep(gs, part[key])
             if any(len(k) < gs.count for k, gs in zip(keep.values(), sets)):
                 step = plan_from_keep(model, keep, head_mode=head_mode, allow_empty=allow_empty)
                 entry_plan.layers[i] = copy.deepcopy(step.layers[i])  # layer i: still its entry numbering
@@ -72,7 +72,7 @@ def prune_sequentially(model, windows, method, options: dict, ratio: float, laye
                 outputs = lp.forward(i)      # layer i+1 sees the pruned layer's outputs
         lp.advance(outputs)
     entry_plan.head_mode, entry_plan.allow_empty = head_mode, allow_empty
-    selection = Selection(plan=entry_plan, target_removed=budget.target_removed, removed=budget.removed,
-                          total=budget.total)
+    selection = Selection(plan=entry_plan, target_removed=allocation.target_removed, removed=allocation.removed,
+                          total=allocation.total)
     return selection, Scoring(scores, info={"tokens": tokens, "sequential": True})
 

@@ -1,4 +1,6 @@
-"""Evaluate step: perplexity (LLM-Pruner ``PPLMetric``), zero-shot accuracy (lm-eval 0.4.13), throughput.
+"""Evaluate step: perplexity (LLM-Pruner ``PPLMetric``), zero-shot accuracy (lm-eval 0.4.13).
+
+Throughput (prefill and decode tokens/s) is timed by `suite/speed.py` (torch.utils.benchmark).
 
 Zero-shot offline: with ``$MINILLM_DATA`` set, every task is redirected to the mirror generically
 (`mirror_task_config`): the task's own resolved YAML with ``dataset_path: json`` and the mirror's
@@ -14,7 +16,6 @@ import logging
 import math
 import os
 import sys
-import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -94,27 +95,6 @@ def perplexity(model, tokenizer, corpus: str, seq_len: int = 128, max_tokens: in
                                      ignore_index=-100, reduction="sum")
     count = windows.size(0) * (windows.size(1) - 1)
     return math.exp(total.item() / count)
-
-
-# --------------------------------------------------------------------------- throughput
-def throughput(model, windows: torch.Tensor, batch_size: int = 4, repeats: int = 3) -> float:
-    """Forward tokens/s on one fixed batch (the first `batch_size` windows), after one warm-up pass."""
-    device = _device(model)
-    batch = windows[:batch_size].to(device)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    with torch.inference_mode():
-        model(input_ids=batch, use_cache=False)
-        sync()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            model(input_ids=batch, use_cache=False)
-        sync()
-        elapsed = time.perf_counter() - start
-    return repeats * batch.numel() / elapsed
 
 
 # --------------------------------------------------------------------------- zero-shot

@@ -450,7 +450,3 @@ def count_parameters(model) -> int:
     from minillm.layerwise import parameter_count
 
     return parameter_count(model)
-
-
-def config_json(model) -> dict:
-    return json.loads(model.config.to_json_string())

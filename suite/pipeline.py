@@ -14,7 +14,7 @@ from minillm.errors import UserError
 from minillm.layerwise import hidden_on as hidden_states_on
 from minillm.plan import apply_plan, plan_summary
 from minillm.scoring import Scoring, merge_options
-from minillm.select import Selection, prunable_layers, select
+from minillm.select import Selection, layer_range, select
 from suite.measure import measure
 from suite.methods import get_method
 from suite.models import count_parameters
@@ -26,7 +26,7 @@ class PruneOutcome:
     scoring: Scoring
     options: dict
     calibration: dict | None
-    layers: list[int]
+    layer_range: list[int]  # the layers that may be pruned (recorded as selection.layers)
     scope: str
     phases: dict = field(default_factory=dict)
     params_dense: int = 0
@@ -36,8 +36,10 @@ class PruneOutcome:
     calibration_origin: dict | None = None
 
 
-def parse_layers(spec, n_layers: int) -> list[int]:
-    """'all' | [start_frac, end_frac] (proportions of depth, as LLM-Pruner's 4..30 of 32) | 'a:b' | [i, j, ...]."""
+def parse_layer_range(spec, n_layers: int) -> list[int]:
+    """The layer range (indices of the layers that may be pruned) from `--layers` / a grid's `layers` /
+    a method's SELECTION["layers"]: 'all' | [start_frac, end_frac] (proportions of depth, as LLM-Pruner's
+    4..30 of 32) | 'a:b' (indices, or fractions with a '.') | [i, j, ...]. Raises UserError for another form."""
     if spec is None or spec == "all":
         return list(range(n_layers))
     if isinstance(spec, str):
@@ -49,11 +51,11 @@ def parse_layers(spec, n_layers: int) -> list[int]:
         except ValueError:
             raise UserError(f"layers must be 'all', 'start:end' or a list, got {spec!r}") from None
         if lo < 1 and hi <= 1 and ("." in a or "." in b):
-            return prunable_layers(n_layers, round(lo * n_layers), n_layers - round(hi * n_layers))
+            return layer_range(n_layers, round(lo * n_layers), n_layers - round(hi * n_layers))
         return list(range(int(lo), min(int(hi), n_layers)))
     spec = list(spec)
     if len(spec) == 2 and all(isinstance(v, float) for v in spec):
-        return prunable_layers(n_layers, round(spec[0] * n_layers), n_layers - round(spec[1] * n_layers))
+        return layer_range(n_layers, round(spec[0] * n_layers), n_layers - round(spec[1] * n_layers))
     return sorted(int(i) for i in spec)
 
 
@@ -115,15 +117,21 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
           round_to: int | None = None, hidden_on: str | None = None) -> PruneOutcome:
     """Score, select and slice `model` in place; returns the selection and measured phases.
 
-    `hidden_on` ("cpu" | "device" | None = the device): where the layer-by-layer passes keep the
+    scope: the selection scope ("layer" | "global"; None: the method's); layers: the layer range
+    (`parse_layer_range`'s forms; None: the method's SELECTION["layers"]). `hidden_on` ("cpu" | "device" | None = the device): where the layer-by-layer passes keep the
     calibration hidden states between layers (`layerwise.hidden_on`)."""
     if not 0.0 < float(ratio) < 1.0:
         raise UserError(f"ratio must be in (0, 1), got {ratio}")
     method = get_method(method_name)
-    options = merge_options(method_name, method.OPTIONS, options)
+    if hasattr(method, "Options"):  # one declaration (minillm.options): old spellings become the canonical keys
+        from minillm.options import parse
+
+        options = parse(method.Options, method_name, options, scope)
+    else:
+        options = merge_options(method_name, method.OPTIONS, options)
     check_offloadable(model, method_name, options)
     n_layers = len(adapter_for(model).layers(model))
-    layers = parse_layers(layers if layers is not None else method.SELECTION.get("layers", "all"), n_layers)
+    layer_range = parse_layer_range(layers if layers is not None else method.SELECTION.get("layers", "all"), n_layers)
     scope = scope or method.SELECTION.get("scope", "layer")
     settings = calibration_settings(method, calib)
     warnings = []
@@ -150,7 +158,7 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
         from minillm.sequential import prune_sequentially
 
         with measure(device) as phases["score"], hidden_states_on(hidden):
-            selection, scoring = prune_sequentially(model, windows, method, options, ratio, layers,
+            selection, scoring = prune_sequentially(model, windows, method, options, ratio, layer_range,
                                                     head_mode=head_mode, allow_empty=allow_empty, round_to=round_to,
                                                     batch_size=int(options.get("batch_size", 1)))
     else:
@@ -158,8 +166,8 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
             scoring = method.score(model, windows, group_sets, options, seed)
     with measure(device) as phases["prune"]:
         if not scoring.info.get("sequential"):
-            selection = select(model, scoring.scores, ratio, scope=scope, layers=layers, head_mode=head_mode,
-                               layer_weights=scoring.info.get("layer_weights"), allow_empty=allow_empty,
+            selection = select(model, scoring.scores, ratio, scope=scope, layers=layer_range, head_mode=head_mode,
+                               allocation_weights=scoring.info.get("layer_weights"), allow_empty=allow_empty,
                                round_to=round_to)
             apply_plan(model, selection.plan)
         if dense - count_parameters(model) != selection.removed:
@@ -168,7 +176,7 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
         if scoring.compensate is not None:  # may add parameters (FLAP creates biases on LLaMA)
             scoring.compensate(model, selection.plan)
     pruned = count_parameters(model)
-    return PruneOutcome(selection, scoring, options, settings, layers, scope, phases, dense, pruned,
+    return PruneOutcome(selection, scoring, options, settings, layer_range, scope, phases, dense, pruned,
                         warnings=warnings, round_to=round_to, calibration_origin=calibration_origin(method, calib))
 
 
@@ -182,7 +190,7 @@ def outcome_record(outcome: PruneOutcome, ratio: float) -> dict:
         "options": outcome.options,
         "calibration": outcome.calibration,
         "calibration_origin": outcome.calibration_origin,
-        "selection": {"scope": outcome.scope, "layers": outcome.layers, "round_to": outcome.round_to,
+        "selection": {"scope": outcome.scope, "layers": outcome.layer_range, "round_to": outcome.round_to,
                       "target_removed": sel.target_removed, "removed": sel.removed},
         "plan_summary": plan_summary(sel.plan),
         "method_info": {k: v for k, v in outcome.scoring.info.items() if k != "layer_weights"},

@@ -350,9 +350,6 @@ def to_csv(records: list[dict]) -> str:
     return frame.drop(columns=[c for c in frame.columns if c.startswith("_")]).round(6).to_csv(index=False)
 
 
-FORMATS = {"md": to_markdown, "latex": to_latex, "csv": to_csv}
-
-
 def format_table(records: list[dict], fmt: str = "md", stderr: str = "auto", bare: bool = False,
                  costs: bool = False) -> str:
     if costs:

@@ -17,3 +17,16 @@ def smollm2():
     from suite.models import load_model, load_tokenizer
 
     return load_model("smollm2-135m"), load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for a module of tiny-model tests, restored after it. Tiny models gain
+    nothing from more; on a loaded 2-core machine OpenMP's second thread spin-waits and a 4-layer
+    forward goes from ~0.05 s to ~2 s. Used by `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

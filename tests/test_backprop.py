@@ -17,21 +17,17 @@ from minillm.method import WeightGradient, member_weights
 from minillm.scoring import merge_options
 from suite.models import load_model
 from tests.test_baselines import close, taylor_reference
+from tests.tiny import token_ids
 
 MODELS = ["tiny-llama", "tiny-llama-gqa", "tiny-opt", "tiny-bloom"]
 SMALL_CHUNK = 3 * 512 + 5  # a few rows of logits per chunk: many checkpointed chunks, an uneven last one
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def windows(n=5, length=24, seed=1):
-    return torch.randint(3, 259, (n, length), generator=torch.Generator().manual_seed(seed))
+def windows(n=5):
+    return token_ids(n, 24, seed=1)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-30) -> float:

@@ -16,10 +16,11 @@ from baselines import flap, llm_pruner, magnitude, wanda_sp
 from minillm.architectures import all_group_sets
 from minillm.plan import apply_plan
 from minillm.saving import load_pruned, save_pruned
-from minillm.scoring import merge_options
+from minillm.scoring import checked_options
 from minillm.select import select
 from suite.models import load_model
-from suite.pipeline import parse_layers
+from suite.pipeline import parse_layer_range
+from tests.tiny import token_ids
 
 TOL = 1e-5
 
@@ -88,8 +89,7 @@ def per_vector(t, dim, width, count):
 
 
 def windows(n=6, length=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 259, (n, length), generator=g)
+    return token_ids(n, length, seed)
 
 
 def output_inputs(model, ids):
@@ -116,8 +116,17 @@ def close(got: dict, want: dict):
         assert err <= TOL, f"{key}: relative error {err:.2e}"
 
 
+def output_weights(model, mode):
+    """(layer, kind, group count, group width, out-projection weight as float64) for every layer and kind."""
+    for i, layer in enumerate(arch(model)["layers"](model)):
+        for kind in ("heads", "channels"):
+            mems, count = members(model, kind, mode)
+            o_name, _, width = mems[-1]
+            yield i, kind, count, width, layer.get_submodule(o_name).weight.detach().double()
+
+
 def run(method, model, ids, mode="q-head", **options):
-    opts = merge_options(method.NAME, method.OPTIONS, options)
+    opts = checked_options(method, options)  # as `suite prune`: a declared Options class parses old spellings too
     return method.score(model, ids, all_group_sets(model, mode), opts, 0)
 
 
@@ -125,14 +134,7 @@ CASES = [("tiny-llama", "q-head"), ("tiny-opt", "q-head"), ("tiny-llama-gqa", "q
          ("tiny-llama-gqa", "kv-group"), ("tiny-bloom", "q-head")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread; on a loaded 2-core machine OpenMP's second thread
-    spin-waits and a 4-layer forward goes from ~0.05 s to ~2 s. Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -148,27 +150,32 @@ def models():
 
 # ------------------------------------------------------------------ magnitude
 @pytest.mark.parametrize("name,mode", CASES)
-@pytest.mark.parametrize("norm,weights", [("l2", "output"), ("l1", "output"), ("l2", "group"), ("l1", "group")])
-def test_magnitude_scores(models, name, mode, norm, weights):
+@pytest.mark.parametrize("norm,given", [("l2", {}), ("l1", {"members": "output"}), ("l2", {"members": "all"}),
+                                        ("l1", {"members": "all"}), ("l2", {"weights": "output"}),
+                                        ("l1", {"weights": "group"})])
+def test_magnitude_scores(models, name, mode, norm, given):
+    """`members=all` is the p-norm over every weight of the group; `weights=output|group` is the old spelling
+    of `members=output|all` (same scores, computed here from the spelling's meaning, not through the alias)."""
     model = models(name)
     p = 1 if norm == "l1" else 2
+    whole_group = given.get("members") == "all" or given.get("weights") == "group"
     want = {}
-    for i, layer in enumerate(arch(model)["layers"](model)):
-        for kind in ("heads", "channels"):
-            mems, count = members(model, kind, mode)
-            if weights == "output":
-                o_name, _, width = mems[-1]
-                w = layer.get_submodule(o_name).weight.detach().double()
-                col = w.abs().pow(p).sum(0).pow(1 / p)               # FLAP mag_sp: torch.norm(W, dim=0)
-                want[(i, kind)] = col.view(count, width).sum(1)
-            else:
+    if whole_group:
+        for i, layer in enumerate(arch(model)["layers"](model)):
+            for kind in ("heads", "channels"):
+                mems, count = members(model, kind, mode)
                 total = 0
                 for mname, dim, width in mems:
                     w = layer.get_submodule(mname).weight.detach().double()
                     total = total + per_vector(w, dim, width, count).abs().pow(p).sum(dim=(1, 2))
                 want[(i, kind)] = total.pow(1 / p)
-    got = run(magnitude, model, None, mode, norm=norm, weights=weights).scores
-    close(got, want)
+    else:
+        for i, kind, count, width, w in output_weights(model, mode):
+            col = w.abs().pow(p).sum(0).pow(1 / p)                   # FLAP mag_sp: torch.norm(W, dim=0)
+            want[(i, kind)] = col.view(count, width).sum(1)
+    result = run(magnitude, model, None, mode, norm=norm, **given)
+    close(result.scores, want)
+    assert result.info == {"norm": norm, "members": "all" if whole_group else "output"}  # the canonical spelling
 
 
 # ------------------------------------------------------------------ wanda-sp
@@ -177,14 +184,10 @@ def test_wanda_sp_scores(models, name, mode):
     model, ids = models(name), windows()
     xs = output_inputs(model, ids)
     want = {}
-    for i, layer in enumerate(arch(model)["layers"](model)):
-        for kind in ("heads", "channels"):
-            mems, count = members(model, kind, mode)
-            o_name, _, width = mems[-1]
-            w = layer.get_submodule(o_name).weight.detach().double()
-            x_norm = xs[(i, kind)].pow(2).sum(0).sqrt()            # ||X_j||_2 over all tokens
-            s = (w.abs() * x_norm[None, :]).mean(0)                # Wanda Eq. 1, mean over rows (FLAP)
-            want[(i, kind)] = s.view(count, width).sum(1)
+    for i, kind, count, width, w in output_weights(model, mode):
+        x_norm = xs[(i, kind)].pow(2).sum(0).sqrt()                # ||X_j||_2 over all tokens
+        s = (w.abs() * x_norm[None, :]).mean(0)                    # Wanda Eq. 1, mean over rows (FLAP)
+        want[(i, kind)] = s.view(count, width).sum(1)
     close(run(wanda_sp, model, ids, mode).scores, want)
 
 
@@ -192,16 +195,12 @@ def test_wanda_sp_scores(models, name, mode):
 def flap_reference(model, ids, mode, head_power=2.0):
     xs = output_inputs(model, ids)
     want = {}
-    for i, layer in enumerate(arch(model)["layers"](model)):
-        for kind in ("heads", "channels"):
-            mems, count = members(model, kind, mode)
-            o_name, _, width = mems[-1]
-            w = layer.get_submodule(o_name).weight.detach().double()
-            s = torch.var(xs[(i, kind)], dim=0, unbiased=True) * w.pow(2).sum(0)
-            if kind == "heads":
-                s = s ** head_power
-            z = (s - s.mean()) / s.std(unbiased=True)
-            want[(i, kind)] = z.view(count, width).mean(1)
+    for i, kind, count, width, w in output_weights(model, mode):
+        s = torch.var(xs[(i, kind)], dim=0, unbiased=True) * w.pow(2).sum(0)
+        if kind == "heads":
+            s = s ** head_power
+        z = (s - s.mean()) / s.std(unbiased=True)
+        want[(i, kind)] = z.view(count, width).mean(1)
     return want, xs
 
 
@@ -334,7 +333,7 @@ def test_llm_pruner_batching_and_cleanup(models):
 
 def test_llm_pruner_default_layers_match_reference():
     # LLM-Pruner prunes blocks 4..29 of LLaMA-7B's 32 (block_*_layer_start 4, end 30)
-    assert parse_layers(llm_pruner.SELECTION["layers"], 32) == list(range(4, 30))
+    assert parse_layer_range(llm_pruner.SELECTION["layers"], 32) == list(range(4, 30))
 
 
 # ------------------------------------------------------------------ CLI and records
@@ -352,3 +351,50 @@ def test_cli_prune_records_scoring_phase(method, tmp_path):
     if method != "magnitude":
         assert record["calibration"] == {"corpus": "c4", "nsamples": 4, "seqlen": 32}
     load_pruned(out)  # reloads (FLAP: with its created biases)
+
+
+def test_magnitude_old_spelling_prunes_as_members_all_and_records_members():
+    """`weights=group` (the old spelling) and `members=all` keep the same heads and channels through
+    `suite.pipeline.prune`; the outcome's options (the record's `options`) name `members` only."""
+    from suite.pipeline import prune
+
+    outcomes = {}
+    for spelling in ({"weights": "group"}, {"members": "all"}, {"weights": "output"}, {}):
+        model = load_model("tiny-llama-gqa")
+        outcomes[str(spelling)] = prune(model, None, "magnitude", 0.3, options=spelling)
+    old, new = outcomes["{'weights': 'group'}"], outcomes["{'members': 'all'}"]
+    assert old.selection.plan.to_json() == new.selection.plan.to_json()
+    assert old.options == new.options == {"norm": "l2", "members": "all"}
+    assert outcomes["{'weights': 'output'}"].options == outcomes["{}"].options == {"norm": "l2", "members": "output"}
+    assert outcomes["{}"].selection.plan.to_json() != new.selection.plan.to_json()  # the option does change the plan
+
+
+@pytest.mark.xfail(strict=True, reason="needs suite/config.py _check_method to write back only parsed keys: "
+                   "`{k: parsed[k] for k in given if k in parsed}` (results/notes/naming.md); remove this mark then")
+def test_a_grid_accepts_magnitude_old_spelling(tmp_path):
+    from suite.config import load_config
+
+    path = tmp_path / "grid.yaml"
+    path.write_text("name: t\nmodels: [tiny-llama]\nmethods: [{name: magnitude, options: {weights: group}}]\n"
+                    "ratios: [0.2]\n")
+    assert load_config(path)["methods"][0]["options"] == {"weights": "group"}
+
+
+def test_prune_cli_takes_magnitude_old_spelling_and_refuses_both(tmp_path, capsys):
+    import json
+
+    from suite.cli import main
+
+    out = {}
+    for name, opts in (("old", ["--opt", "weights=group"]), ("new", ["--opt", "members=all"])):
+        out[name] = tmp_path / name
+        assert main(["prune", "--model", "tiny-opt", "--method", "magnitude", "--ratio", "0.3", "--out",
+                     str(out[name]), "--quiet", *opts]) == 0
+    plans = [json.loads((out[name] / "plan.json").read_text()) for name in ("old", "new")]
+    assert plans[0] == plans[1]
+    capsys.readouterr()
+    assert main(["prune", "--model", "tiny-opt", "--method", "magnitude", "--ratio", "0.3", "--out",
+                 str(tmp_path / "both"), "--opt", "weights=group", "--opt", "members=all"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: magnitude options: give members=output|all") and err.count("\n") == 1
+    assert not (tmp_path / "both").exists()

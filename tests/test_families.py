@@ -17,23 +17,19 @@ from minillm.saving import save_pruned
 from minillm.select import select
 from suite.models import byte_tokenizer, load_model
 from tests.reference import masked_logits, rel_err
+from tests.tiny import token_ids
 
 FAMILIES = ["tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3"]
 KV_GROUPED = ["tiny-mistral", "tiny-qwen2", "tiny-gemma2", "tiny-phi3"]  # >= 2 kv heads: kv-group applies
 CASES = [(n, "q-head") for n in FAMILIES] + [(n, "kv-group") for n in KV_GROUPED]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ids(n=2, seqlen=40, seed=0):
     """Longer than the tiny configs' 16-token sliding windows."""
-    return torch.randint(3, 259, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+    return token_ids(n, seqlen, seed)
 
 
 def random_plan(model, rng, mode, untouched=1):

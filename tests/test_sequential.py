@@ -16,7 +16,7 @@ import torch
 from baselines import wanda_sp
 from minillm.architectures import adapter_for
 from minillm.scoring import merge_options
-from minillm.select import layer_budget, select
+from minillm.select import layer_scope_allocation, select
 from minillm.sequential import prune_sequentially
 from suite.models import load_model
 from tests.reference import LLAMA_LIKE, OUT_PROJ, masked_logits, rel_err
@@ -84,7 +84,7 @@ def test_sequential_wanda_sp_equals_a_whole_model_reference_loop(name, head_mode
     model = load_model(name)
     reference = copy.deepcopy(model)
     windows = _windows(model)
-    budget = layer_budget(reference, 0.3, head_mode=head_mode)
+    budget = layer_scope_allocation(reference, 0.3, head_mode=head_mode)
     kept = _reference_loop(reference, windows, budget.counts, head_mode)
     options = merge_options("wanda-sp", wanda_sp.OPTIONS, {})
     selection, scoring = prune_sequentially(model, windows, wanda_sp, options, 0.3, None, head_mode=head_mode,
@@ -102,10 +102,10 @@ def test_sequential_wanda_sp_equals_a_whole_model_reference_loop(name, head_mode
 
 
 @pytest.mark.parametrize("name,head_mode", CASES)
-def test_layer_budget_counts_are_select_counts_for_any_scores(name, head_mode):
+def test_layer_scope_allocation_counts_are_select_counts_for_any_scores(name, head_mode):
     """The counts fixed before scoring are those `select(scope="layer")` gives for random scores."""
     model = load_model(name)
-    budget = layer_budget(model, 0.4, head_mode=head_mode)
+    budget = layer_scope_allocation(model, 0.4, head_mode=head_mode)
     g = torch.Generator().manual_seed(1)
     scores = {(gs.layer, gs.kind): torch.rand(gs.count, generator=g) for gs in budget.sets}
     selection = select(model, scores, 0.4, head_mode=head_mode)

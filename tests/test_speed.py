@@ -237,3 +237,35 @@ def test_bench_speed_command_writes_every_run(tmp_path, monkeypatch, capsys):
     assert data["config"]["rounds"] == 3 and "git_commit" in data["provenance"]
     assert main(["bench-speed", "--model", "tiny-llama", "--pruned", str(pruned), "--rounds", "0"]) == 2
     assert capsys.readouterr().err.startswith("error: --runs, --rounds")
+
+
+def test_recorded_tokens_per_s_are_tokens_over_the_timers_own_measurement(monkeypatch):
+    """The cell's tokens/s (suite/speed.py `speed`, the record's `throughput`) are the timed batch's token
+    count over the median seconds of torch.utils.benchmark's own Measurement: the Measurements are caught as
+    the Timer returns them and their median recomputed from their raw block times (numpy)."""
+    from torch.utils import benchmark
+
+    from suite.pipeline import speed_record
+
+    caught = []
+    original = benchmark.Timer.adaptive_autorange
+
+    def spy(self, *args, **kwargs):
+        caught.append(original(self, *args, **kwargs))
+        return caught[-1]
+
+    monkeypatch.setattr(benchmark.Timer, "adaptive_autorange", spy)
+    windows = torch.zeros(6, 24, dtype=torch.long)
+    runs = [speed(Stub(scale), windows, batch_size=3, min_run_time=0.1, max_run_time=0.5, warmup=1)
+            for scale in (1.0, 1.0, 0.5)]
+    assert len(caught) == 6  # prefill, decode per run
+    for r, (prefill, decode) in zip(runs, zip(caught[::2], caught[1::2])):
+        for regime, m, tokens in (("prefill", prefill, 3 * 24), ("decode", decode, 3)):
+            per_call = np.array(m.raw_times) / m.number_per_run  # seconds per call of each timed block
+            assert r[regime]["tokens_per_s"] == pytest.approx(tokens / np.median(per_call), rel=1e-12)
+            assert r[regime]["runs"] == len(m.raw_times) * m.number_per_run
+    record = speed_record(runs[:2], runs[2])
+    assert record["pruned_tokens_per_s"] == pytest.approx(72 / np.median(np.array(caught[4].raw_times)
+                                                                         / caught[4].number_per_run), rel=1e-12)
+    dense_s = [np.median(np.array(m.raw_times) / m.number_per_run) for m in (caught[0], caught[2])]
+    assert record["dense_tokens_per_s"] == pytest.approx(72 / np.mean(dense_s), rel=1e-12)

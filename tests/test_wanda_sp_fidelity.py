@@ -16,14 +16,14 @@ suite's runner (`minillm.layerwise`) nor its statistics (`minillm.activations`):
 
 FLAP's per-layer count is int(ratio · n) of heads and channels; the suite's budget counts each
 group's parameters over the whole model, so the reference takes the suite's per-layer counts
-(`select.layer_budget`, shapes only), as the issue's measurement did.
+(`select.layer_scope_allocation`, shapes only), as the issue's measurement did.
 """
 import copy
 
 import pytest
 import torch
 
-from minillm.select import layer_budget
+from minillm.select import layer_scope_allocation
 from suite.data import calibration_windows
 from suite.pipeline import prune
 
@@ -101,7 +101,7 @@ def assert_same_as_flap(model, tokenizer, nsamples: int, seqlen: int, ratios) ->
     windows = calibration_windows(tokenizer, "c4", nsamples, seqlen, seed=0)
     calib = {"nsamples": nsamples, "seqlen": seqlen}
     for ratio in ratios:
-        budget = layer_budget(model, ratio, head_mode="q-head")
+        budget = layer_scope_allocation(model, ratio, head_mode="q-head")
         assert sum(budget.counts.values()) > 0
         reference = flap_wanda_sp(copy.deepcopy(model), windows, budget.counts)
         suite = prune(copy.deepcopy(model), tokenizer, "wanda-sp", ratio, seed=0, calib=calib).selection.plan

@@ -30,7 +30,7 @@ def add_arguments(parser):
     parser.add_argument("--model", required=True, help="model name, directory, .gguf file or hub id (below)")
     parser.add_argument("--method", required=True, metavar="METHOD",
                         help="pruning method: " + ", ".join(METHODS) + " (described below)")
-    parser.add_argument("--ratio", type=float, required=True, help="fraction of ALL parameters to remove, in (0, 1)")
+    parser.add_argument("--ratio", type=float, required=True, help="pruning ratio: fraction of ALL parameters (embeddings included) to remove, in (0, 1)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of calibration sampling and of random/SPSA draws (default 0)")
     parser.add_argument("--out", required=True, help="output directory (written atomically; must not exist "
@@ -41,12 +41,15 @@ def add_arguments(parser):
     parser.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: the method's)")
     parser.add_argument("--seqlen", type=int, default=None, help="calibration window length (default: the method's)")
     parser.add_argument("--head-mode", default="q-head", choices=["q-head", "kv-group"],
-                        help="GQA head groups: single q heads (equal count per kv group) or whole kv groups")
+                        help="head groups on GQA: single q heads (equal count per kv group) or whole kv groups")
     parser.add_argument("--scope", default=None, choices=["layer", "global"],
-                        help="rank groups per layer or across layers (default: the method's)")
+                        help="selection scope: rank each layer's groups on their own, every layer pruned by the same "
+                        "ratio or the method's allocation (layer), or all groups of the layer range in one "
+                        "ranking (global) (default: the method's)")
     parser.add_argument("--layers", default=None,
-                        help="prunable layers: all | start:end (indices) | 0.125:0.9375 (fractions of depth)")
-    parser.add_argument("--allow-empty", action="store_true", help="allow dropping a whole attention/MLP block")
+                        help="layer range, the decoder layers that may be pruned: all | start:end (indices) | "
+                        "0.125:0.9375 (fractions of depth) (default: the method's)")
+    parser.add_argument("--allow-empty", action="store_true", help="allow a layer to lose every head or every channel (a whole attention/MLP block)")
     parser.add_argument("--round-to", type=int, default=None,
                         help="each pruned layer keeps a multiple of this many MLP channels (LLM-Pruner's round_to; off)")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")

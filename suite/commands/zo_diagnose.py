@@ -19,7 +19,7 @@ def add_arguments(parser):
     parser.add_argument("--seqlen", type=int, default=128, help="calibration window length in tokens (default 128)")
     parser.add_argument("--seed", type=int, default=0, help="calibration sample and direction seed")
     parser.add_argument("--head-mode", default="q-head", choices=["q-head", "kv-group"],
-                        help="GQA head groups: single q heads (default) or whole kv groups")
+                        help="head groups on GQA: single q heads (default) or whole kv groups")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                         help="minillm option for the estimate (blockwise, mask_groups, estimator, activation, aggregate, abs, members, "
                              "batch_size); estimator=coordinate applies to the mask and layer spaces")
