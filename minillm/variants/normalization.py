@@ -1,8 +1,8 @@
 """`normalize=standard | unit`: z-scores for a global ranking (this project's; the paper ranks per layer).
 
 The default, `normalize=param` (score per parameter of the group), is the paper path's
-(`minillm.method.score`). Both here are monotone within a layer and kind for `standard`, so
-Algorithm 1's per-layer ranking is unchanged by it; they matter for `--scope global`:
+(`minillm.method.score`). These two matter for `--scope global` (`standard` is monotone within a
+layer and kind, so Algorithm 1's per-layer ranking is unchanged by it; `unit` is not):
   standard  z-score of the group scores within each layer's heads / channels (`scoring.standardise`);
   unit      FLAP's Eq. 5 structure (An et al. 2024; FLAP `lib/prune.py::prune_flap`, AL-AM): z-scores
             over a module's feature-map units (a head's head_dim dimensions, a channel), a group's
