@@ -210,6 +210,8 @@ def fms(model, windows, group_sets, options, seed, kind, stats, units=None):
 
 # --------------------------------------------------------------------------- the contract
 def score(model, windows, group_sets, options, seed) -> Scoring:
+    """Algorithm 1 (or the variant the options name): `Scoring.scores[(layer, kind)]`, float32 [count],
+    higher = more important; `windows` [nsamples, seqlen] token ids. UserError: refused options, no windows."""
     o = parse(Options, NAME, options)
     if windows is None:
         raise UserError("minillm needs calibration windows")
