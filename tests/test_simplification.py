@@ -311,3 +311,18 @@ def test_a_nan_perplexity_among_seeds_makes_the_cell_nan_instead_of_failing():
     assert row["PTB"] == pytest.approx(23.0) and row["PTB std"] == pytest.approx(statistics.stdev([20.0, 26.0]))
     line = next(line for line in to_markdown(records).splitlines() if line.startswith("| m "))
     assert "| – |" in line.replace(" ", "").replace("|–|", "| – |") and "23.00 ± 4.24" in line
+
+
+def test_the_diagnosis_checks_each_option_but_not_the_methods_combinations():
+    """zo-diagnose runs every space on one set of options: it checks each option's type, choices and
+    range against minillm's declaration, not the combinations the method refuses."""
+    from minillm.diagnose import _Fields
+    from minillm.method import NAME, OPTIONS, check_options
+    from minillm.options import parse
+
+    given = {**OPTIONS, "space": "mask", "activation": "std", "blockwise": True, "estimator": "coordinate"}
+    with pytest.raises(UserError, match="activation=std"):
+        check_options(given)  # the method: no FMS group reads activation with mask_groups=all
+    assert parse(_Fields, NAME, given) == given
+    with pytest.raises(UserError, match=r"^minillm option directions: must be >= 1, got 0$"):
+        parse(_Fields, NAME, {"directions": 0})
