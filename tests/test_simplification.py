@@ -320,9 +320,10 @@ def test_the_diagnosis_checks_each_option_but_not_the_methods_combinations():
     from minillm.method import NAME, OPTIONS, check_options
     from minillm.options import parse
 
-    given = {**OPTIONS, "space": "mask", "activation": "std", "blockwise": True, "estimator": "coordinate"}
+    given = {**OPTIONS, "space": "mask", "activation": "std", "blockwise": True}
     with pytest.raises(UserError, match="activation=std"):
         check_options(given)  # the method: no FMS group reads activation with mask_groups=all
     assert parse(_Fields, NAME, given) == given
+    assert parse(_Fields, NAME, {**given, "estimator": "coordinate"})["estimator"] == "coordinate"
     with pytest.raises(UserError, match=r"^minillm option directions: must be >= 1, got 0$"):
         parse(_Fields, NAME, {"directions": 0})
