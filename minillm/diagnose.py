@@ -21,13 +21,16 @@ import math
 import time
 import warnings
 
+import pydantic
 import torch
 from scipy import stats
 
 from minillm import zo
 from minillm.activations import input_stats
 from minillm.gates import gated
-from minillm.method import (OPTIONS, _GradFlags, check_options, fms_scores, member_weights)
+from minillm.method import NAME, OPTIONS, Options, fms_scores, member_weights
+from minillm.options import MethodOptions, parse
+from minillm.variants.controls import GradFlags
 
 
 def _gate_estimator(o, eps, qs, seed):
@@ -42,6 +45,10 @@ def _n_forwards(est) -> int:
     return est.forwards if isinstance(est, zo.CoordinateEstimate) else 2 * est.q
 
 SPACES = ("weight", "mask", "layer")
+
+# minillm's option fields without its validators: the diagnosis runs every space on one set of options
+_Fields = pydantic.create_model("DiagnoseOptions", __base__=MethodOptions,
+                                **{name: (field.annotation, field) for name, field in Options.model_fields.items()})
 
 
 # --------------------------------------------------------------------------- statistics
@@ -102,7 +109,7 @@ def diagnose_weight(model, windows, group_sets, qs, eps, o, seed, stats):
     members = member_weights(model, group_sets, output_only=o["members"] == "output")
     bs = o["batch_size"]
     t0 = time.perf_counter()
-    with _GradFlags(model, [w for _, w in members]):
+    with GradFlags(model, [w for _, w in members]):
         loss = zo.backprop_loss(model, windows, bs)
         true = {n: w.grad.detach().float().clone() for n, w in members}
     t_bp = time.perf_counter() - t0
@@ -159,7 +166,7 @@ def _true_gate_grads(model, windows, sets, bs, scalar=False):
         gates = [s.expand(gs.count) for s, gs in zip(leaves, sets)]
     else:
         leaves = gates = [torch.ones(gs.count, device=device, requires_grad=True) for gs in sets]
-    with _GradFlags(model, []), gated(sets, gates):
+    with GradFlags(model, []), gated(sets, gates):
         loss = zo.backprop_loss(model, windows, bs)
     return [g.grad.detach().float().clone() for g in leaves], loss
 
@@ -277,7 +284,7 @@ def diagnose(model, windows, group_sets, spaces, qs, eps: dict | None = None, op
         from minillm.errors import UserError
 
         raise UserError("estimator=coordinate applies to the mask and layer spaces only; drop 'weight' from --space")
-    o = check_options({**o, "space": "mask", "gradient": "zo"})  # validates the estimate's options
+    o = parse(_Fields, NAME, o)  # each option's type, choices and range (the spaces' combination rules do not apply)
     stats = input_stats(model, windows, group_sets, batch_size=o["batch_size"])
     out = {}
     for space in spaces:

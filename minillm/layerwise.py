@@ -54,6 +54,12 @@ def hidden_on(device):
         _HIDDEN_ON.reset(token)
 
 
+def hidden_device():
+    """Where passes now keep their carried hidden states: the enclosing `hidden_on` block's device
+    ("cpu"), or None (the compute device)."""
+    return _HIDDEN_ON.get()
+
+
 class _Captured(Exception):
     """Raised by the first layer's pre-hook: the embeddings' work is done."""
 

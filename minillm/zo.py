@@ -772,3 +772,15 @@ def blockwise_layerwise(runner: LayerwiseLoss, named_tensors, layers: Sequence[i
                              stream=layer + 1, start=layer, inputs=inputs)
         out.append((idx, est))
     return out
+
+
+def progress_bar(label: str):
+    """A `progress=` callable for the estimators above (tqdm, every 10 s) when stderr is a terminal or
+    MINILLM_PROGRESS is set; else None."""
+    import sys
+
+    if not (sys.stderr.isatty() or os.environ.get("MINILLM_PROGRESS")):
+        return None
+    from tqdm.auto import tqdm
+
+    return lambda it: tqdm(it, desc=label, mininterval=10.0, file=sys.stderr)

@@ -77,6 +77,35 @@ REFUSED = {  # --opt values -> the option the one-line error must name
     "blockwise in the layer space": (["space=layer", "blockwise=true"], "blockwise=true"),
     "layer_lambda in the mask space": (["space=mask", "layer_lambda=0.2"], "layer_lambda=0.2"),
     "fms_gradient without FMS groups": (["space=mask", "fms_gradient=none"], "fms_gradient=none"),
+    # issue 13, part 2: every other option that a combination leaves unread (results/notes/simplification.md)
+    "activation without FMS groups": (["space=mask", "activation=std"], "activation=std"),
+    "activation without FMS groups, compensated": (["space=mask", "activation=std", "compensate=true"],
+                                                   "activation=std"),  # compensation reads the mean, not X
+    "aggregate without FMS groups": (["space=mask", "aggregate=mean"], "aggregate=mean"),
+    "abs without FMS groups": (["space=mask", "abs=group"], "abs=group"),
+    "members without FMS groups": (["space=mask", "members=output"], "members=output"),
+    "aggregate with normalize=unit": (["normalize=unit", "aggregate=max"], "aggregate=max"),
+    "directions with backprop": (["gradient=backprop", "directions=4"], "directions=4"),
+    "eps with backprop": (["gradient=backprop", "eps=0.01"], "eps=0.01"),
+    "perturb with backprop": (["gradient=backprop", "perturb=all"], "perturb=all"),
+    "restore with backprop": (["gradient=backprop", "restore=arithmetic"], "restore=arithmetic"),
+    "seed with backprop": (["gradient=backprop", "seed=3"], "seed=3"),
+    "gate_eps with backprop gates": (["space=mask", "gradient=backprop", "gate_eps=0.05"], "gate_eps=0.05"),
+    "estimator with backprop gates": (["space=layer", "gradient=backprop", "estimator=coordinate"],
+                                      "estimator=coordinate"),
+    "directions with gradient=none": (["gradient=none", "directions=4"], "directions=4"),
+    "eps with gradient=none": (["gradient=none", "eps=0.01"], "eps=0.01"),
+    "perturb with gradient=none": (["gradient=none", "perturb=all"], "perturb=all"),
+    "restore with gradient=none": (["gradient=none", "restore=checkpoint"], "restore=checkpoint"),
+    "seed with gradient=none": (["gradient=none", "seed=3"], "seed=3"),
+    "directions with gradient=noise": (["gradient=noise", "directions=4"], "directions=4"),
+    "eps with gradient=noise": (["gradient=noise", "eps=0.01"], "eps=0.01"),
+    "perturb with gradient=noise": (["gradient=noise", "perturb=all"], "perturb=all"),
+    "restore with gradient=noise": (["gradient=noise", "restore=arithmetic"], "restore=arithmetic"),
+    "weight eps in the mask space": (["space=mask", "eps=0.01"], "eps=0.01"),
+    "seed with coordinate gates and no weight SPSA": (["space=layer", "estimator=coordinate", "fms_gradient=none",
+                                                      "seed=3"], "seed=3"),
+    "blockwise with coordinate": (["space=mask", "blockwise=true", "estimator=coordinate"], "blockwise=true"),
 }
 
 
@@ -118,21 +147,99 @@ def test_space_layer_with_global_scope_is_refused_by_prune_and_by_a_grid(tmp_pat
 
 
 def test_defaults_given_explicitly_and_the_options_own_spaces_are_accepted():
-    from minillm.method import OPTIONS, check_options, check_scope
+    # issue 13: one schema, one wording: check_scope is the Options validator (the scope as parse's context)
+    from minillm.method import OPTIONS, check_options
     from minillm.scoring import checked_options
     from minillm import method
 
     # a value equal to the default changes nothing, so it is not refused (the record holds it anyway)
     check_options({**OPTIONS, "gate_eps": OPTIONS["gate_eps"], "blockwise": False, "mask_groups": "all"})
+    # issue 13: estimator=coordinate dropped here (blockwise=true with it is refused now: the same estimate)
     check_options({**OPTIONS, "space": "mask", "blockwise": True, "mask_groups": "heads", "fms_gradient": "zo",
-                   "gate_eps": 0.05, "estimator": "coordinate"})
+                   "gate_eps": 0.05})
+    check_options({**OPTIONS, "space": "mask", "mask_groups": "heads", "estimator": "coordinate", "directions": 4})
     check_options({**OPTIONS, "space": "layer", "layer_lambda": 0.2, "fms_gradient": "none"})
     check_options({**OPTIONS, "abs": "group", "aggregate": "mean"})
-    check_scope({**OPTIONS, "space": "layer"}, None)  # minillm's default scope is per layer
-    check_scope({**OPTIONS, "space": "weight"}, "global")
+    check_options({**OPTIONS, "space": "layer"}, None)  # minillm's default scope is per layer
+    check_options({**OPTIONS, "space": "weight"}, "global")
     assert checked_options(method, {"space": "layer"}, "layer")["space"] == "layer"
     with pytest.raises(UserError, match="space=layer"):
         checked_options(method, {"space": "layer"}, "global")
+
+
+def test_options_read_in_some_combination_only_are_accepted_there():
+    """The refusals name what reads each option; where something does, the option is accepted."""
+    from minillm import method
+    from minillm.scoring import checked_options
+
+    for given in ({"gradient": "noise", "seed": 3},  # the noise draw is seeded
+                  {"gradient": "backprop", "directions": 16, "eps": 1e-3, "seed": -1},  # defaults, explicitly
+                  {"space": "layer", "gradient": "backprop", "fms_gradient": "zo", "directions": 4, "eps": 0.01,
+                   "seed": 3, "restore": "arithmetic"},  # the FMS part's weight SPSA reads them
+                  {"space": "mask", "mask_groups": "heads", "activation": "std", "members": "output", "eps": 0.01},
+                  {"space": "mask", "estimator": "coordinate", "directions": 4},  # the coordinate streams
+                  {"space": "mask", "gradient": "backprop", "mask_groups": "heads", "fms_gradient": "zo", "seed": 3},
+                  {"normalize": "unit", "abs": "group", "members": "output", "activation": "std"},
+                  {"normalize": "standard", "aggregate": "mean"}):
+        assert checked_options(method, given) == {**method.OPTIONS, **given}
+
+
+def test_the_option_defaults_are_unchanged():
+    """issue 13: `OPTIONS` (the record's and the cell key's defaults) is today's dict, value for value
+    and type for type (a literal copy of the dict before the split)."""
+    from minillm.method import OPTIONS
+
+    before = {"space": "weight", "gradient": "zo", "fms_gradient": "same", "eps": 1e-3, "gate_eps": 1e-2,
+              "directions": 16, "perturb": "prunable", "activation": "l2", "aggregate": "sum", "abs": "element",
+              "members": "all", "estimator": "spsa", "blockwise": False, "mask_groups": "all", "layer_lambda": 0.3,
+              "normalize": "param", "compensate": False, "restore": "auto", "batch_size": 4, "hidden_on": "device",
+              "seed": -1}
+    assert OPTIONS == before
+    assert {k: type(v) for k, v in OPTIONS.items()} == {k: type(v) for k, v in before.items()}
+
+
+def test_an_ignored_option_is_refused_by_a_grid_config(tmp_path):
+    from suite.config import load_config
+
+    config = tmp_path / "grid.yaml"
+    config.write_text("name: g\nmodels: [tiny-llama]\nmethods:\n  - name: minillm\n"
+                      "    options: {gradient: backprop, directions: 4}\nratios: [0.2]\n")
+    with pytest.raises(UserError) as err:
+        load_config(config)
+    line = str(err.value)
+    assert "\n" not in line and "methods[0].options" in line and "directions=4" in line and "backprop" in line
+
+
+def test_one_hidden_state_knob_the_info_says_where_and_the_scores_are_the_same(monkeypatch):
+    """`--hidden-on cpu` (layerwise.hidden_on) and `--opt hidden_on=cpu` are one mechanism: every
+    layer-by-layer pass of minillm (statistics, SPSA) sees the same placement, the record's method
+    info says where the hidden states were, and the scores do not depend on it."""
+    from minillm import layerwise
+    from minillm.method import OPTIONS, score
+
+    seen = []
+    capture = layerwise.LayerPass._capture
+
+    def spy(self, windows, batch_size):
+        seen.append(layerwise.hidden_device())
+        return capture(self, windows, batch_size)
+
+    monkeypatch.setattr(layerwise.LayerPass, "_capture", spy)
+    model = load_model("tiny-llama")
+    sets = all_group_sets(model)
+    windows = torch.randint(3, 259, (2, 16), generator=torch.Generator().manual_seed(0))
+    o = {**OPTIONS, "directions": 2, "batch_size": 2}
+    on_device = score(model, windows, sets, o, seed=0)
+    assert on_device.info["hidden_on"] == "device" and seen == [None, None]  # statistics, then SPSA
+    runs = {}
+    with layerwise.hidden_on("cpu"):  # what --hidden-on cpu / a grid's hidden_on: cpu set
+        runs["engine"] = score(model, windows, sets, o, seed=0)
+    runs["option"] = score(model, windows, sets, {**o, "hidden_on": "cpu"}, seed=0)
+    assert seen[2:] == ["cpu"] * 4 and layerwise.hidden_device() is None  # reset after score
+    for run in runs.values():
+        assert run.info["hidden_on"] == "cpu"
+        assert run.scores.keys() == on_device.scores.keys()
+        assert all(torch.equal(run.scores[k], on_device.scores[k]) for k in on_device.scores)
 
 
 # --------------------------------------------------------------------------- library replacements
@@ -204,3 +311,19 @@ def test_a_nan_perplexity_among_seeds_makes_the_cell_nan_instead_of_failing():
     assert row["PTB"] == pytest.approx(23.0) and row["PTB std"] == pytest.approx(statistics.stdev([20.0, 26.0]))
     line = next(line for line in to_markdown(records).splitlines() if line.startswith("| m "))
     assert "| – |" in line.replace(" ", "").replace("|–|", "| – |") and "23.00 ± 4.24" in line
+
+
+def test_the_diagnosis_checks_each_option_but_not_the_methods_combinations():
+    """zo-diagnose runs every space on one set of options: it checks each option's type, choices and
+    range against minillm's declaration, not the combinations the method refuses."""
+    from minillm.diagnose import _Fields
+    from minillm.method import NAME, OPTIONS, check_options
+    from minillm.options import parse
+
+    given = {**OPTIONS, "space": "mask", "activation": "std", "blockwise": True}
+    with pytest.raises(UserError, match="activation=std"):
+        check_options(given)  # the method: no FMS group reads activation with mask_groups=all
+    assert parse(_Fields, NAME, given) == given
+    assert parse(_Fields, NAME, {**given, "estimator": "coordinate"})["estimator"] == "coordinate"
+    with pytest.raises(UserError, match=r"^minillm option directions: must be >= 1, got 0$"):
+        parse(_Fields, NAME, {"directions": 0})

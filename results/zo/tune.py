@@ -35,11 +35,11 @@ scope = scope or method.SELECTION["scope"]
 lay = None
 if layers:
     a, b = layers.split(":"); lay = list(range(int(a), int(b)))
-from minillm.method import layer_weights_from
+from minillm.variants.allocation import allocation_from_sensitivity
 variants = [(None, sc.info.get("layer_weights"))]
 if lams:
     sens = {int(i): sum(v.values()) for i, v in sc.info["layer"]["sensitivity"].items()}
-    variants = [(lam, layer_weights_from(sens, lam)) for lam in lams]
+    variants = [(lam, allocation_from_sensitivity(sens, lam)) for lam in lams]
 from minillm.errors import UserError
 pristine = copy.deepcopy(model) if sc.compensate is not None else None
 for (lam, lw), r in [(v, float(x)) for v in variants for x in ratios.split(",")]:
