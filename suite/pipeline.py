@@ -13,7 +13,7 @@ from minillm.architectures import adapter_for, all_group_sets
 from minillm.errors import UserError
 from minillm.layerwise import hidden_on as hidden_states_on
 from minillm.plan import apply_plan, plan_summary
-from minillm.scoring import Scoring, merge_options
+from minillm.scoring import Scoring, checked_options
 from minillm.select import Selection, prunable_layers, select
 from suite.measure import measure
 from suite.methods import get_method
@@ -120,7 +120,7 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
     if not 0.0 < float(ratio) < 1.0:
         raise UserError(f"ratio must be in (0, 1), got {ratio}")
     method = get_method(method_name)
-    options = merge_options(method_name, method.OPTIONS, options)
+    options = checked_options(method, options, scope)  # as the CLI and the grid config check them
     check_offloadable(model, method_name, options)
     n_layers = len(adapter_for(model).layers(model))
     layers = parse_layers(layers if layers is not None else method.SELECTION.get("layers", "all"), n_layers)

@@ -16,7 +16,7 @@ from baselines import flap, llm_pruner, magnitude, wanda_sp
 from minillm.architectures import all_group_sets
 from minillm.plan import apply_plan
 from minillm.saving import load_pruned, save_pruned
-from minillm.scoring import merge_options
+from minillm.scoring import checked_options
 from minillm.select import select
 from suite.models import load_model
 from suite.pipeline import parse_layers
@@ -117,7 +117,7 @@ def close(got: dict, want: dict):
 
 
 def run(method, model, ids, mode="q-head", **options):
-    opts = merge_options(method.NAME, method.OPTIONS, options)
+    opts = checked_options(method, options)
     return method.score(model, ids, all_group_sets(model, mode), opts, 0)
 
 
