@@ -120,10 +120,11 @@ def test_no_dense_row_when_disabled(tmp_path, registry):
     (MINIMAL.replace("[random]", "[random, {name: random, label: r2}]"),
      "methods[1]: same method and options as methods[0]"),
     (MINIMAL.replace("[random]", "[{name: random, label: dense}]"), "methods[0]: the label 'dense' is reserved"),
+    # issue 13: one schema, one wording (a method's options: its `Options`, as `suite prune --opt` says it)
     (MINIMAL.replace("[random]", "[random, magnitude, {name: minillm, options: {eps: abc}}]"),
-     "config.yaml: methods[2].options.eps: expected number, got 'abc'"),
+     "config.yaml: methods[2].options: minillm option eps: expected float, got 'abc'"),
     (MINIMAL.replace("[random]", "[{name: minillm, options: {steps: 2.5}}]"),
-     "methods[0].options.steps: expected integer, got 2.5"),
+     "methods[0].options: minillm option steps: expected int, got 2.5"),
     (MINIMAL.replace("[random]", "[{name: minillm, options: {epz: 1}}]"),
      "methods[0].options.epz: unknown option of minillm (known: eps, steps, mode, flag, head_mode"),
     (MINIMAL.replace("[random]", "[random, sparsegpt]"),
