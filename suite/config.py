@@ -120,12 +120,12 @@ def _recovery(value):
     value = dict(_expect(dict, value))
     ratios = value.pop("ratios", None)
     if ratios is not None:
-        ratios = _items(_ratio, nonempty=True, where="ratios")(ratios)
+        ratios = [_at(f"ratios[{i}]", _ratio, r) for i, r in enumerate(_at("ratios", _list(True), ratios))]
     from suite.recovery import settings_with_defaults
 
     for key in ("learning_rate", "lora_dropout"):
         if key in value:
-            value[key] = _nested(key, lambda v: _expect(float, v))(value[key])
+            value[key] = _at(key, lambda v: _expect(float, v), value[key])
     try:
         settings_with_defaults(value)
     except UserError as exc:
@@ -133,22 +133,20 @@ def _recovery(value):
     return {**value, "ratios": ratios}
 
 
-def _nested(where, check):
-    def checked(value):
-        try:
-            return check(value)
-        except _Invalid as exc:
-            raise _Invalid(_join(where, exc.where), exc.message) from None
-    return checked
+def _at(where: str, check, value):
+    """check(value), its error placed at `where`."""
+    try:
+        return check(value)
+    except _Invalid as exc:
+        raise _Invalid(_join(where, exc.where), exc.message) from None
 
 
-def _items(check, nonempty, where=""):
-    def checked(value):
-        _nested(where, lambda v: _expect(list, v))(value)
-        if nonempty and not value:
-            raise _Invalid(where, "expected a non-empty list")
-        return [_nested(f"{where}[{i}]", check)(item) for i, item in enumerate(value)]
-    return checked
+def _list(nonempty: bool):
+    def check(value):
+        if not _expect(list, value) and nonempty:
+            raise _Invalid("", "expected a non-empty list")
+        return value
+    return check
 
 
 def _optional(check):
@@ -185,9 +183,8 @@ def Optional(kind):  # noqa: N802 - a type: the annotated type `kind`, or null
     return _checked(base | None, _optional(check))
 
 
-def List(kind, nonempty=True):  # noqa: N802 - a type: a list of the annotated type `kind`
-    base, check = get_args(kind)[0], kind.__metadata__[0].func
-    return _checked(list[base], _items(check, nonempty))
+def List(kind, nonempty=True):  # noqa: N802 - a type: a list of `kind` (pydantic checks the items)
+    return _checked(list[kind], _list(nonempty))
 
 
 def Mapping(model):  # noqa: N802 - a type: a nested model; null or absent = its defaults
@@ -266,8 +263,7 @@ def _entry(value):
 class GridConfig(_Schema):
     name: _checked(str, _file_name)
     models: List(String)
-    methods: _checked(list[Annotated[MethodEntry, BeforeValidator(_entry)]],
-                      _items(lambda v: v, nonempty=True))
+    methods: List(Annotated[MethodEntry, BeforeValidator(_entry)])
     ratios: List(Ratio)
     seeds: List(Integer) = [0]
     calibration: Mapping(Calibration)
@@ -377,22 +373,6 @@ def default_label(name: str, options: dict) -> str:
     return name if sequential({**defaults, **given}) else f"{name} (one-shot)"
 
 
-def _check_offload(config: dict) -> None:
-    if config["offload"] is None and config["device_memory"] is not None:
-        raise _Invalid("device_memory", "needs offload: cpu or disk")
-    if config["offload"] == "cpu" and config["device"].split(":")[0] == "cpu":
-        raise _Invalid("offload", "cpu keeps weights in host memory, which is the device on a CPU: use disk")
-    if config["offload"] is not None:
-        from suite.offload import offload_refusal
-
-        for i, entry in enumerate(config["methods"]):
-            why = offload_refusal(entry["name"], entry.get("options"))
-            if why:
-                raise _Invalid(f"methods[{i}]", f"{why}: it does not run with offload yet")
-    if config["offload"] is not None and (config["recovery"] or any(m.get("recovery") for m in config["methods"])):
-        raise _Invalid("offload", "LoRA recovery does not run on offloaded weights; drop offload or recovery")
-
-
 # --------------------------------------------------------------------------- checks across keys
 def _no_duplicates(values: list, key: str, what: str) -> None:
     for i, value in enumerate(values):
@@ -413,6 +393,24 @@ def _check_unique(config: dict) -> None:
     for i, run in enumerate(runs):
         if run in runs[:i]:  # the same cells under two labels: the second would never run
             raise _Invalid(f"methods[{i}]", f"same method and options as methods[{runs.index(run)}]")
+
+
+def _check_offload(config: dict) -> None:
+    """device_memory needs offload; offload needs a non-CPU device for `cpu`, methods that run
+    offloaded (suite.offload.offload_refusal) and no LoRA recovery."""
+    if config["offload"] is None and config["device_memory"] is not None:
+        raise _Invalid("device_memory", "needs offload: cpu or disk")
+    if config["offload"] == "cpu" and config["device"].split(":")[0] == "cpu":
+        raise _Invalid("offload", "cpu keeps weights in host memory, which is the device on a CPU: use disk")
+    if config["offload"] is not None:
+        from suite.offload import offload_refusal
+
+        for i, entry in enumerate(config["methods"]):
+            why = offload_refusal(entry["name"], entry.get("options"))
+            if why:
+                raise _Invalid(f"methods[{i}]", f"{why}: it does not run with offload yet")
+    if config["offload"] is not None and (config["recovery"] or any(m.get("recovery") for m in config["methods"])):
+        raise _Invalid("offload", "LoRA recovery does not run on offloaded weights; drop offload or recovery")
 
 
 def _own_calibration(name: str) -> dict | None:
