@@ -31,7 +31,7 @@ import importlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Literal, get_args
 
 import pydantic
 import yaml
@@ -245,7 +245,7 @@ class MethodEntry(_Schema):
 
     name: String
     label: Optional(String) = None
-    options: _checked(dict[str, Any], lambda v: dict(_expect(dict, v))) = {}
+    options: _checked(dict, lambda v: dict(_expect(dict, v))) = {}
     recovery: Recovery = None
     calibration: Optional(_checked(MethodCalibration, _mapping)) = None
 
@@ -461,7 +461,7 @@ def validate(data, source: str = "config") -> dict:
     except pydantic.ValidationError as exc:
         raise UserError(f"{source}: {_line(exc)}") from None
     except _Invalid as exc:
-        raise UserError(f"{source}: {_join(exc.where, '') + ': ' if exc.where else ''}{exc.message}") from None
+        raise UserError(f"{source}: {exc.where}: {exc.message}" if exc.where else f"{source}: {exc.message}") from None
 
 
 def load_config(path) -> dict:
