@@ -59,18 +59,35 @@ layer's scores first), gathered layer by layer (`activations.input_stats` on `la
 """
 from __future__ import annotations
 
+from typing import Annotated, Literal, get_args
+
 import torch
+from pydantic import Field
 
 from minillm.activations import input_stats
 from minillm.architectures import adapter_for, output_only
 from minillm.compensation import bias_compensator, saved_projection
-from minillm.errors import UserError
 from minillm.layerwise import resident_sets
+from minillm.options import Bool, Float, Int, MethodOptions
 from minillm.scoring import Scoring, standardise
 
 NAME = "flap"
-OPTIONS = {"compensate": True, "head_power": 2.0, "batch_size": 1, "variance": "exact"}
-VARIANCES = ("exact", "reference")
+Variance = Literal["exact", "reference"]
+VARIANCES = get_args(Variance)
+
+
+class Options(MethodOptions):
+    """Every option changes the scores or the memory of every run: no combination is ignored
+    (`batch_size` with `variance=reference` splits each micro-batch into its windows in order:
+    the same value, its memory)."""
+
+    compensate: Bool = True
+    head_power: Float = 2.0
+    batch_size: Annotated[Int, Field(ge=1)] = 1  # before pydantic, 0 and below silently meant 1
+    variance: Variance = "exact"
+
+
+OPTIONS = Options.defaults()
 CALIBRATION = {
     "corpus": "c4", "nsamples": 128, "seqlen": 128,
     "source": "FLAP scripts/llama_7b.sh: 1024 x 128-token WikiText-2 windows; here C4 (FLAP issue #13 "
@@ -79,19 +96,17 @@ CALIBRATION = {
 SELECTION = {"scope": "global", "layers": "all"}
 
 
-def check_options(options: dict) -> dict:
-    """`variance` is one of exact | reference (UserError otherwise)."""
-    if options["variance"] not in VARIANCES:
-        raise UserError(f"flap option variance: expected one of {', '.join(VARIANCES)}, got {options['variance']!r}")
-    return options
+def variant(options: dict) -> str | None:
+    """The grid's default label suffix (suite.config.default_label): FLAP's streaming variance is
+    a variant of this method's exact one, so its rows are named apart."""
+    return "reference variance" if options["variance"] == "reference" else None
 
 
 def score(model, windows, group_sets, options, seed) -> Scoring:
     """Scores (standardised fluctuation metric) of every group, from one pass of the dense model.
 
-    Raises UserError for an unknown `variance`."""
-    check_options(options)
-    batch_size = max(1, int(options["batch_size"]))
+    `options`: checked ones (`minillm.scoring.checked_options`; the pipeline checks before scoring)."""
+    batch_size = options["batch_size"]
     reference = options["variance"] == "reference"
     stats = input_stats(model, windows, output_only(group_sets), batch_size=batch_size, streaming=reference)
     adapter = adapter_for(model)

@@ -47,35 +47,36 @@ reproduces it), block-wise pruning of layers 4..30 of LLaMA-7B's 32 (`--block_*_
 """
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
+from pydantic import Field
 
 from minillm.errors import UserError
 from minillm.layerwise import layer_gradients, offloaded
+from minillm.options import Int, MethodOptions
 from minillm.scoring import Scoring, group_tensor
 
 NAME = "llm-pruner"
-OPTIONS = {"importance": "element1", "aggregation": "sum", "batch_size": 0}
+
+
+class Options(MethodOptions):
+    """Every option is read by every importance: `aggregation` reduces across the coupled Linears
+    (a head or channel always has several), `batch_size` is the batch pass's micro-batch (with
+    `element2` too: its Fisher passes are single windows, as hf_prune.py's). No combination is ignored."""
+
+    importance: Literal["element1", "element2", "vector"] = "element1"
+    aggregation: Literal["sum", "mean", "max", "prod"] = "sum"
+    batch_size: Annotated[Int, Field(ge=0)] = 0  # 0 = auto_batch_size
+
+
+OPTIONS = Options.defaults()
 CALIBRATION = {
     "corpus": "c4", "nsamples": 10, "seqlen": 128,
     "source": "LLM-Pruner hf_prune.py get_examples(..., num_examples=10); paper: 10 samples of 128 "
               "tokens from BookCorpus (C4 here: BookCorpus is not mirrored)",
 }
 SELECTION = {"scope": "layer", "layers": [0.125, 0.9375]}
-
-IMPORTANCES = ("element1", "element2", "vector")
-AGGREGATIONS = ("sum", "mean", "max", "prod")
-
-
-def check_options(options: dict) -> dict:
-    if int(options["batch_size"]) < 0:
-        raise UserError(f"llm-pruner option batch_size must be >= 0 (0 = auto), got {options['batch_size']}")
-    if options["importance"] not in IMPORTANCES:
-        raise UserError(f"llm-pruner option importance must be one of {', '.join(IMPORTANCES)}, "
-                        f"got {options['importance']!r}")
-    if options["aggregation"] not in AGGREGATIONS:
-        raise UserError(f"llm-pruner option aggregation must be one of {', '.join(AGGREGATIONS)}, "
-                        f"got {options['aggregation']!r}")
-    return options
 
 
 # Activation bytes per token per decoder layer, in elements of the model's dtype, saved for backward:
@@ -193,7 +194,7 @@ def _aggregate(per_member: list, how: str) -> torch.Tensor:
 
 
 def score(model, windows, group_sets, options, seed) -> Scoring:
-    check_options(options)
+    """`options`: checked ones (`minillm.scoring.checked_options`; the pipeline checks before scoring)."""
     if offloaded(model):  # `--offload`: one layer resident, backprop layer by layer
         return _score_layerwise(model, windows, group_sets, options)
     flags = {p: p.requires_grad for p in model.parameters()}

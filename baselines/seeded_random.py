@@ -6,10 +6,17 @@ from __future__ import annotations
 
 import torch
 
+from minillm.options import MethodOptions
 from minillm.scoring import Scoring
 
 NAME = "random"
-OPTIONS: dict = {}
+
+
+class Options(MethodOptions):
+    """No options (any given one is refused)."""
+
+
+OPTIONS = Options.defaults()
 CALIBRATION = None
 SELECTION = {"scope": "layer", "layers": "all"}
 

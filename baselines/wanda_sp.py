@@ -31,15 +31,39 @@ plain-torch loop written from FLAP's code (tests/test_wanda_sp_fidelity.py; resu
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field, ValidationInfo, model_validator
 
 from minillm.activations import input_stats
 from minillm.architectures import output_only
+from minillm.errors import UserError
 from minillm.layerwise import resident_sets
+from minillm.options import Bool, Int, MethodOptions
 from minillm.scoring import Scoring
 
 NAME = "wanda-sp"
-OPTIONS = {"batch_size": 1, "sequential": True}
+
+
+class Options(MethodOptions):
+    """`batch_size` is read in both variants (the layer pass's micro-batch, sequential or one-shot).
+    Refused: `sequential=true` with scope "global" (each layer gets its own budget; the pipeline
+    refused it too, but only after loading the model)."""
+
+    batch_size: Annotated[Int, Field(ge=1)] = 1  # before pydantic, 0 and below silently meant 1
+    sequential: Bool = True
+
+    @model_validator(mode="after")
+    def _scope(self, info: ValidationInfo):
+        scope = (info.context or {}).get("scope")
+        if self.sequential and scope not in (None, "layer"):
+            raise UserError(f"{NAME} with sequential=true prunes every layer to its own budget: "
+                            f"scope {scope!r} needs --opt sequential=false")
+        return self
+
+
+OPTIONS = Options.defaults()
 CALIBRATION = {
     "corpus": "c4", "nsamples": 128, "seqlen": 128,
     "source": "FLAP repo lib/prune.py prune_wanda_sp: get_loaders('c4', nsamples=128, seqlen=model.seqlen=128)",
@@ -69,8 +93,7 @@ def score_layer(group_sets, stats, options) -> dict:
 
 def score(model, windows, group_sets, options, seed) -> Scoring:
     """One-shot (`sequential=false`): every layer scored on the dense model's statistics."""
-    batch_size = max(1, int(options["batch_size"]))
-    stats = input_stats(model, windows, output_only(group_sets), batch_size=batch_size)
+    stats = input_stats(model, windows, output_only(group_sets), batch_size=options["batch_size"])
     scores = {}
     for gs in resident_sets(group_sets):  # offloaded layers: weights read on the device (layerwise.py)
         scores.update(score_layer([gs], stats, options))

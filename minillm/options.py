@@ -19,8 +19,9 @@ choose one of a, b`) or range (`x option y: must be >= 1, got 0`), or the combin
 refuses. Values may come as strings from the CLI (`--opt eps=1e-3`): pydantic's lax mode converts
 them ("1e-3" -> 1e-3, "16" -> 16, "true" / "false" / "yes" / "no" / "1" / "0" -> bool).
 
-The grid config (`suite/config.py`) and `suite prune` both call `parse`, so one declaration is the
-only place an option's type, choices, range and combinations are written down.
+The grid config (`suite/config.py`), `suite prune` and `suite.pipeline.prune` all call `parse`
+through `minillm.scoring.checked_options`, so one declaration is the only place an option's type,
+choices, range and combinations are written down.
 """
 from __future__ import annotations
 

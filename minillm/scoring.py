@@ -3,15 +3,14 @@
 A method is one module (in `baselines/` or `minillm/`) registered in `suite/methods.py`, with:
 
     NAME        the registry name, e.g. "wanda-sp"
-    OPTIONS     dict of its options and their defaults (every unknown of a paper is one of these)
+    Options     its options: a `minillm.options.MethodOptions` subclass (types, choices, ranges,
+                and the combinations it refuses, declared once; `minillm/options.py`)
+    OPTIONS     `Options.defaults()`: {option: default} (every unknown of a paper is one of these)
     CALIBRATION None (data-free) or {"corpus", "nsamples", "seqlen", "source"}: its paper's defaults
     SELECTION   {"scope": "layer"|"global", "layers": "all" | [start_frac, end_frac)}: defaults
     score(model, windows, group_sets, options, seed) -> Scoring
-    check_options(options) -> options   (optional) value checks beyond merge_options' types; the
-                CLI calls it (via `checked_options`) before any model is loaded
-    check_scope(options, scope) (optional) refuses options the selection scope ("layer" | "global"
-                | None: SELECTION's) would ignore; called with check_options
 
+`score` receives options already checked by `checked_options` (the pipeline checks them first).
 `group_sets` lists every layer's head and channel GroupSets (architectures.py); `windows` is the
 [nsamples, seqlen] calibration batch (None for data-free methods). Selection, slicing, budget and
 saving are shared (select.py, plan.py, saving.py). A method may return `compensate`, run after
@@ -37,7 +36,7 @@ layers 0..l). It then defines:
                 scores of ONE layer's groups: `group_sets` are that layer's head and channel sets,
                 `stats[(layer, member name)]` its members' `activations.InputStats` over all
                 calibration tokens (float64, [in_features] each); scores 1-D of length gs.count,
-                higher = more important. The shared per-layer budget (`select.layer_budget`, fixed
+                higher = more important. The shared per-layer budget (`select.layer_scope_allocation`, fixed
                 from shapes before layer 0) removes each kind's lowest-scoring groups; the layer is
                 sliced and its outputs recomputed before the next layer is scored.
 
@@ -51,7 +50,6 @@ from typing import Callable
 
 import torch
 
-from minillm.errors import UserError
 
 
 @dataclass
@@ -61,68 +59,19 @@ class Scoring:
     info: dict = field(default_factory=dict)  # method diagnostics recorded with the result
 
 
-def merge_options(method_name: str, defaults: dict, given: dict | None) -> dict:
-    """Defaults overridden by `given`; unknown keys and ill-typed values are one-line errors.
+def checked_options(method, given: dict | None, scope: str | None = None, name: str | None = None) -> dict:
+    """The method module's options: its `Options` defaults overridden by `given`, validated
+    (`minillm.options.parse`), as a plain dict. The one entry point: the CLI, the grid config and
+    `suite.pipeline.prune` call it (so the Python API refuses what the CLI refuses).
 
-    Values may come as strings from the CLI (`--opt eps=1e-3`): they are converted to the type of
-    the default.
+    `scope` ("layer" | "global" | None: the method's default) reaches the combination checks;
+    `name` (default `method.NAME`) names the method in the messages. Raises UserError (one line)
+    for an unknown key, an ill-typed value, a value outside its choices or range, or a combination
+    the method would ignore; needs no model, so commands call it before loading one.
     """
-    out = dict(defaults)
-    for key, value in (given or {}).items():
-        if key not in defaults:
-            known = ", ".join(sorted(defaults)) or "none"
-            raise UserError(f"method {method_name!r} has no option {key!r}; options: {known}")
-        try:
-            out[key] = _coerce(defaults[key], value)
-        except (TypeError, ValueError):
-            raise UserError(f"{method_name} option {key}: expected {type(defaults[key]).__name__}, "
-                            f"got {value!r}") from None
-    return out
+    from minillm.options import parse
 
-
-def checked_options(method, given: dict | None, scope: str | None = None) -> dict:
-    """`merge_options` with the method module's defaults, then its own `check_options` and
-    `check_scope` (with the selection `scope`, None: the method's default) if it has them.
-
-    Raises UserError for an unknown key, an ill-typed value, a value the method refuses or an option
-    the scope would ignore; needs no model, so commands call it before loading one.
-    """
-    if hasattr(method, "Options"):  # declared with minillm.options (pydantic): one parse does it all
-        from minillm.options import parse
-
-        return parse(method.Options, method.NAME, given, scope)
-    options = merge_options(method.NAME, method.OPTIONS, given)
-    check = getattr(method, "check_options", None)
-    options = check(dict(options)) if check else options
-    check_scope = getattr(method, "check_scope", None)
-    if check_scope:
-        check_scope(options, scope)
-    return options
-
-
-def _coerce(default, value):
-    if isinstance(default, bool):
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        if isinstance(value, bool):
-            return value
-        raise ValueError(value)
-    if isinstance(default, int):
-        if isinstance(value, bool):
-            raise ValueError(value)
-        number = float(value) if isinstance(value, str) else value
-        if not isinstance(number, (int, float)) or number != int(number):
-            raise ValueError(value)
-        return int(number)
-    if isinstance(default, float):
-        if isinstance(value, bool):
-            raise ValueError(value)
-        return float(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise ValueError(value)
-        return value
-    return value
+    return parse(method.Options, name or method.NAME, given, scope)
 
 
 def group_tensor(values: torch.Tensor, gs, member) -> torch.Tensor:

@@ -1,9 +1,16 @@
-"""Experiment config: a YAML file checked against SCHEMA, defaults filled, expanded into grid cells.
+"""Experiment config: a YAML file checked against pydantic models, defaults filled, expanded into grid cells.
 
-SCHEMA is plain data: a key maps either to a nested schema (a dict, for a mapping with defaults)
-or to `(check, default)`, where `check(value, where)` returns the value or raises UserError and
-`REQUIRED` as the default means the key must be given. Every error names the file and the path of
-the key, e.g. `config.yaml: methods[2].options.eps: expected number, got 'abc'`.
+The schema is declared once, as models (`GridConfig`, `Calibration`, `Evaluation`, `MethodEntry`,
+`MethodCalibration`; the `recovery:` block is checked by suite/recovery.py's own
+`settings_with_defaults`): unknown keys are refused (with a difflib "did you mean"), choices are
+`Literal` types, numbers and ranges annotated types whose checks give this module's words. A
+method entry's `options` are its method's own `Options` (`minillm.scoring.checked_options`, the
+same check as `suite prune --opt`). `_line` turns the first pydantic error into ONE line naming the
+file and the path of the key, e.g. `config.yaml: ratios[1]: expected a pruning ratio in (0, 1),
+got 1.5`; numbers are never booleans, and `1e-3` (a string in YAML 1.1) is the number it means.
+The checks across keys (`_check_grid`: unique cells and labels, calibration, offload) run in that
+order once every key is valid. `validate` returns plain dicts in the declared key order (hashed by
+`grid_identity`, so the order and the keys left out when not given are part of a grid's identity).
 
 Calibration (issue 11): every method calibrates with its own published setting (its module's
 CALIBRATION) unless the config says otherwise EXPLICITLY. A method entry's own `calibration:`
@@ -24,264 +31,287 @@ import importlib
 import json
 import re
 from pathlib import Path
+from typing import Annotated, Literal, get_args
 
+import pydantic
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from minillm.errors import UserError
 
-REQUIRED = object()
 # the seven zero-shot tasks of the papers' tables (LLM-Pruner, FLAP, MINI-LLM); `suite eval --tasks paper`
 PAPER_TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
-DTYPES = ("float32", "bfloat16", "float16")
+Dtype = Literal["float32", "bfloat16", "float16"]
+DTYPES = get_args(Dtype)
+CALIBRATION_KEYS = ("corpus", "nsamples", "seqlen")
+# Options every method accepts: the pipeline takes them out before calling the method's scorer.
+SELECTION_OPTIONS = ("head_mode", "scope", "layers", "allow_empty", "round_to")
+RUNTIME_KEYS = ("offload", "device_memory", "hidden_on")  # where weights and hidden states live: no result changes
 _TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "list", dict: "mapping"}
 
 
-class _Invalid(Exception):
-    """A check failed at `where` (the key path); load_config prefixes the file name."""
+class _Invalid(ValueError):
+    """A check failed at `where` (a key path below the value checked; "" = the value itself).
+
+    Raised inside a pydantic validator, it reaches `_line` as the error's ctx["error"]."""
 
     def __init__(self, where: str, message: str):
-        super().__init__(f"{where}: {message}" if where else message)
+        super().__init__(message)
+        self.where, self.message = where, message
 
 
-# --------------------------------------------------------------------------- checks
+# --------------------------------------------------------------------------- value checks
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # `1e-3`: YAML 1.1 reads it as a string
 
 
-def _expect(kind, value, where):
+def _expect(kind, value):
     ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
     if kind is float:
         value = float(value) if isinstance(value, str) and _NUMBER.fullmatch(value) else value
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok:
-        raise _Invalid(where, f"expected {_TYPE_NAMES[kind]}, got {value!r}")
+        raise _Invalid("", f"expected {_TYPE_NAMES[kind]}, got {value!r}")
     return float(value) if kind is float else value
 
 
-def string(value, where):
-    return _expect(str, value, where)
-
-
-def boolean(value, where):
-    return _expect(bool, value, where)
-
-
-def positive_int(value, where):
-    if _expect(int, value, where) <= 0:
-        raise _Invalid(where, f"expected a positive integer, got {value!r}")
+def _positive_int(value):
+    if _expect(int, value) <= 0:
+        raise _Invalid("", f"expected a positive integer, got {value!r}")
     return value
 
 
-def positive_int_or_auto(value, where):
-    """A positive integer, or "auto" (lm-eval finds the largest batch that fits the device)."""
-    return value if value == "auto" else positive_int(value, where)
-
-
-def optional(check):
-    return lambda value, where: None if value is None else check(value, where)
-
-
-def integer(value, where):
-    return _expect(int, value, where)
-
-
-def ratio(value, where):
-    value = _expect(float, value, where)
+def _ratio(value):
+    value = _expect(float, value)
     if not 0.0 < value < 1.0:
-        raise _Invalid(where, f"expected a pruning ratio in (0, 1), got {value!r}")
+        raise _Invalid("", f"expected a pruning ratio in (0, 1), got {value!r}")
     return value
 
 
-def one_of(*choices):
-    def check(value, where):
-        if value not in choices:
-            raise _Invalid(where, f"expected one of {', '.join(choices)}, got {value!r}")
-        return value
-    return check
+def _file_name(value):
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", _expect(str, value)):
+        raise _Invalid("", f"expected a name made of letters, digits, '.', '_', '-', got {value!r}")
+    return value
 
 
-def list_of(check, nonempty=True):
-    def check_list(value, where):
-        _expect(list, value, where)
-        if nonempty and not value:
-            raise _Invalid(where, "expected a non-empty list")
-        return [check(item, f"{where}[{i}]") for i, item in enumerate(value)]
-    return check_list
-
-
-def size(value, where):
+def _size(value):
     """A memory size: bytes (integer) or a string such as 24GB, 512MiB (suite.offload.parse_size)."""
     from suite.offload import parse_size
 
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise _Invalid(where, f"expected a size such as 24GB, got {value!r}")
+        raise _Invalid("", f"expected a size such as 24GB, got {value!r}")
     try:
         parse_size(value)
     except UserError as exc:
-        raise _Invalid(where, str(exc)) from None
+        raise _Invalid("", str(exc)) from None
     return value
 
 
-def _check_offload(config: dict) -> None:
-    if config["offload"] is None and config["device_memory"] is not None:
-        raise _Invalid("device_memory", "needs offload: cpu or disk")
-    if config["offload"] == "cpu" and config["device"].split(":")[0] == "cpu":
-        raise _Invalid("offload", "cpu keeps weights in host memory, which is the device on a CPU: use disk")
-    if config["offload"] is not None:
-        from suite.offload import offload_refusal
-
-        for i, entry in enumerate(config["methods"]):
-            why = offload_refusal(entry["name"], entry.get("options"))
-            if why:
-                raise _Invalid(f"methods[{i}]", f"{why}: it does not run with offload yet")
-    if config["offload"] is not None and (config["recovery"] or any(m.get("recovery") for m in config["methods"])):
-        raise _Invalid("offload", "LoRA recovery does not run on offloaded weights; drop offload or recovery")
+def _mapping(value):
+    """A nested mapping; null or absent: {} (every default)."""
+    return {} if value is None else _expect(dict, value)
 
 
-def file_name(value, where):
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", _expect(str, value, where)):
-        raise _Invalid(where, f"expected a name made of letters, digits, '.', '_', '-', got {value!r}")
-    return value
-
-
-def method(value, where):
-    """A method name, or {name, label (default: name), options (default: {})}."""
-    if isinstance(value, str):
-        value = {"name": value}
-    _expect(dict, value, where)
-    entry = _fill(METHOD_SCHEMA, value, where)
-    if entry["calibration"] is None:
-        del entry["calibration"]  # absent, as before the key existed (the grid's hash stays the same)
-    _check_method(entry, where)
-    entry["label"] = entry["label"] or default_label(entry["name"], entry["options"])
-    return entry
-
-
-def default_label(name: str, options: dict) -> str:
-    """The table's row name of a method entry without a `label`: its name, and "NAME (one-shot)"
-    for a method that prunes layer by layer by default run with `sequential=false`
-    (`wanda-sp --opt sequential=false`, the earlier one-shot variant)."""
-    registry = _method_registry() or {}
-    module = registry.get(name)
-    try:
-        module = importlib.import_module(module) if isinstance(module, str) else module
-    except ImportError:
-        return name
-    defaults = _method_options(module) if module is not None else None
-    sequential = getattr(module, "sequential", None)
-    if defaults is None or sequential is None:
-        return name
-    given = {k: v for k, v in options.items() if k in defaults}
-    return name if sequential({**defaults, **given}) else f"{name} (one-shot)"
-
-
-def recovery_block(value, where):
-    """`recovery:` (grid-wide or per method): LoRA settings (suite/recovery.py DEFAULTS) plus
-    `ratios` (recover only those ratios' cells; default all); `false` (per method): no recovery."""
+def _recovery(value):
+    """`recovery:` (grid-wide or per method): LoRA settings (suite/recovery.py DEFAULTS, checked by
+    its `settings_with_defaults`) plus `ratios` (recover only those ratios' cells; default all);
+    `false`: no recovery. Returns the given settings, then `ratios`."""
     if value is False:
         return False
-    value = dict(_expect(dict, value, where))
+    value = dict(_expect(dict, value))
     ratios = value.pop("ratios", None)
     if ratios is not None:
-        ratios = list_of(ratio)(ratios, f"{where}.ratios")
+        ratios = [_at(f"ratios[{i}]", _ratio, r) for i, r in enumerate(_at("ratios", _list(True), ratios))]
     from suite.recovery import settings_with_defaults
 
     for key in ("learning_rate", "lora_dropout"):
         if key in value:
-            value[key] = _expect(float, value[key], f"{where}.{key}")
+            value[key] = _at(key, lambda v: _expect(float, v), value[key])
     try:
         settings_with_defaults(value)
     except UserError as exc:
-        raise _Invalid(where, str(exc)) from None
+        raise _Invalid("", str(exc)) from None
     return {**value, "ratios": ratios}
 
 
-CALIBRATION_KEYS = ("corpus", "nsamples", "seqlen")
-CALIBRATION_SCHEMA = {
-    "corpus": (optional(string), None),
-    "nsamples": (optional(positive_int), None),
-    "seqlen": (optional(positive_int), None),
-}
+def _at(where: str, check, value):
+    """check(value), its error placed at `where`."""
+    try:
+        return check(value)
+    except _Invalid as exc:
+        raise _Invalid(_join(where, exc.where), exc.message) from None
 
 
-def method_calibration(value, where):
-    """A method entry's own `calibration:` (any of corpus, nsamples, seqlen); keys not given: None."""
-    return _fill(CALIBRATION_SCHEMA, _expect(dict, value, where), where)
+def _list(nonempty: bool):
+    def check(value):
+        if not _expect(list, value) and nonempty:
+            raise _Invalid("", "expected a non-empty list")
+        return value
+    return check
 
 
-# --------------------------------------------------------------------------- schema
-METHOD_SCHEMA = {
-    "name": (string, REQUIRED),
-    "label": (optional(string), None),
-    "options": (lambda v, w: dict(_expect(dict, v, w)), {}),
-    "recovery": (optional(recovery_block), None),
-    # the entry's own calibration (overrides the method's published one for this entry only)
-    "calibration": (optional(method_calibration), None),
-}
-SCHEMA = {
-    "name": (file_name, REQUIRED),
-    "models": (list_of(string), REQUIRED),
-    "methods": (list_of(method), REQUIRED),
-    "ratios": (list_of(ratio), REQUIRED),
-    "seeds": (list_of(integer), [0]),
-    # null nsamples/seqlen = each method's own documented default (its paper's, scaled to CPU); a
-    # value for every method needs `apply_to: all` (module docstring); `apply_to` is left out of the
-    # checked config when not given, so older configs keep their hash
-    "calibration": {
-        "corpus": (string, "c4"),
-        "nsamples": (optional(positive_int), None),
-        "seqlen": (optional(positive_int), None),
-        "apply_to": (optional(one_of("all")), None),
-    },
-    "evaluation": {
-        "perplexity": (list_of(string, nonempty=False), ["wikitext2", "ptb", "c4"]),
-        "seqlen": (positive_int, 128),
-        "max_tokens": (optional(positive_int), None),
-        "tasks": (list_of(string, nonempty=False), PAPER_TASKS),
-        "limit": (optional(positive_int), None),
-        "batch_size": (positive_int_or_auto, 1),  # zero-shot (lm-eval); "auto": its largest fitting batch
-        "throughput": (boolean, True),
-    },
-    "device": (string, "cpu"),
-    "dtype": (one_of(*DTYPES), "float32"),
+def _optional(check):
+    return lambda value: None if value is None else check(value)
+
+
+def _one_of(choices):
+    def check(value):
+        if value not in choices:
+            raise _Invalid("", f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+    return check
+
+
+# The annotated types of the models: the check runs first (this module's words), then pydantic's type.
+def _checked(kind, check):
+    return Annotated[kind, BeforeValidator(check)]
+
+
+String = _checked(str, lambda v: _expect(str, v))
+Integer = _checked(int, lambda v: _expect(int, v))
+Boolean = _checked(bool, lambda v: _expect(bool, v))
+PositiveInt = _checked(int, _positive_int)
+Ratio = _checked(float, _ratio)
+Recovery = _checked(dict | Literal[False] | None, _optional(_recovery))
+
+
+def Choice(literal):  # noqa: N802 - a type
+    return _checked(literal, _one_of(get_args(literal)))
+
+
+def Optional(kind):  # noqa: N802 - a type: the annotated type `kind`, or null
+    base, check = get_args(kind)[0], kind.__metadata__[0].func
+    return _checked(base | None, _optional(check))
+
+
+def List(kind, nonempty=True):  # noqa: N802 - a type: a list of `kind` (pydantic checks the items)
+    return _checked(list[kind], _list(nonempty))
+
+
+def Mapping(model):  # noqa: N802 - a type: a nested model; null or absent = its defaults
+    return Annotated[model, BeforeValidator(_mapping), Field(default_factory=model)]
+
+
+# --------------------------------------------------------------------------- models
+class _Schema(BaseModel):
+    """Unknown keys refused first (difflib's closest known key), as one line."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data):
+        for key in data if isinstance(data, dict) else ():
+            if key not in cls.model_fields:
+                close = difflib.get_close_matches(str(key), list(cls.model_fields), n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(cls.model_fields)}"
+                raise _Invalid(str(key), f"unknown key ({hint})")
+        return data
+
+
+class Calibration(_Schema):
+    """The grid's `calibration:`. null nsamples/seqlen = each method's own documented default (its
+    paper's, scaled to CPU); a value for every method needs `apply_to: all` (module docstring);
+    `apply_to` is left out of the checked config when not given, so older configs keep their hash."""
+
+    corpus: String = "c4"
+    nsamples: Optional(PositiveInt) = None
+    seqlen: Optional(PositiveInt) = None
+    apply_to: Optional(Choice(Literal["all"])) = None
+
+
+class MethodCalibration(_Schema):
+    """A method entry's own `calibration:` (overrides the method's published one for this entry only)."""
+
+    corpus: Optional(String) = None
+    nsamples: Optional(PositiveInt) = None
+    seqlen: Optional(PositiveInt) = None
+
+
+class Evaluation(_Schema):
+    perplexity: List(String, nonempty=False) = ["wikitext2", "ptb", "c4"]
+    seqlen: PositiveInt = 128
+    max_tokens: Optional(PositiveInt) = None
+    tasks: List(String, nonempty=False) = PAPER_TASKS
+    limit: Optional(PositiveInt) = None
+    # zero-shot (lm-eval); "auto": its largest fitting batch
+    batch_size: _checked(int | Literal["auto"], lambda v: v if v == "auto" else _positive_int(v)) = 1
+    throughput: Boolean = True
+
+
+class MethodEntry(_Schema):
+    """A method name, or {name, label (default: `default_label`), options (default: {}), recovery,
+    calibration}. `options` are the method's `Options` (checked and converted, e.g. "1e-3" -> 0.001)
+    plus the selection options (SELECTION_OPTIONS); only the given ones are kept."""
+
+    name: String
+    label: Optional(String) = None
+    options: _checked(dict, lambda v: dict(_expect(dict, v))) = {}
+    recovery: Recovery = None
+    calibration: Optional(_checked(MethodCalibration, _mapping)) = None
+
+    @model_validator(mode="after")
+    def _registered(self):
+        _check_method(self)
+        self.label = self.label or default_label(self.name, self.options)
+        return self
+
+
+def _entry(value):
+    return {"name": value} if isinstance(value, str) else _expect(dict, value)
+
+
+class GridConfig(_Schema):
+    name: _checked(str, _file_name)
+    models: List(String)
+    methods: List(Annotated[MethodEntry, BeforeValidator(_entry)])
+    ratios: List(Ratio)
+    seeds: List(Integer) = [0]
+    calibration: Mapping(Calibration)
+    evaluation: Mapping(Evaluation)
+    device: String = "cpu"
+    dtype: Choice(Dtype) = "float32"
     # models larger than the device (suite/offload.py); they never change a result, so they are in
     # neither the cell key nor the grid's hash (RUNTIME_KEYS): a grid may resume with other values
-    "offload": (optional(one_of("cpu", "disk")), None),
-    "device_memory": (optional(lambda v, w: size(v, w)), None),
-    "hidden_on": (one_of("device", "cpu"), "device"),
-    "dense": (boolean, True),
+    offload: Optional(Choice(Literal["cpu", "disk"])) = None
+    device_memory: _checked(int | str | None, _optional(_size)) = None
+    hidden_on: Choice(Literal["device", "cpu"]) = "device"
+    dense: Boolean = True
     # LoRA recovery after pruning (LLM-Pruner's post-training; suite/recovery.py): null = none
-    "recovery": (optional(recovery_block), None),
-}
+    recovery: Recovery = None
+
+    def to_dict(self) -> dict:
+        """Plain dicts in the declared order; keys added after a grid's hash existed are left out
+        when not given (the grid calibration's `apply_to`, a method entry's `calibration`)."""
+        config = self.model_dump()
+        if config["calibration"]["apply_to"] is None:
+            del config["calibration"]["apply_to"]
+        for entry in config["methods"]:
+            if entry["calibration"] is None:
+                del entry["calibration"]
+        return config
 
 
-def _fill(schema: dict, data: dict, where: str) -> dict:
-    """Check `data` against `schema` and return a new dict with every default filled in."""
-    prefix = f"{where}." if where else ""
-    for key in data:
-        if key not in schema:
-            close = difflib.get_close_matches(str(key), list(schema), n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(schema)}"
-            raise _Invalid(f"{prefix}{key}", f"unknown key ({hint})")
-    out = {}
-    for key, spec in schema.items():
-        path = f"{prefix}{key}"
-        if isinstance(spec, dict):
-            value = {} if data.get(key) is None else data[key]
-            out[key] = _fill(spec, _expect(dict, value, path), path)
-        elif key in data:
-            out[key] = spec[0](data[key], path)
-        elif spec[1] is REQUIRED:
-            raise _Invalid(path, "missing required key")
-        else:
-            out[key] = list(spec[1]) if isinstance(spec[1], list) else spec[1]
-    return out
+def _join(where: str, below: str) -> str:
+    return f"{where}{below}" if not below or below.startswith("[") or not where else f"{where}.{below}"
+
+
+def _line(exc: pydantic.ValidationError) -> str:
+    """The first error of `exc` as `path: message` (path with `.key` and `[i]`)."""
+    error = exc.errors(include_url=False)[0]
+    where = ""
+    for part in error["loc"]:
+        where = _join(where, f"[{part}]" if isinstance(part, int) else str(part))
+    kind, value, cause = error["type"], error.get("input"), (error.get("ctx") or {}).get("error")
+    if isinstance(cause, _Invalid):
+        where, message = _join(where, cause.where), cause.message
+    elif kind == "missing":
+        message = "missing required key"
+    else:  # not reached by a config: every field's own check runs first
+        message = f"{error['msg']}, got {value!r}"
+    return f"{where}: {message}" if where else message
 
 
 # --------------------------------------------------------------------------- methods registry
-# Options every method accepts: the pipeline takes them out before calling the method's scorer.
-SELECTION_OPTIONS = ("head_mode", "scope", "layers", "allow_empty", "round_to")
-
-
 def _method_registry() -> dict | None:
     """`suite.methods.METHODS` (name -> method module or its import path) if that module exists."""
     try:
@@ -293,69 +323,60 @@ def _method_registry() -> dict | None:
     return getattr(module, "METHODS", None)
 
 
-def _method_options(entry) -> dict | None:
-    """The method module's OPTIONS (name -> default), or None when they cannot be known here."""
+def _method_module(name: str):
+    """The registered method module of `name`, or None: no registry, not registered, or a broken
+    module (that one fails its own cells, with the error in the record)."""
+    module = (_method_registry() or {}).get(name)
     try:
-        module = importlib.import_module(entry) if isinstance(entry, str) else entry
+        return importlib.import_module(module) if isinstance(module, str) else module
     except ImportError:
-        return None  # a broken method module fails its own cells, with the error in the record
-    options = getattr(module, "OPTIONS", None)
-    return options if isinstance(options, dict) else None
+        return None
 
 
-def _check_method(entry: dict, where: str) -> None:
-    """A registered method name; options known to the method and typed like their defaults."""
+def _check_method(entry: MethodEntry) -> None:
+    """A registered method name; its options checked by the method's own `Options` (with the
+    entry's `scope`), converted in place (given keys only)."""
+    from minillm.scoring import checked_options
+
     registry = _method_registry()
     if registry is None:
         return
-    name = entry["name"]
-    if name == "dense":
-        raise _Invalid(f"{where}.name", "'dense' is not a pruning method; the dense row comes from `dense: true`")
-    if name not in registry:
-        raise _Invalid(f"{where}.name", f"unknown method {name!r} (known: {', '.join(sorted(registry))})")
-    module = registry[name]
-    try:
-        module = importlib.import_module(module) if isinstance(module, str) else module
-    except ImportError:
-        return  # a broken method module fails its own cells, with the error in the record
-    if hasattr(module, "Options"):  # one declaration (minillm.options): types, choices, ranges, combinations
-        from minillm.options import parse
-
-        given = {k: v for k, v in entry["options"].items() if k not in SELECTION_OPTIONS}
-        try:
-            parsed = parse(module.Options, name, given, entry["options"].get("scope"))
-        except UserError as exc:
-            raise _Invalid(f"{where}.options", str(exc)) from None
-        entry["options"].update({k: parsed[k] for k in given})
+    if entry.name == "dense":
+        raise _Invalid("name", "'dense' is not a pruning method; the dense row comes from `dense: true`")
+    if entry.name not in registry:
+        raise _Invalid("name", f"unknown method {entry.name!r} (known: {', '.join(sorted(registry))})")
+    module = _method_module(entry.name)
+    if module is None:
         return
-    defaults = _method_options(registry[name])
-    if defaults is None:
-        return
-    for key, value in entry["options"].items():
-        path = f"{where}.options.{key}"
-        if key in SELECTION_OPTIONS:
-            continue
-        if key not in defaults:
-            known = ", ".join([*defaults, *SELECTION_OPTIONS])
-            raise _Invalid(path, f"unknown option of {name} (known: {known})")
-        kind = type(defaults[key])
-        if kind in (bool, int, float, str):
-            entry["options"][key] = _expect(kind, value, path)
-    module = registry[name]
-    module = importlib.import_module(module) if isinstance(module, str) else module
-    check = getattr(module, "check_options", None)  # the method's own value checks, as `suite prune` runs them
-    check_scope = getattr(module, "check_scope", None)  # and the options the selection scope would ignore
-    given = {k: v for k, v in entry["options"].items() if k not in SELECTION_OPTIONS}
+    known = [*getattr(getattr(module, "Options", None), "model_fields", {}), *SELECTION_OPTIONS]  # a config's options: the method's and selection's
+    for key in entry.options:
+        if key not in known:
+            raise _Invalid(f"options.{key}", f"unknown option of {entry.name} (known: {', '.join(known)})")
+    given = {k: v for k, v in entry.options.items() if k not in SELECTION_OPTIONS}
     try:
-        if check is not None:
-            check({**defaults, **given})
-        if check_scope is not None:
-            check_scope({**defaults, **given}, entry["options"].get("scope"))
+        parsed = checked_options(module, given, entry.options.get("scope"), name=entry.name)
     except UserError as exc:
-        raise _Invalid(f"{where}.options", str(exc)) from None
+        raise _Invalid("options", str(exc)) from None
+    entry.options.update({k: parsed[k] for k in given if k in parsed})  # an old spelling stays as given
 
 
-# --------------------------------------------------------------------------- load / expand
+def default_label(name: str, options: dict) -> str:
+    """The table's row name of a method entry without a `label`: its name, with the variants its
+    options name in parentheses: "one-shot" for a method that prunes layer by layer by default run
+    with `sequential=false` (`wanda-sp --opt sequential=false`), and whatever the module's
+    `variant(options) -> str | None` says (flap `variance=reference`: "reference variance")."""
+    module = _method_module(name)
+    defaults = getattr(module, "OPTIONS", None)
+    if not isinstance(defaults, dict):
+        return name
+    merged = {**defaults, **{k: v for k, v in options.items() if k in defaults}}
+    sequential, variant = getattr(module, "sequential", None), getattr(module, "variant", None)
+    suffixes = [] if sequential is None or sequential(merged) else ["one-shot"]
+    suffixes += [s for s in [variant(merged) if variant else None] if s]
+    return f"{name} ({', '.join(suffixes)})" if suffixes else name
+
+
+# --------------------------------------------------------------------------- checks across keys
 def _no_duplicates(values: list, key: str, what: str) -> None:
     for i, value in enumerate(values):
         if value in values[:i]:
@@ -377,25 +398,38 @@ def _check_unique(config: dict) -> None:
             raise _Invalid(f"methods[{i}]", f"same method and options as methods[{runs.index(run)}]")
 
 
-def _own_calibration(module) -> dict | None:
-    """A method module's CALIBRATION (its published setting and `source`), or None (it calibrates on nothing)."""
-    try:
-        module = importlib.import_module(module) if isinstance(module, str) else module
-    except ImportError:
-        return None  # a broken method module fails its own cells, with the error in the record
-    own = getattr(module, "CALIBRATION", None)
+def _check_offload(config: dict) -> None:
+    """device_memory needs offload; offload needs a non-CPU device for `cpu`, methods that run
+    offloaded (suite.offload.offload_refusal) and no LoRA recovery."""
+    if config["offload"] is None and config["device_memory"] is not None:
+        raise _Invalid("device_memory", "needs offload: cpu or disk")
+    if config["offload"] == "cpu" and config["device"].split(":")[0] == "cpu":
+        raise _Invalid("offload", "cpu keeps weights in host memory, which is the device on a CPU: use disk")
+    if config["offload"] is not None:
+        from suite.offload import offload_refusal
+
+        for i, entry in enumerate(config["methods"]):
+            why = offload_refusal(entry["name"], entry.get("options"))
+            if why:
+                raise _Invalid(f"methods[{i}]", f"{why}: it does not run with offload yet")
+    if config["offload"] is not None and (config["recovery"] or any(m.get("recovery") for m in config["methods"])):
+        raise _Invalid("offload", "LoRA recovery does not run on offloaded weights; drop offload or recovery")
+
+
+def _own_calibration(name: str) -> dict | None:
+    """A method's CALIBRATION (its published setting and `source`), or None (it calibrates on nothing)."""
+    own = getattr(_method_module(name), "CALIBRATION", None)
     return own if isinstance(own, dict) else None
 
 
 def _check_calibration(config: dict) -> None:
     """No grid calibration value silently replaces a method's own; entries calibrate only calibrating methods."""
-    registry = _method_registry()
-    if registry is None:
+    if _method_registry() is None:
         return
     grid = config["calibration"]
     explicit = grid.get("apply_to") == "all"
     for i, entry in enumerate(config["methods"]):
-        own, mine = _own_calibration(registry[entry["name"]]), entry.get("calibration") or {}
+        own, mine = _own_calibration(entry["name"]), entry.get("calibration") or {}
         if own is None:
             if any(v is not None for v in mine.values()):
                 raise _Invalid(f"methods[{i}].calibration", f"{entry['name']} uses no calibration data")
@@ -410,20 +444,27 @@ def _check_calibration(config: dict) -> None:
                            f"`apply_to: all` under calibration, or give it in methods[{i}].calibration")
 
 
+def _check_grid(config: dict) -> None:
+    """The checks across keys, in this order, once every key is valid."""
+    _check_unique(config)
+    _check_calibration(config)
+    _check_offload(config)
+
+
 def validate(data, source: str = "config") -> dict:
-    """Check a parsed config (a dict) and return it with defaults filled."""
+    """Check a parsed config (a dict) and return it with defaults filled (plain dicts).
+
+    Raises UserError: one line `SOURCE: path: message` (module docstring)."""
     try:
         if not isinstance(data, dict):
             raise _Invalid("", f"expected a mapping at the top level, got {type(data).__name__}")
-        config = _fill(SCHEMA, data, "")
-        if config["calibration"]["apply_to"] is None:
-            del config["calibration"]["apply_to"]
-        _check_unique(config)
-        _check_calibration(config)
-        _check_offload(config)
+        config = GridConfig.model_validate(data).to_dict()
+        _check_grid(config)
         return config
+    except pydantic.ValidationError as exc:
+        raise UserError(f"{source}: {_line(exc)}") from None
     except _Invalid as exc:
-        raise UserError(f"{source}: {exc}") from None
+        raise UserError(f"{source}: {exc.where}: {exc.message}" if exc.where else f"{source}: {exc.message}") from None
 
 
 def load_config(path) -> dict:
@@ -453,9 +494,6 @@ def grid_identity(config: dict) -> dict:
         # every method): the same grid, so the same hash, and older results files stay its own
         hashed["calibration"] = {k: v for k, v in config["calibration"].items() if k != "apply_to"}
     return {"name": config["name"], "config_hash": sha256_hex(hashed)[:16]}
-
-
-RUNTIME_KEYS = ("offload", "device_memory", "hidden_on")  # where weights and hidden states live: no result changes
 
 
 def expand_cells(config: dict) -> list[dict]:

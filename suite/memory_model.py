@@ -255,7 +255,7 @@ class Setting:
 
 def setting(cell: dict, s: Shapes) -> Setting:
     """The cell's method options (defaults merged) and calibration, as suite/pipeline.py resolves them."""
-    from minillm.scoring import merge_options
+    from minillm.scoring import checked_options
     from suite.config import SELECTION_OPTIONS
     from suite.pipeline import calibration_settings
 
@@ -266,7 +266,7 @@ def setting(cell: dict, s: Shapes) -> Setting:
 
         method = get_method(method_name)
         given = {k: v for k, v in (cell.get("options") or {}).items() if k not in SELECTION_OPTIONS}
-        options = merge_options(method_name, method.OPTIONS, given)
+        options = checked_options(method, given, (cell.get("options") or {}).get("scope"))
         calib = calibration_settings(method, cell.get("calibration") or {})
     cap = cell.get("device_memory")
     return Setting(s, str(cell.get("device", "cpu")).split(":")[0], cell.get("dtype", "float32"), method_name,

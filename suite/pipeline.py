@@ -13,7 +13,7 @@ from minillm.architectures import adapter_for, all_group_sets
 from minillm.errors import UserError
 from minillm.layerwise import hidden_on as hidden_states_on
 from minillm.plan import apply_plan, plan_summary
-from minillm.scoring import Scoring, merge_options
+from minillm.scoring import Scoring, checked_options
 from minillm.select import Selection, layer_range, select
 from suite.measure import measure
 from suite.methods import get_method
@@ -123,12 +123,7 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
     if not 0.0 < float(ratio) < 1.0:
         raise UserError(f"ratio must be in (0, 1), got {ratio}")
     method = get_method(method_name)
-    if hasattr(method, "Options"):  # one declaration (minillm.options): old spellings become the canonical keys
-        from minillm.options import parse
-
-        options = parse(method.Options, method_name, options, scope)
-    else:
-        options = merge_options(method_name, method.OPTIONS, options)
+    options = checked_options(method, options, scope)  # as the CLI and the grid config check them
     check_offloadable(model, method_name, options)
     n_layers = len(adapter_for(model).layers(model))
     layer_range = parse_layer_range(layers if layers is not None else method.SELECTION.get("layers", "all"), n_layers)

@@ -14,7 +14,7 @@ from baselines import llm_pruner
 from minillm import zo
 from minillm.architectures import all_group_sets
 from minillm.method import WeightGradient, member_weights
-from minillm.scoring import merge_options
+from minillm.scoring import checked_options
 from suite.models import load_model
 from tests.test_baselines import close, taylor_reference
 from tests.tiny import token_ids
@@ -70,7 +70,7 @@ def test_llm_pruner_micro_batched_scores_equal_one_batch(name, monkeypatch):
     want = taylor_reference(model, ids, "q-head", "element1", "sum")  # torch.autograd.grad of model(x, labels=x).loss
     monkeypatch.setattr(zo, "LOSS_CHUNK_ELEMENTS", SMALL_CHUNK)
     for batch_size in (2, 0):
-        opts = merge_options("llm-pruner", llm_pruner.OPTIONS, {"batch_size": batch_size})
+        opts = checked_options(llm_pruner, {"batch_size": batch_size})
         scoring = llm_pruner.score(model, ids, all_group_sets(model), opts, 0)
         close(scoring.scores, want)
         assert scoring.info["micro_batch"] == (2 if batch_size else min(len(ids), llm_pruner.auto_batch_size(model, ids.shape[1])))
@@ -90,7 +90,7 @@ def test_llm_pruner_records_the_windows_it_batched(offload, tmp_path):
     for batch_size, want in ((0, [5]), (2, [2, 2, 1])):
         seen = []
         hook = model.get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
-        opts = merge_options("llm-pruner", llm_pruner.OPTIONS, {"batch_size": batch_size})
+        opts = checked_options(llm_pruner, {"batch_size": batch_size})
         info = llm_pruner.score(model, ids, all_group_sets(model), opts, 0).info
         hook.remove()
         assert seen == want and info["micro_batch"] == max(seen) and info["micro_batches"] == len(seen)
@@ -100,20 +100,20 @@ def test_llm_pruner_fisher_keeps_per_window_passes(monkeypatch):
     model, ids = load_model("tiny-llama-gqa"), windows(n=3)
     want = taylor_reference(model, ids, "q-head", "element2", "sum")
     monkeypatch.setattr(zo, "LOSS_CHUNK_ELEMENTS", SMALL_CHUNK)
-    opts = merge_options("llm-pruner", llm_pruner.OPTIONS, {"importance": "element2", "batch_size": 2})
+    opts = checked_options(llm_pruner, {"importance": "element2", "batch_size": 2})
     close(llm_pruner.score(model, ids, all_group_sets(model), opts, 0).scores, want)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-bloom"])
 def test_minillm_backprop_reference_is_micro_batched_exactly(name):
     """MINI-LLM's `gradient=backprop` reference at batch_size 2 equals the one-batch gradient of its members."""
-    from minillm.method import OPTIONS
+    from minillm import method
 
     model, ids = load_model(name), windows()
     _, want = one_batch_gradients(model, ids)
     scale = 1e-2 * max(float(g.abs().max()) for g in want.values())
     sets = all_group_sets(model)
-    o = merge_options("minillm", OPTIONS, {"gradient": "backprop", "batch_size": 2})
+    o = checked_options(method, {"gradient": "backprop", "batch_size": 2})
     grad = WeightGradient(model, ids, sets, "backprop", o, seed=0)
     names = [n for n, _ in member_weights(model, sets, output_only=o["members"] == "output")]
     assert names

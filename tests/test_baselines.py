@@ -369,8 +369,6 @@ def test_magnitude_old_spelling_prunes_as_members_all_and_records_members():
     assert outcomes["{}"].selection.plan.to_json() != new.selection.plan.to_json()  # the option does change the plan
 
 
-@pytest.mark.xfail(strict=True, reason="needs suite/config.py _check_method to write back only parsed keys: "
-                   "`{k: parsed[k] for k in given if k in parsed}` (results/notes/naming.md); remove this mark then")
 def test_a_grid_accepts_magnitude_old_spelling(tmp_path):
     from suite.config import load_config
 

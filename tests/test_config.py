@@ -19,8 +19,16 @@ ALL_METHODS = ["magnitude", "random", "wanda-sp", "flap", "llm-pruner", "minillm
 @pytest.fixture
 def registry(monkeypatch):
     """A fake `suite.methods` whose methods take `eps` (float), `steps` (int) and `mode` (str)."""
+    from minillm.options import Bool, Float, Int, MethodOptions
+
+    class Options(MethodOptions):
+        eps: Float = 1e-3
+        steps: Int = 4
+        mode: str = "fo"
+        flag: Bool = False
+
     module = types.ModuleType("fake_method")
-    module.OPTIONS = {"eps": 1e-3, "steps": 4, "mode": "fo", "flag": False}
+    module.NAME, module.Options, module.OPTIONS = "fake", Options, Options.defaults()
     fake = types.ModuleType("suite.methods")
     fake.METHODS = {name: module for name in ALL_METHODS}
     monkeypatch.setitem(sys.modules, "suite.methods", fake)
@@ -120,10 +128,11 @@ def test_no_dense_row_when_disabled(tmp_path, registry):
     (MINIMAL.replace("[random]", "[random, {name: random, label: r2}]"),
      "methods[1]: same method and options as methods[0]"),
     (MINIMAL.replace("[random]", "[{name: random, label: dense}]"), "methods[0]: the label 'dense' is reserved"),
+    # issue 13: one schema, one wording (a method's options: its `Options`, as `suite prune --opt` says it)
     (MINIMAL.replace("[random]", "[random, magnitude, {name: minillm, options: {eps: abc}}]"),
-     "config.yaml: methods[2].options.eps: expected number, got 'abc'"),
+     "config.yaml: methods[2].options: minillm option eps: expected float, got 'abc'"),
     (MINIMAL.replace("[random]", "[{name: minillm, options: {steps: 2.5}}]"),
-     "methods[0].options.steps: expected integer, got 2.5"),
+     "methods[0].options: minillm option steps: expected int, got 2.5"),
     (MINIMAL.replace("[random]", "[{name: minillm, options: {epz: 1}}]"),
      "methods[0].options.epz: unknown option of minillm (known: eps, steps, mode, flag, head_mode"),
     (MINIMAL.replace("[random]", "[random, sparsegpt]"),
@@ -157,3 +166,69 @@ def test_method_names_unchecked_without_registry(tmp_path, monkeypatch):
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("text,message", [  # issue 13: the pydantic schema keeps the module's words and paths
+    (MINIMAL + "recovery: {ratios: [0.2, 1.5]}\n", "recovery.ratios[1]: expected a pruning ratio in (0, 1), got 1.5"),
+    (MINIMAL + "recovery: {learning_rate: x}\n", "recovery.learning_rate: expected number, got 'x'"),
+    (MINIMAL + "recovery: 3\n", "recovery: expected mapping, got 3"),
+    (MINIMAL.replace("[random]", "[{name: random, calibration: {nsample: 4}}]"),
+     "methods[0].calibration.nsample: unknown key (did you mean 'nsamples'?)"),
+    (MINIMAL.replace("[random]", "[{name: random, calibration: {seqlen: 0}}]"),
+     "methods[0].calibration.seqlen: expected a positive integer, got 0"),
+    (MINIMAL.replace("[random]", "[random, 3]"), "methods[1]: expected mapping, got 3"),
+    (MINIMAL.replace("[random]", "[{label: x}]"), "methods[0].name: missing required key"),
+    (MINIMAL.replace("[random]", "random"), "methods: expected list, got 'random'"),
+    (MINIMAL.replace("[random]", "[{name: random, options: [1]}]"), "methods[0].options: expected mapping, got [1]"),
+    (MINIMAL + "7: x\n", "7: unknown key (known keys: name, models, methods, ratios, seeds, calibration, "
+     "evaluation, device, dtype, offload, device_memory, hidden_on, dense, recovery)"),
+    (MINIMAL + "calibration: {apply_to: some}\n", "calibration.apply_to: expected one of all, got 'some'"),
+    (MINIMAL + "evaluation: {batch_size: 0}\n", "evaluation.batch_size: expected a positive integer, got 0"),
+    (MINIMAL + "dtype: null\n", "dtype: expected one of float32, bfloat16, float16, got None"),
+    (MINIMAL + "seeds: [1.0]\n", "seeds[0]: expected integer, got 1.0"),
+])
+def test_schema_errors_keep_their_words(tmp_path, registry, text, message):
+    with pytest.raises(UserError) as err:
+        load_config(write(tmp_path, text))
+    assert str(err.value) == f"{tmp_path / 'config.yaml'}: {message}"
+
+
+def test_filled_config_keeps_its_key_order(tmp_path, monkeypatch):
+    """The filled dict is hashed (grid_identity): keys in the order the schema always had, and the
+    keys added later (apply_to, a method entry's calibration) absent unless given."""
+    monkeypatch.setitem(sys.modules, "suite.methods", None)  # no registry: no method's own calibration to check
+    config = load_config(write(tmp_path, MINIMAL.replace("[random]", "[random, {name: magnitude, calibration: {seqlen: 8}}]")
+                               + "evaluation: null\nrecovery: {lora_r: 4, ratios: [0.2], epochs: 1}\n"))
+    assert list(config) == ["name", "models", "methods", "ratios", "seeds", "calibration", "evaluation", "device",
+                            "dtype", "offload", "device_memory", "hidden_on", "dense", "recovery"]
+    assert list(config["calibration"]) == ["corpus", "nsamples", "seqlen"]
+    assert list(config["evaluation"]) == ["perplexity", "seqlen", "max_tokens", "tasks", "limit", "batch_size", "throughput"]
+    assert [list(m) for m in config["methods"]] == [["name", "label", "options", "recovery"],
+                                                    ["name", "label", "options", "recovery", "calibration"]]
+    assert config["methods"][1]["calibration"] == {"corpus": None, "nsamples": None, "seqlen": 8}
+    assert list(config["recovery"].items()) == [("lora_r", 4), ("epochs", 1), ("ratios", [0.2])]
+    apply_to = load_config(write(tmp_path, MINIMAL + "calibration: {nsamples: 4, apply_to: all}\n"))["calibration"]
+    assert list(apply_to.items()) == [("corpus", "c4"), ("nsamples", 4), ("seqlen", None), ("apply_to", "all")]
+
+
+def test_method_options_are_the_methods_own_declaration(tmp_path):
+    """With the real registry: a grid entry's options go through the method's `Options` (strings
+    converted, combinations refused with the entry's scope), only the given keys kept."""
+    pytest.importorskip("suite.methods")
+    config = load_config(write(tmp_path, MINIMAL.replace(
+        "[random]", "[{name: wanda-sp, options: {sequential: 'false', scope: global, batch_size: '4'}}]")))
+    assert config["methods"][0]["options"] == {"sequential": False, "scope": "global", "batch_size": 4}
+    assert config["methods"][0]["label"] == "wanda-sp (one-shot)"
+    with pytest.raises(UserError, match=r"methods\[0\]\.options: wanda-sp with sequential=true prunes every layer "
+                                        r"to its own budget: scope 'global' needs --opt sequential=false"):
+        load_config(write(tmp_path, MINIMAL.replace("[random]", "[{name: wanda-sp, options: {scope: global}}]")))
+
+
+def test_a_method_variant_gets_its_own_default_label():
+    """flap variance=reference and wanda-sp sequential=false are named apart in tables (issue 13 trial 6, item 7)."""
+    from suite.config import default_label
+
+    assert default_label("flap", {"variance": "reference"}) == "flap (reference variance)"
+    assert default_label("flap", {"variance": "exact"}) == default_label("flap", {}) == "flap"
+    assert default_label("wanda-sp", {"sequential": False}) == "wanda-sp (one-shot)"
+    assert default_label("wanda-sp", {}) == "wanda-sp" and default_label("magnitude", {"norm": "l1"}) == "magnitude"

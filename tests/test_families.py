@@ -213,9 +213,9 @@ def test_phi3_scores_equal_the_unfused_llama(mode):
         scored = []
         for model in (phi3, llama):
             m = get_method(method)
-            from minillm.scoring import merge_options
+            from minillm.scoring import checked_options
 
-            opts = merge_options(method, m.OPTIONS, options)
+            opts = checked_options(m, options)
             scored.append(m.score(model, x, all_group_sets(model, mode), opts, 0).scores)
         assert scored[0].keys() == scored[1].keys()
         for key in scored[0]:

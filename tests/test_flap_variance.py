@@ -88,5 +88,6 @@ def test_flap_reference_variance_scores_equal_the_formula():
 
 
 def test_unknown_variance_is_a_user_error():
-    with pytest.raises(UserError, match="variance: expected one of exact, reference"):
+    # issue 13: one schema, one wording
+    with pytest.raises(UserError, match="flap option variance='streaming': choose one of exact, reference"):
         checked_options(flap, {"variance": "streaming"})

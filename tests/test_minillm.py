@@ -18,7 +18,8 @@ from minillm.architectures import adapter_for, all_group_sets
 from minillm.errors import UserError
 from minillm.gates import gated
 from minillm.method import OPTIONS, WeightGradient, check_options, member_weights, score
-from minillm.scoring import merge_options
+from minillm import method as minillm_method
+from minillm.scoring import checked_options
 from minillm.select import select
 from suite.models import load_model
 
@@ -560,7 +561,7 @@ def test_bad_options_are_one_line_errors():
         check_options(opts(space="weight", estimator="coordinate"))
     # the ranking scope is the pipeline's (--scope / `scope:`), not a scoring option
     with pytest.raises(UserError, match="no option 'rank'"):
-        merge_options("minillm", OPTIONS, {"rank": "global"})
+        checked_options(minillm_method, {"rank": "global"})
 
 
 # --------------------------------------------------------------------------- CLI

@@ -92,7 +92,7 @@ def test_prune_force_replaces_an_earlier_model_and_a_file(pruned, tmp_path, caps
     ("minillm", "direction=8", "has no option 'direction'"),
     ("minillm", "space=foo", "space='foo'"),
     ("magnitude", "norm=l3", "norm='l3': choose one of l2, l1"),  # issue 13: one schema, one wording
-    ("llm-pruner", "importance=taylor", "importance must be one of"),
+    ("llm-pruner", "importance=taylor", "importance='taylor': choose one of element1"),  # issue 13: one schema, one wording
     ("flap", "head_power=two", "expected float"),
 ])
 def test_method_options_are_checked_before_the_model_loads(monkeypatch, tmp_path, capsys, method, opt, says):

@@ -15,7 +15,7 @@ import torch
 
 from baselines import wanda_sp
 from minillm.architectures import adapter_for
-from minillm.scoring import merge_options
+from minillm.scoring import checked_options
 from minillm.select import layer_scope_allocation, select
 from minillm.sequential import prune_sequentially
 from suite.models import load_model
@@ -86,7 +86,7 @@ def test_sequential_wanda_sp_equals_a_whole_model_reference_loop(name, head_mode
     windows = _windows(model)
     budget = layer_scope_allocation(reference, 0.3, head_mode=head_mode)
     kept = _reference_loop(reference, windows, budget.counts, head_mode)
-    options = merge_options("wanda-sp", wanda_sp.OPTIONS, {})
+    options = checked_options(wanda_sp, {})
     selection, scoring = prune_sequentially(model, windows, wanda_sp, options, 0.3, None, head_mode=head_mode,
                                             batch_size=2)
     for i, (lp, (heads, channels)) in enumerate(zip(selection.plan.layers, kept)):

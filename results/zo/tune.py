@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from minillm.architectures import all_group_sets
 from minillm.plan import apply_plan
-from minillm.scoring import merge_options
+from minillm.scoring import checked_options
 from minillm.select import select
 from suite.data import calibration_windows
 from suite.evaluate import perplexity
@@ -24,7 +24,7 @@ layers = kv.pop("layers", None)
 tokens = int(kv.pop("tokens", 8192))
 lams = [float(x) for x in kv.pop("lams", "").split(",") if x]
 method = get_method(method_name)
-opts = merge_options(method_name, method.OPTIONS, kv)
+opts = checked_options(method, kv, scope)
 model = load_model("smollm2-135m"); tok = load_tokenizer("smollm2-135m")
 win = calibration_windows(tok, "c4", n, L, seed=0)
 sets = all_group_sets(model)

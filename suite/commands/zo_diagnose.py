@@ -113,10 +113,10 @@ def run(args) -> int:
     allowed = {"blockwise", "mask_groups", "estimator", "activation", "aggregate", "abs", "members", "batch_size"}
     if set(options) - allowed:
         raise UserError(f"--opt: only {', '.join(sorted(allowed))} apply to the diagnosis")
-    from minillm.method import NAME, OPTIONS
-    from minillm.scoring import merge_options
+    from minillm import method
+    from minillm.scoring import checked_options
 
-    options = {k: v for k, v in merge_options(NAME, OPTIONS, options).items() if k in allowed}
+    options = {k: v for k, v in checked_options(method, {**options, "space": "mask"}).items() if k in allowed}
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(args.model)
     windows = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, seed=args.seed)

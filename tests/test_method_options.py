@@ -1,0 +1,72 @@
+"""Method options as one pydantic declaration per method (issue 13): the baselines' `Options`.
+
+Defaults are compared with literal copies of the dicts the modules had before the conversion; every
+refusal is one UserError line, raised by `checked_options` (the CLI, the grid config and the Python
+pipeline all call it).
+"""
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from baselines import flap, llm_pruner, magnitude, seeded_random, wanda_sp
+from minillm.errors import UserError
+from minillm.scoring import checked_options
+
+BEFORE = {  # the modules' OPTIONS dicts before issue 13, copied literally
+    flap: {"compensate": True, "head_power": 2.0, "batch_size": 1, "variance": "exact"},
+    llm_pruner: {"importance": "element1", "aggregation": "sum", "batch_size": 0},
+    wanda_sp: {"batch_size": 1, "sequential": True},
+    seeded_random: {},
+    magnitude: {"norm": "l2", "members": "output"},  # `weights` renamed `members` (minillm's word; results/notes/naming.md)
+}
+
+
+@pytest.mark.parametrize("module", list(BEFORE), ids=lambda m: m.NAME)
+def test_defaults_are_the_dicts_of_before(module):
+    assert list(module.OPTIONS.items()) == list(BEFORE[module].items())
+    assert [type(v) for v in module.OPTIONS.values()] == [type(v) for v in BEFORE[module].values()]
+    assert checked_options(module, None) == BEFORE[module]
+    assert not hasattr(module, "check_options")  # one declaration: no second validation layer
+
+
+def test_cli_strings_are_converted():
+    assert checked_options(wanda_sp, {"batch_size": "4", "sequential": "false"}) == {"batch_size": 4, "sequential": False}
+    assert checked_options(flap, {"head_power": "1e0", "compensate": "no"})["head_power"] == 1.0
+    assert checked_options(llm_pruner, {"batch_size": 2.0})["batch_size"] == 2
+
+
+@pytest.mark.parametrize("module, given, scope, says", [
+    (flap, {"batch_size": 0}, None, "flap option batch_size: must be >= 1, got 0"),
+    (flap, {"variance": "streaming"}, None, "flap option variance='streaming': choose one of exact, reference"),
+    (flap, {"compensate": 1.5}, None, "flap option compensate: expected bool, got 1.5"),
+    (wanda_sp, {"batch_size": -2}, None, "wanda-sp option batch_size: must be >= 1, got -2"),
+    (wanda_sp, {"batch_size": True}, None, "wanda-sp option batch_size: expected int, got True"),
+    (wanda_sp, {}, "global", "wanda-sp with sequential=true prunes every layer to its own budget: "
+                             "scope 'global' needs --opt sequential=false"),
+    (llm_pruner, {"batch_size": -1}, None, "llm-pruner option batch_size: must be >= 0, got -1"),
+    (llm_pruner, {"aggregation": "min"}, None, "llm-pruner option aggregation='min': choose one of sum, mean, max, prod"),
+    (seeded_random, {"norm": "l1"}, None, "method 'random' has no option 'norm'; options: none"),
+])
+def test_refusals_are_one_line(module, given, scope, says):
+    with pytest.raises(UserError) as err:
+        checked_options(module, given, scope)
+    assert str(err.value) == says
+
+
+def test_one_shot_wanda_sp_takes_a_global_scope():
+    assert checked_options(wanda_sp, {"sequential": False}, "global") == {"batch_size": 1, "sequential": False}
+    assert checked_options(wanda_sp, {}, "layer")["sequential"] is True
+
+
+def test_the_python_pipeline_refuses_what_the_cli_refuses():
+    """suite.pipeline.prune checks options (with its scope) before calibrating or scoring."""
+    from suite.models import load_model
+    from suite.pipeline import prune
+
+    model = load_model("tiny-llama")
+    with pytest.raises(UserError, match="wanda-sp option batch_size: must be >= 1, got 0"):
+        prune(model, None, "wanda-sp", 0.2, options={"batch_size": 0})
+    with pytest.raises(UserError, match="scope 'global' needs --opt sequential=false"):
+        prune(model, None, "wanda-sp", 0.2, scope="global")
