@@ -16,13 +16,10 @@ from typing import Annotated
 import torch
 from pydantic import Field, ValidationInfo, model_validator
 
-from minillm import zo
 from minillm.errors import UserError
-from minillm.gates import gated
 from minillm.options import Float, MethodOptions
 from minillm.variants import changed, refuse
-from minillm.variants.controls import GradFlags
-from minillm.variants.gate_space import forwards, gate_estimate
+from minillm.variants.gate_space import gate_sensitivity
 
 
 class AllocationOptions(MethodOptions):
@@ -53,28 +50,11 @@ def layer_sensitivity(model, windows, group_sets, options, seed, kind):
     """One scalar gate per GroupSet (a layer's attention / MLP output): {layer: {kind: |ĝ|}}, info."""
     device = next(model.parameters()).device
     scalars = [torch.ones(1, device=device) for _ in group_sets]
-    views = [s.expand(gs.count) for s, gs in zip(scalars, group_sets)]
     names = [f"{gs.layer}.{gs.kind}" for gs in group_sets]
-    bs = options["batch_size"]
-    if kind == "backprop":
-        for s in scalars:
-            s.requires_grad_(True)
-        with GradFlags(model, []), gated(group_sets, [s.expand(gs.count) for s, gs in zip(scalars, group_sets)]):
-            loss = zo.backprop_loss(model, windows, bs)
-        grads = [float(s.grad.abs()) for s in scalars]
-        info = {"loss": loss, "forwards": 1, "backwards": 1}
-    else:
-        runner = zo.LayerwiseLoss(model, windows, bs)
-        with gated(group_sets, views):
-            est = gate_estimate(runner, list(zip(names, scalars)), [gs.layer for gs in group_sets], options, seed,
-                                stream=1 << 20, progress=zo.progress_bar("zo layer"))
-        with torch.no_grad():
-            for s in scalars:
-                s.fill_(1.0)
-        grads = [float(est.gradient(i).abs()) for i in range(len(scalars))]
-        info = est.summary() | {"forwards": forwards(est),
-                                "full_forward_equivalents": round(runner.layer_forwards / runner.depth, 1)}
-        del runner
+    grads, info = gate_sensitivity(model, windows, group_sets, scalars, names, options, seed, kind, stream=1 << 20,
+                                   expand=lambda gates: [g.expand(gs.count) for g, gs in zip(gates, group_sets)],
+                                   label="zo layer")
+    grads = [float(g) for g in grads]
     per_layer = {}
     for gs, g in zip(group_sets, grads):
         per_layer.setdefault(gs.layer, {})[gs.kind] = g

@@ -89,14 +89,19 @@ def forwards(est) -> int:
     return est.forwards if isinstance(est, zo.CoordinateEstimate) else 2 * est.q
 
 
-def gate_sensitivity(model, windows, sets, gates, names, options, seed, kind, stream=0):
-    """|∂L/∂gate| for `gates` (list of tensors, edited in place) by SPSA or autograd (kind backprop)."""
+def gate_sensitivity(model, windows, sets, gates, names, options, seed, kind, stream=0, expand=None,
+                     label="zo gates"):
+    """|∂L/∂gate| for `gates` (list of tensors, edited in place) by SPSA or autograd (kind backprop).
+
+    `expand(gates)` -> the per-group multipliers of `sets` (default: the gates themselves; the
+    allocation's one scalar per sub-block is expanded to its groups)."""
     bs = options["batch_size"]
+    expand = expand or (lambda tensors: tensors)
     if kind == "backprop":
         for g in gates:
             g.requires_grad_(True)
             g.grad = None
-        with GradFlags(model, []), gated(sets, gates):
+        with GradFlags(model, []), gated(sets, expand(gates)):  # expanded after requires_grad: in the graph
             loss = zo.backprop_loss(model, windows, bs)
         grads = [g.grad.detach().abs().clone() for g in gates]
         for g in gates:
@@ -104,9 +109,9 @@ def gate_sensitivity(model, windows, sets, gates, names, options, seed, kind, st
             g.requires_grad_(False)
         return grads, {"loss": loss, "forwards": 1, "backwards": 1}
     runner = zo.LayerwiseLoss(model, windows, bs)
-    with gated(sets, gates):
+    with gated(sets, expand(gates)):
         est = gate_estimate(runner, list(zip(names, gates)), [gs.layer for gs in sets], options, seed, stream,
-                            progress=zo.progress_bar("zo gates"))
+                            progress=zo.progress_bar(label))
     for g in gates:  # gates are ours: put them back exactly
         with torch.no_grad():
             g.fill_(1.0)
