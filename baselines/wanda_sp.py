@@ -57,7 +57,7 @@ class Options(MethodOptions):
     @model_validator(mode="after")
     def _scope(self, info: ValidationInfo):
         scope = (info.context or {}).get("scope")
-        if self.sequential and scope not in (None, "layer"):
+        if self.sequential and scope == "global":
             raise UserError(f"{NAME} with sequential=true prunes every layer to its own budget: "
                             f"scope {scope!r} needs --opt sequential=false")
         return self

@@ -212,7 +212,7 @@ def fms(model, windows, group_sets, options, seed, kind, stats, units=None):
 def score(model, windows, group_sets, options, seed) -> Scoring:
     """Algorithm 1 (or the variant the options name): `Scoring.scores[(layer, kind)]`, float32 [count],
     higher = more important; `windows` [nsamples, seqlen] token ids. UserError: refused options, no windows."""
-    o = parse(Options, NAME, options)
+    o = parse(Options, NAME, options, scope="checked")  # the scope-dependent checks ran with the pipeline's scope
     if windows is None:
         raise UserError("minillm needs calibration windows")
     seed = o["seed"] if o["seed"] >= 0 else int(seed)

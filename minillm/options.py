@@ -25,10 +25,13 @@ choices, range and combinations are written down.
 """
 from __future__ import annotations
 
+import difflib
+import math
 from typing import Annotated, Any
 
 import pydantic
 from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic_core import PydanticCustomError
 
 from minillm.errors import UserError
 
@@ -56,7 +59,19 @@ def _whole(value):
     return int(number)
 
 
-Float = Annotated[float, BeforeValidator(_no_bool)]
+def _finite(value):
+    """A number (or its CLI string) that is finite: inf and nan are refused (an SPSA step of inf runs)."""
+    value = _no_bool(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return value  # not a number at all: pydantic's float check says so
+    if not math.isfinite(number):
+        raise PydanticCustomError("finite_number", "expected a finite number")
+    return value
+
+
+Float = Annotated[float, BeforeValidator(_finite)]
 Int = Annotated[int, BeforeValidator(_whole)]
 Bool = Annotated[bool, BeforeValidator(_bool_word)]
 
@@ -85,15 +100,19 @@ def parse(options_class: type[MethodOptions], method_name: str, given: dict | No
           scope: str | None = None) -> dict:
     """`options_class`'s defaults overridden by `given`, validated; a plain dict.
 
-    `scope` ("layer" | "global" | None: the method's default) reaches the model validators as
-    `info.context["scope"]`. Raises UserError (one line) as the module docstring lists.
+    `scope` ("layer" | "global" | None: the method's default | "checked": already checked with its
+    scope, as `method.score` re-validates options the pipeline checked; scope-dependent refusals are
+    then skipped) reaches the model validators as `info.context["scope"]`. Raises UserError (one
+    line) as the module docstring lists.
     """
     given = dict(given or {})
     fields = options_class.model_fields
     unknown = [key for key in given if key not in fields]
     if unknown:
         known = ", ".join(sorted(fields)) or "none"
-        raise UserError(f"method {method_name!r} has no option {unknown[0]!r}; options: {known}")
+        close = difflib.get_close_matches(str(unknown[0]), list(fields), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"method {method_name!r} has no option {unknown[0]!r}{hint}; options: {known}")
     try:
         model = options_class.model_validate(given, context={"scope": scope})
     except pydantic.ValidationError as exc:
@@ -108,8 +127,10 @@ def _one_line(exc: pydantic.ValidationError, options_class, method_name: str, gi
     kind, ctx = error["type"], error.get("ctx") or {}
     if kind == "value_error" and not key:  # a model validator's ValueError: its own words
         return f"{method_name} options: {ctx.get('error', error['msg'])}"
+    if kind == "finite_number":
+        return f"{method_name} option {key}: expected a finite number, got {value!r}"
     if kind == "literal_error":
-        choices = ", ".join(str(c) for c in options_class.model_fields[key].annotation.__args__)
+        choices = ", ".join(str(c) for c in options_class.model_fields[key].annotation.__args__ if c is not None)
         return f"{method_name} option {key}={value!r}: choose one of {choices}"
     for bound, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
         if bound in ctx and kind.endswith(("_than", "_than_equal")):

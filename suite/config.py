@@ -45,7 +45,7 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 DTYPES = get_args(Dtype)
 CALIBRATION_KEYS = ("corpus", "nsamples", "seqlen")
 # Options every method accepts: the pipeline takes them out before calling the method's scorer.
-SELECTION_OPTIONS = ("head_mode", "scope", "layers", "allow_empty", "round_to")
+SELECTION_OPTIONS = ("head_mode", "scope", "layers", "allow_empty", "round_to")  # checked by SELECTION_CHECKS
 RUNTIME_KEYS = ("offload", "device_memory", "hidden_on")  # where weights and hidden states live: no result changes
 _TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "list", dict: "mapping"}
 
@@ -333,11 +333,39 @@ def _method_module(name: str):
         return None
 
 
+def _layer_range_spec(value):
+    """A layer range as `suite prune --layers` takes it (suite.pipeline.parse_layer_range's forms)."""
+    from suite.pipeline import parse_layer_range
+
+    if isinstance(value, bool) or not isinstance(value, (str, list)):
+        raise _Invalid("", f"expected 'all', 'start:end' or a list, got {value!r}")
+    try:
+        parse_layer_range(value, 1 << 20)  # the form only: the depth is the model's, known in the cell
+    except (UserError, TypeError, ValueError) as exc:
+        raise _Invalid("", str(exc) if isinstance(exc, UserError) else
+                       f"expected 'all', 'start:end' or a list of layer indices, got {value!r}") from None
+    return value
+
+
+# A method entry's selection options: the checks of `suite prune`'s --head-mode, --scope, --layers,
+# --allow-empty and --round-to (the pipeline takes them out before calling the method's scorer).
+SELECTION_CHECKS = {
+    "head_mode": _one_of(("q-head", "kv-group")),
+    "scope": _one_of(("layer", "global")),
+    "layers": _layer_range_spec,
+    "allow_empty": lambda v: _expect(bool, v),
+    "round_to": _optional(_positive_int),
+}
+
+
 def _check_method(entry: MethodEntry) -> None:
-    """A registered method name; its options checked by the method's own `Options` (with the
-    entry's `scope`), converted in place (given keys only)."""
+    """A registered method name; its selection options (SELECTION_CHECKS) and its options checked by
+    the method's own `Options` (with the entry's `scope`), converted in place (given keys only)."""
     from minillm.scoring import checked_options
 
+    for key, check in SELECTION_CHECKS.items():
+        if key in entry.options:
+            _at(f"options.{key}", check, entry.options[key])
     registry = _method_registry()
     if registry is None:
         return
@@ -351,7 +379,9 @@ def _check_method(entry: MethodEntry) -> None:
     known = [*getattr(getattr(module, "Options", None), "model_fields", {}), *SELECTION_OPTIONS]  # a config's options: the method's and selection's
     for key in entry.options:
         if key not in known:
-            raise _Invalid(f"options.{key}", f"unknown option of {entry.name} (known: {', '.join(known)})")
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise _Invalid(f"options.{key}", f"unknown option of {entry.name} ({hint}known: {', '.join(known)})")
     given = {k: v for k, v in entry.options.items() if k not in SELECTION_OPTIONS}
     try:
         parsed = checked_options(module, given, entry.options.get("scope"), name=entry.name)
@@ -444,11 +474,22 @@ def _check_calibration(config: dict) -> None:
                            f"`apply_to: all` under calibration, or give it in methods[{i}].calibration")
 
 
+def _check_hidden_on(config: dict) -> None:
+    """`hidden_on: cpu` and a method entry's own `hidden_on: device` (minillm's per-method spelling
+    of the same setting, suite.pipeline.hidden_on_setting) contradict each other."""
+    for i, entry in enumerate(config["methods"]):
+        own = entry["options"].get("hidden_on")
+        if config["hidden_on"] == "cpu" and own not in (None, "cpu"):
+            raise _Invalid(f"methods[{i}].options.hidden_on", f"{own!r} contradicts the grid's `hidden_on: cpu` "
+                           "(one setting): give it once")
+
+
 def _check_grid(config: dict) -> None:
     """The checks across keys, in this order, once every key is valid."""
     _check_unique(config)
     _check_calibration(config)
     _check_offload(config)
+    _check_hidden_on(config)
 
 
 def validate(data, source: str = "config") -> dict:

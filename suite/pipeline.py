@@ -59,6 +59,19 @@ def parse_layer_range(spec, n_layers: int) -> list[int]:
     return sorted(int(i) for i in spec)
 
 
+def hidden_on_setting(given: dict | None, engine: str | None) -> str | None:
+    """The one hidden-state placement of a run ("cpu" | "device" | None: not given, the device).
+
+    `engine`: `--hidden-on` / a grid's `hidden_on:` (`layerwise.hidden_on`); a method may also take
+    `hidden_on` as an option (minillm's per-method spelling of the same setting, in `given`). Both
+    given and different is one UserError line; otherwise the one given wins."""
+    own = (given or {}).get("hidden_on")
+    if own is not None and engine is not None and own != engine:
+        raise UserError(f"--opt hidden_on={own} contradicts --hidden-on {engine} (a grid's `hidden_on: {engine}`): "
+                        "they are one setting, give it once")
+    return engine if engine is not None else own
+
+
 def is_sequential(method, options: dict) -> bool:
     """Whether the method prunes layer by layer (its `sequential(options)`; one-shot if absent)."""
     check = getattr(method, "sequential", None)
@@ -123,7 +136,10 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
     if not 0.0 < float(ratio) < 1.0:
         raise UserError(f"ratio must be in (0, 1), got {ratio}")
     method = get_method(method_name)
-    options = checked_options(method, options, scope)  # as the CLI and the grid config check them
+    given, options = options, checked_options(method, options, scope)  # as the CLI and the grid config check them
+    hidden_on = hidden_on_setting(given, hidden_on)
+    if "hidden_on" in options:  # the method's own spelling: the record's options say where they were
+        options["hidden_on"] = hidden_on or "device"
     check_offloadable(model, method_name, options)
     n_layers = len(adapter_for(model).layers(model))
     layer_range = parse_layer_range(layers if layers is not None else method.SELECTION.get("layers", "all"), n_layers)

@@ -134,7 +134,7 @@ def test_no_dense_row_when_disabled(tmp_path, registry):
     (MINIMAL.replace("[random]", "[{name: minillm, options: {steps: 2.5}}]"),
      "methods[0].options: minillm option steps: expected int, got 2.5"),
     (MINIMAL.replace("[random]", "[{name: minillm, options: {epz: 1}}]"),
-     "methods[0].options.epz: unknown option of minillm (known: eps, steps, mode, flag, head_mode"),
+     "methods[0].options.epz: unknown option of minillm (did you mean 'eps'? known: eps, steps, mode, flag, head_mode"),
     (MINIMAL.replace("[random]", "[random, sparsegpt]"),
      "config.yaml: methods[1].name: unknown method 'sparsegpt' (known: flap"),
     (MINIMAL.replace("[random]", "[dense]"), "methods[0].name: 'dense' is not a pruning method"),

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import ValidationInfo, model_validator
 
+from minillm.errors import UserError
 from minillm.options import MethodOptions
 from minillm.scoring import standardise
 from minillm.variants import changed, refuse
@@ -26,7 +27,11 @@ class NormalizationOptions(MethodOptions):
     normalize: Literal["param", "standard", "unit"] = "param"
 
     @model_validator(mode="after")
-    def _unit_scores_are_sums(self):
+    def _unit_scores_are_sums(self, info: ValidationInfo):
+        if self.normalize == "standard" and (info.context or {}).get("scope") in (None, "layer"):
+            raise UserError("minillm option normalize=standard z-scores each layer's heads and channels apart, "
+                            "which keeps their order; the layer scope (minillm's default) ranks each layer's heads "
+                            "and channels apart too, so it would be ignored: use it with --scope global")
         if self.normalize == "unit":
             for name in changed(self, "aggregate"):
                 raise refuse(self, name, "aggregates a group's element sensitivities; normalize=unit scores a "

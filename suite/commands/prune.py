@@ -99,7 +99,7 @@ def run(args) -> int:
     from suite.models import load_model, load_tokenizer
     from suite.offload import offload_kwargs, refuse_method
     from suite.config import default_label
-    from suite.pipeline import outcome_record, prune
+    from suite.pipeline import hidden_on_setting, outcome_record, prune
     from suite.records import provenance
 
     if not 0.0 < args.ratio < 1.0:
@@ -107,6 +107,7 @@ def run(args) -> int:
     method = get_method(args.method)  # fail fast on an unknown method, before loading anything
     options = parse_options(args.opt)
     merged = checked_options(method, options, args.scope)  # unknown keys, types, values, scope: before loading anything
+    hidden_on = hidden_on_setting(options, args.hidden_on)  # --hidden-on and --opt hidden_on: one setting
     check_out(Path(args.out), args.force)
     offload = offload_kwargs(args)  # bad sizes or combinations: one line before loading
     if args.offload is not None:
@@ -142,7 +143,7 @@ def run(args) -> int:
     # where the weights and hidden states lived (the grid's RUNTIME_KEYS, plus the folder; None: a
     # temporary one): they change no result, but say how the scoring's time and memory were spent
     record.update(offload=args.offload, device_memory=args.device_memory, offload_folder=args.offload_folder,
-                  hidden_on=args.hidden_on or "device")
+                  hidden_on=hidden_on or "device")
     record["provenance"] = provenance(config=vars(args) | {"_run": None}, seed=args.seed)
     save_pruned(model, tokenizer, carried_plan(model), out, extra=record)  # original numbering
     sel = outcome.selection
