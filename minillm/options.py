@@ -53,7 +53,12 @@ def _bool_word(value):
 def _whole(value):
     """16, 16.0 and "16" are 16; 2.5 is refused (as the option parser did before pydantic)."""
     value = _no_bool(value)
-    number = float(value) if isinstance(value, str) else value
+    try:
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        raise ValueError("not a whole number") from None
+    if isinstance(number, float) and not math.isfinite(number):
+        raise PydanticCustomError("finite_number", "expected a finite number")
     if not isinstance(number, (int, float)) or number != int(number):
         raise ValueError("not a whole number")
     return int(number)

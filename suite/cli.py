@@ -31,8 +31,17 @@ def _command_modules():
             yield importlib.import_module(f"suite.commands.{info.name}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the suite's one-line errors: `error: PROG: message (see PROG --help)` on stderr,
+    exit 2, instead of the usage block (`--help` still prints it). Sub-command parsers inherit it."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m suite", description=DESCRIPTION,
+    parser = OneLineParser(prog="python -m suite", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in _command_modules():

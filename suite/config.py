@@ -340,10 +340,12 @@ def _layer_range_spec(value):
     if isinstance(value, bool) or not isinstance(value, (str, list)):
         raise _Invalid("", f"expected 'all', 'start:end' or a list, got {value!r}")
     try:
-        parse_layer_range(value, 1 << 20)  # the form only: the depth is the model's, known in the cell
+        layers = parse_layer_range(value, 1 << 20)  # the form, and emptiness on any depth: the depth is the cell's
     except (UserError, TypeError, ValueError) as exc:
         raise _Invalid("", str(exc) if isinstance(exc, UserError) else
                        f"expected 'all', 'start:end' or a list of layer indices, got {value!r}") from None
+    if not layers or min(layers) < 0:
+        raise _Invalid("", f"the layer range {value!r} is {'empty' if not layers else 'negative'} on any model")
     return value
 
 

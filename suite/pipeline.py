@@ -67,8 +67,7 @@ def hidden_on_setting(given: dict | None, engine: str | None) -> str | None:
     given and different is one UserError line; otherwise the one given wins."""
     own = (given or {}).get("hidden_on")
     if own is not None and engine is not None and own != engine:
-        raise UserError(f"--opt hidden_on={own} contradicts --hidden-on {engine} (a grid's `hidden_on: {engine}`): "
-                        "they are one setting, give it once")
+        raise UserError(f"--opt hidden_on={own} contradicts --hidden-on {engine}: they are one setting, give it once")
     return engine if engine is not None else own
 
 

@@ -142,3 +142,37 @@ def test_pruning_json_says_cpu_in_all_three_places_whichever_spelling(tmp_path, 
                  "--quiet", "--nsamples", "2", "--seqlen", "16", "--opt", "directions=1", *args]) == 0
     record = json.loads((out / "pruning.json").read_text())
     assert (record["hidden_on"], record["options"]["hidden_on"], record["method_info"]["hidden_on"]) == ("cpu",) * 3
+
+
+# --------------------------------------------------------------------------- trial 7b (the re-check)
+@pytest.mark.parametrize("args, says", [
+    (["--scope", "globl"], "argument --scope: invalid choice: 'globl'"),
+    (["--round-to", "abc"], "argument --round-to: invalid int value: 'abc'"),
+    (["--head-mode", "kv"], "argument --head-mode: invalid choice: 'kv'"),
+])
+def test_argparse_errors_are_one_line_too(tmp_path, capsys, args, says):
+    """Before: argparse's 13-line usage block; now the suite's one line, exit 2."""
+    from suite.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["prune", "--model", "tiny-llama", "--method", "magnitude", "--ratio", "0.2", "--out",
+              str(tmp_path / "o"), *args])
+    assert exit_.value.code == 2
+    assert says in one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("value", ["inf", "1e400", "-inf"])
+def test_a_whole_number_option_must_be_finite_too(value):
+    """Before: OverflowError traceback (int(inf)) on --opt directions=inf."""
+    from minillm import method
+    from minillm.scoring import checked_options
+
+    with pytest.raises(UserError, match=f"minillm option directions: expected a finite number, got '{value}'"):
+        checked_options(method, {"directions": value})
+
+
+@pytest.mark.parametrize("layers", ["'5:2'", "'0.9:0.1'", "[]", "'-1:4'"])
+def test_a_grid_s_layer_range_empty_or_negative_on_any_model_is_refused(tmp_path, layers):
+    with pytest.raises(UserError, match=r"methods\[0\]\.options\.layers: the layer range .* (empty|negative) on any model"):
+        load(tmp_path, "magnitude", f"layers: {layers}")

@@ -31,7 +31,7 @@ class NormalizationOptions(MethodOptions):
         if self.normalize == "standard" and (info.context or {}).get("scope") in (None, "layer"):
             raise UserError("minillm option normalize=standard z-scores each layer's heads and channels apart, "
                             "which keeps their order; the layer scope (minillm's default) ranks each layer's heads "
-                            "and channels apart too, so it would be ignored: use it with --scope global")
+                            "and channels apart too, so it would be ignored: use it with --scope global (a grid: scope: global)")
         if self.normalize == "unit":
             for name in changed(self, "aggregate"):
                 raise refuse(self, name, "aggregates a group's element sensitivities; normalize=unit scores a "
