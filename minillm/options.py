@@ -52,13 +52,11 @@ def _bool_word(value):
 
 def _whole(value):
     """16, 16.0 and "16" are 16; 2.5 is refused (as the option parser did before pydantic)."""
-    value = _no_bool(value)
+    value = _finite(value)
     try:
         number = float(value) if isinstance(value, str) else value
     except ValueError:
         raise ValueError("not a whole number") from None
-    if isinstance(number, float) and not math.isfinite(number):
-        raise PydanticCustomError("finite_number", "expected a finite number")
     if not isinstance(number, (int, float)) or number != int(number):
         raise ValueError("not a whole number")
     return int(number)
@@ -79,8 +77,6 @@ def _finite(value):
 Float = Annotated[float, BeforeValidator(_finite)]
 Int = Annotated[int, BeforeValidator(_whole)]
 Bool = Annotated[bool, BeforeValidator(_bool_word)]
-
-_TYPE_WORDS = {"float": "float", "int": "int", "bool": "bool", "str": "str"}
 
 
 class MethodOptions(BaseModel):

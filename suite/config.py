@@ -44,8 +44,6 @@ PAPER_TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_chal
 Dtype = Literal["float32", "bfloat16", "float16"]
 DTYPES = get_args(Dtype)
 CALIBRATION_KEYS = ("corpus", "nsamples", "seqlen")
-# Options every method accepts: the pipeline takes them out before calling the method's scorer.
-SELECTION_OPTIONS = ("head_mode", "scope", "layers", "allow_empty", "round_to")  # checked by SELECTION_CHECKS
 RUNTIME_KEYS = ("offload", "device_memory", "hidden_on")  # where weights and hidden states live: no result changes
 _TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "list", dict: "mapping"}
 
@@ -352,12 +350,13 @@ def _layer_range_spec(value):
 # A method entry's selection options: the checks of `suite prune`'s --head-mode, --scope, --layers,
 # --allow-empty and --round-to (the pipeline takes them out before calling the method's scorer).
 SELECTION_CHECKS = {
-    "head_mode": _one_of(("q-head", "kv-group")),
+    "head_mode": _one_of(("q-head", "kv-group")),  # architectures.HEAD_MODES (not imported here: it loads torch)
     "scope": _one_of(("layer", "global")),
     "layers": _layer_range_spec,
     "allow_empty": lambda v: _expect(bool, v),
     "round_to": _optional(_positive_int),
 }
+SELECTION_OPTIONS = tuple(SELECTION_CHECKS)  # options every method accepts (suite/memory_model.py takes them out too)
 
 
 def _check_method(entry: MethodEntry) -> None:
