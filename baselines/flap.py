@@ -41,7 +41,7 @@ with the defaults of `main.py`: metric WIFV, structure AL-AM):
    pre-slicing weight is held in memory between scoring and compensation (an offloaded model keeps
    one layer resident; the kept width is checked against the sliced weight). Option `compensate=false` gives
    uncompensated FLAP. Shared with minillm's `compensate` option
-   (`minillm/compensation.py`).
+   (`suite/pruning/compensation.py`).
 
    The created bias is a real Parameter: it is counted in the pruned model's parameters (the
    pipeline reports the count after compensation), saved in the checkpoint, and recreated by
@@ -64,12 +64,12 @@ from typing import Annotated, Literal, get_args
 import torch
 from pydantic import Field
 
-from minillm.activations import input_stats
-from minillm.architectures import adapter_for, output_only
-from minillm.compensation import bias_compensator, saved_projection
-from minillm.layerwise import resident_sets
-from minillm.options import Bool, Float, Int, MethodOptions
-from minillm.scoring import Scoring, standardise
+from suite.pruning.activations import input_stats
+from suite.pruning.architectures import adapter_for, output_only
+from suite.pruning.compensation import bias_compensator, saved_projection
+from suite.pruning.layerwise import resident_sets
+from suite.pruning.options import Bool, Float, Int, MethodOptions
+from suite.pruning.scoring import Scoring, standardise
 
 NAME = "flap"
 Variance = Literal["exact", "reference"]
@@ -105,7 +105,7 @@ def variant(options: dict) -> str | None:
 def score(model, windows, group_sets, options, seed) -> Scoring:
     """Scores (standardised fluctuation metric) of every group, from one pass of the dense model.
 
-    `options`: checked ones (`minillm.scoring.checked_options`; the pipeline checks before scoring)."""
+    `options`: checked ones (`suite.pruning.scoring.checked_options`; the pipeline checks before scoring)."""
     batch_size = options["batch_size"]
     reference = options["variance"] == "reference"
     stats = input_stats(model, windows, output_only(group_sets), batch_size=batch_size, streaming=reference)

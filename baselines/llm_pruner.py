@@ -7,7 +7,7 @@ on for EVERY parameter, as `hf_prune.py` does (a .grad buffer per parameter). Af
 
 Bounded backprop (this project's difference from hf_prune.py, which backpropagates all windows in
 one batch through the full [batch, seq, vocab] logits): the gradient is accumulated over
-micro-batches by `minillm.zo.backprop_loss`, each micro-batch's summed loss scaled by 1/(all
+micro-batches by `suite.pruning.loss.backprop_loss`, each micro-batch's summed loss scaled by 1/(all
 tokens), so .grad is the one-batch gradient up to floating-point summation order
 (tests/test_backprop.py), and the loss's output head runs chunk by chunk under activation
 checkpointing, so no full logits are ever saved. Option `batch_size` (windows per micro-batch):
@@ -52,10 +52,11 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from minillm.errors import UserError
-from minillm.layerwise import layer_gradients, offloaded
-from minillm.options import Int, MethodOptions
-from minillm.scoring import Scoring, group_tensor
+from suite.pruning import loss as lm_loss
+from suite.pruning.errors import UserError
+from suite.pruning.layerwise import layer_gradients, offloaded
+from suite.pruning.options import Int, MethodOptions
+from suite.pruning.scoring import Scoring, group_tensor
 
 NAME = "llm-pruner"
 
@@ -117,14 +118,12 @@ def activation_bytes(config, seqlen: int, dtype: torch.dtype) -> int:
 def auto_batch_size(model, seqlen: int, budget: int = ACTIVATION_BUDGET) -> int:
     """The largest micro-batch (≥ 1 window) whose `activation_bytes` plus the loss chunk stay within `budget`.
 
-    The loss chunk: `minillm.zo.LOSS_CHUNK_ELEMENTS` fp32 logits, their log-softmax and gradient
+    The loss chunk: `suite.pruning.loss.LOSS_CHUNK_ELEMENTS` fp32 logits, their log-softmax and gradient
     (3 × 4 bytes each), recomputed under checkpointing one chunk at a time.
     """
-    from minillm import zo
-
     dtype = next(model.parameters()).dtype
     per_window = activation_bytes(model.config, seqlen, dtype)
-    room = budget - 3 * 4 * zo.LOSS_CHUNK_ELEMENTS
+    room = budget - 3 * 4 * lm_loss.LOSS_CHUNK_ELEMENTS
     return max(1, room // per_window)
 
 
@@ -132,19 +131,17 @@ def backprop(model, windows: torch.Tensor, batch_size: int = 0, fisher: bool = F
     """Fill every parameter's .grad with dL/dW of the mean LM loss over `windows` (real backprop).
 
     windows: [n, seqlen] token ids. The gradient is accumulated over micro-batches of `batch_size`
-    windows (0 = `auto_batch_size`) by `minillm.zo.backprop_loss`: equal to the one-batch gradient
+    windows (0 = `auto_batch_size`) by `suite.pruning.loss.backprop_loss`: equal to the one-batch gradient
     up to floating-point error. With `fisher`, first accumulate F = (1/N) sum_n (dL_n/dW)^2 over
     single-window passes (hf_prune.py's per-example passes); returns {id(parameter): F} (else {}).
     The caller owns clearing .grad and restoring requires_grad.
     """
-    from minillm import zo
-
     n = len(windows)
     params = [p for p in model.parameters() if p.requires_grad]
     fisher_acc = {}
     if fisher:
         for j in range(n):
-            zo.backprop_loss(model, windows[j:j + 1], 1)
+            lm_loss.backprop_loss(model, windows[j:j + 1], 1)
             with torch.no_grad():
                 for p in params:
                     if p.grad is None:
@@ -156,7 +153,7 @@ def backprop(model, windows: torch.Tensor, batch_size: int = 0, fisher: bool = F
                         fisher_acc[id(p)] = sq
                     p.grad = None
     step = batch_size if batch_size > 0 else auto_batch_size(model, windows.shape[1])
-    zo.backprop_loss(model, windows, step)
+    lm_loss.backprop_loss(model, windows, step)
     return fisher_acc
 
 
@@ -194,7 +191,7 @@ def _aggregate(per_member: list, how: str) -> torch.Tensor:
 
 
 def score(model, windows, group_sets, options, seed) -> Scoring:
-    """`options`: checked ones (`minillm.scoring.checked_options`; the pipeline checks before scoring)."""
+    """`options`: checked ones (`suite.pruning.scoring.checked_options`; the pipeline checks before scoring)."""
     if offloaded(model):  # `--offload`: one layer resident, backprop layer by layer
         return _score_layerwise(model, windows, group_sets, options)
     flags = {p: p.requires_grad for p in model.parameters()}

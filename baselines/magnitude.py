@@ -26,9 +26,9 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from minillm.layerwise import resident_sets
-from minillm.options import MethodOptions
-from minillm.scoring import Scoring
+from suite.pruning.layerwise import resident_sets
+from suite.pruning.options import MethodOptions
+from suite.pruning.scoring import Scoring
 
 NAME = "magnitude"
 

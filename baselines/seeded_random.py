@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from minillm.options import MethodOptions
-from minillm.scoring import Scoring
+from suite.pruning.options import MethodOptions
+from suite.pruning.scoring import Scoring
 
 NAME = "random"
 

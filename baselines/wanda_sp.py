@@ -15,7 +15,7 @@ Differences from the FLAP script, all documented:
   - FLAP's `scaler_row` is sum_tokens x_j^2 / nsamples, i.e. ||X_j||_2^2 / N; the constant 1/sqrt(N)
     does not change any ranking, so ||X_j||_2 is used as in Wanda's Eq. 1.
   - none in the order: like FLAP's loop, the default (`sequential=true`) prunes layer by layer and
-    gathers layer l+1's statistics on the PRUNED layers' outputs (`minillm.sequential`: the shared
+    gathers layer l+1's statistics on the PRUNED layers' outputs (`suite.pruning.sequential`: the shared
     per-layer budget, each layer's lowest-scoring groups removed, FLAP uses a per-layer threshold
     at the same ratio). `sequential=false` scores every layer on the dense model first (one-shot,
     like FLAP's own `flap`): this suite's earlier variant, recorded as `wanda-sp (one-shot)`.
@@ -36,12 +36,12 @@ from typing import Annotated
 import torch
 from pydantic import Field, ValidationInfo, model_validator
 
-from minillm.activations import input_stats
-from minillm.architectures import output_only
-from minillm.errors import UserError
-from minillm.layerwise import resident_sets
-from minillm.options import Bool, Int, MethodOptions
-from minillm.scoring import Scoring
+from suite.pruning.activations import input_stats
+from suite.pruning.architectures import output_only
+from suite.pruning.errors import UserError
+from suite.pruning.layerwise import resident_sets
+from suite.pruning.options import Bool, Int, MethodOptions
+from suite.pruning.scoring import Scoring
 
 NAME = "wanda-sp"
 

@@ -26,10 +26,12 @@ import torch
 from scipy import stats
 
 from minillm import zo
-from minillm.activations import input_stats
-from minillm.gates import gated
+
+from suite.pruning import loss as lm_loss
+from suite.pruning.activations import input_stats
+from suite.pruning.gates import gated
 from minillm.method import NAME, OPTIONS, Options, fms_scores, member_weights
-from minillm.options import MethodOptions, parse
+from suite.pruning.options import MethodOptions, parse
 from minillm.variants.controls import GradFlags
 
 
@@ -110,7 +112,7 @@ def diagnose_weight(model, windows, group_sets, qs, eps, o, seed, stats):
     bs = o["batch_size"]
     t0 = time.perf_counter()
     with GradFlags(model, [w for _, w in members]):
-        loss = zo.backprop_loss(model, windows, bs)
+        loss = lm_loss.backprop_loss(model, windows, bs)
         true = {n: w.grad.detach().float().clone() for n, w in members}
     t_bp = time.perf_counter() - t0
     kw = dict(activation=o["activation"], aggregate=o["aggregate"], abs_mode=o["abs"], members=o["members"])
@@ -119,7 +121,7 @@ def diagnose_weight(model, windows, group_sets, qs, eps, o, seed, stats):
     wanda = wanda_sp_scores(group_sets, stats)
     original = [w.detach().clone() for _, w in members]
     t0 = time.perf_counter()
-    est = zo.spsa(lambda: zo.calibration_loss(model, windows, bs), members, eps, max(qs), seed)
+    est = zo.spsa(lambda: lm_loss.calibration_loss(model, windows, bs), members, eps, max(qs), seed)
     t_zo = time.perf_counter() - t0
     drift = max(float((w.detach() - w0).abs().max()) for (_, w), w0 in zip(members, original))
     with torch.no_grad():
@@ -167,7 +169,7 @@ def _true_gate_grads(model, windows, sets, bs, scalar=False):
     else:
         leaves = gates = [torch.ones(gs.count, device=device, requires_grad=True) for gs in sets]
     with GradFlags(model, []), gated(sets, gates):
-        loss = zo.backprop_loss(model, windows, bs)
+        loss = lm_loss.backprop_loss(model, windows, bs)
     return [g.grad.detach().float().clone() for g in leaves], loss
 
 
@@ -185,7 +187,7 @@ def diagnose_mask(model, windows, group_sets, qs, eps, o, seed, stats):
     estimates = []  # (sets covered, Estimate)
     forwards = 0.0
     if o["blockwise"]:  # one estimate per layer from its inputs on the layer-by-layer pass
-        runner = zo.LayerwiseLoss(model, windows, bs)
+        runner = lm_loss.LayerwiseLoss(model, windows, bs)
         gates = [torch.ones(gs.count, device=device) for gs in sets]
         named = [(f"{gs.layer}.{gs.kind}", g) for gs, g in zip(sets, gates)]
         layers = [gs.layer for gs in sets]
@@ -204,7 +206,7 @@ def diagnose_mask(model, windows, group_sets, qs, eps, o, seed, stats):
     else:
         gates = [torch.ones(gs.count, device=device) for gs in sets]
         with gated(sets, gates):
-            est = make(lambda: zo.calibration_loss(model, windows, bs),
+            est = make(lambda: lm_loss.calibration_loss(model, windows, bs),
                        [(f"{gs.layer}.{gs.kind}", g) for gs, g in zip(sets, gates)])
         estimates.append((sets, est))
         forwards = _n_forwards(est)
@@ -249,7 +251,7 @@ def diagnose_layer(model, windows, group_sets, qs, eps, o, seed, stats):
     make, keys = _gate_estimator(o, eps, qs, seed)
     t0 = time.perf_counter()
     with gated(group_sets, [s.expand(gs.count) for s, gs in zip(scalars, group_sets)]):
-        est = make(lambda: zo.calibration_loss(model, windows, bs),
+        est = make(lambda: lm_loss.calibration_loss(model, windows, bs),
                    [(f"{gs.layer}.{gs.kind}", s) for gs, s in zip(group_sets, scalars)], 1 << 20)
     t_zo = time.perf_counter() - t0
     g_vec = torch.cat([g.double().cpu() for g in true])
@@ -281,7 +283,7 @@ def diagnose(model, windows, group_sets, spaces, qs, eps: dict | None = None, op
     """Run the requested spaces; returns {space: record}. `eps` maps space -> ε (defaults: OPTIONS)."""
     o = {**OPTIONS, **(options or {})}
     if o["estimator"] == "coordinate" and "weight" in spaces:
-        from minillm.errors import UserError
+        from suite.pruning.errors import UserError
 
         raise UserError("estimator=coordinate applies to the mask and layer spaces only; drop 'weight' from --space")
     o = parse(_Fields, NAME, o)  # each option's type, choices and range (the spaces' combination rules do not apply)

@@ -14,13 +14,13 @@ Scores are per parameter of the group (`normalize=param`), monotone within a lay
 This project's variants (off by default; `minillm/variants/`, each with its options and refusals):
 `gradient=none|noise|backprop` (controls.py), `space=mask` (gate_space.py), `space=layer`
 (allocation.py), `normalize=standard|unit` (normalization.py); `compensate=true` is FLAP's bias
-compensation (`minillm/compensation.py`). An option set where nothing reads it is refused.
+compensation (`suite/pruning/compensation.py`). An option set where nothing reads it is refused.
 
 The paper's unknowns are options (`Options`, below); calibration: C4, 16 × 128 tokens (the paper
 follows LLM-Pruner's few samples; ZO costs 2q forwards of the batch). Selection: scope `layer`
 (Algorithm 1 prunes every layer alike; `--scope global` ranks all layers together), layer range
 `all` (the paper's skipped layers are unknown: `--layers`). Memory: every loss is computed layer by
-layer (`zo.LayerwiseLoss`): one layer resident plus (2q + 1) × nsamples × seqlen × hidden of hidden
+layer (`lm_loss.LayerwiseLoss`): one layer resident plus (2q + 1) × nsamples × seqlen × hidden of hidden
 states, on the device or the host (`--hidden-on cpu`, or `--opt hidden_on=cpu`, its per-method
 spelling); same losses as whole-model SPSA (tests/test_minillm.py; results/notes/minillm-layerwise.md).
 """
@@ -33,12 +33,14 @@ import torch
 from pydantic import Field, model_validator
 
 from minillm import zo
-from minillm.activations import input_stats
-from minillm.compensation import bias_compensator, saved_projections
-from minillm.errors import UserError
-from minillm.layerwise import hidden_device, hidden_on, resident_sets
-from minillm.options import Bool, Float, Int, MethodOptions, parse
-from minillm.scoring import Scoring, group_tensor
+
+from suite.pruning import loss as lm_loss
+from suite.pruning.activations import input_stats
+from suite.pruning.compensation import bias_compensator, saved_projections
+from suite.pruning.errors import UserError
+from suite.pruning.layerwise import hidden_device, hidden_on, resident_sets
+from suite.pruning.options import Bool, Float, Int, MethodOptions, parse
+from suite.pruning.scoring import Scoring, group_tensor
 from minillm.variants import allocation, controls, gate_space, normalization
 
 NAME = "minillm"
@@ -58,7 +60,7 @@ class PaperOptions(MethodOptions):
     aggregate: Literal["sum", "mean", "max"] = "sum"  # over a group's S (the paper: sum, as LLM-Pruner)
     abs: Literal["element", "group"] = "element"  # |·| per weight before aggregating, or |Σ| of the group
     members: Literal["all", "output"] = "all"  # all of the group's weights (paper) | out-projection columns
-    compensate: Bool = False  # FLAP's bias compensation after slicing (minillm/compensation.py)
+    compensate: Bool = False  # FLAP's bias compensation after slicing (suite/pruning/compensation.py)
     batch_size: Annotated[Int, Field(ge=1)] = 4  # windows per layer forward (speed; memory barely)
     hidden_on: Literal["device", "cpu"] = "device"  # cpu: as --hidden-on cpu, for this method's passes
 
@@ -76,11 +78,6 @@ class Options(normalization.NormalizationOptions, allocation.AllocationOptions, 
 
 
 OPTIONS = Options.defaults()
-
-
-def check_options(options: dict, scope: str | None = None) -> dict:
-    """`options` validated by `Options` (with the selection `scope`): the merged dict, or UserError."""
-    return parse(Options, NAME, options, scope)
 
 
 # --------------------------------------------------------------------------- 1. the SPSA gradient
@@ -108,7 +105,7 @@ class SPSAGradient:
             members = list(model.named_parameters())
             snapshot = zo.Snapshot([t for _, t in members]) if o["restore"] == "auto" else None
             try:
-                est = zo.spsa(lambda: zo.calibration_loss(model, windows, o["batch_size"]), members, o["eps"],
+                est = zo.spsa(lambda: lm_loss.calibration_loss(model, windows, o["batch_size"]), members, o["eps"],
                               o["directions"], seed, stream=0, progress=bars)
             finally:
                 restored = snapshot.restore([t for _, t in members]) if snapshot is not None else 0
@@ -117,7 +114,7 @@ class SPSAGradient:
                 self.info.update(restore="snapshot", restored=restored, tensors=len(members),
                                  drift_bound=max(est.drift_bound), scratch_mb=round(snapshot.bytes / 2**20, 1))
         else:
-            runner = zo.LayerwiseLoss(model, windows, o["batch_size"])
+            runner = lm_loss.LayerwiseLoss(model, windows, o["batch_size"])
             est = zo.spsa_layerwise(runner, members, zo.parameter_layers(runner.lp, [w for _, w in members]),
                                     o["eps"], o["directions"], seed, exact=o["restore"] == "auto", progress=bars)
             self.info.update(est.summary(), forwards=2 * est.q, perturbed="prunable", layerwise=True,
@@ -143,7 +140,6 @@ def weight_gradient(model, windows, group_sets, kind: str, options: dict, seed: 
     return (SPSAGradient if kind == "zo" else controls.GRADIENTS[kind])(model, windows, members, options, seed)
 
 
-WeightGradient = weight_gradient  # the earlier name (tests/test_minillm.py, tests/test_backprop.py)
 
 
 # --------------------------------------------------------------------------- 2-3. FMS and aggregation

@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 import sys
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 import suite.commands
 
 DESCRIPTION = """\

@@ -4,7 +4,7 @@ The schema is declared once, as models (`GridConfig`, `Calibration`, `Evaluation
 `MethodCalibration`; the `recovery:` block is checked by suite/recovery.py's own
 `settings_with_defaults`): unknown keys are refused (with a difflib "did you mean"), choices are
 `Literal` types, numbers and ranges annotated types whose checks give this module's words. A
-method entry's `options` are its method's own `Options` (`minillm.scoring.checked_options`, the
+method entry's `options` are its method's own `Options` (`suite.pruning.scoring.checked_options`, the
 same check as `suite prune --opt`). `_line` turns the first pydantic error into ONE line naming the
 file and the path of the key, e.g. `config.yaml: ratios[1]: expected a pruning ratio in (0, 1),
 got 1.5`; numbers are never booleans, and `1e-3` (a string in YAML 1.1) is the number it means.
@@ -37,7 +37,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 
 # the seven zero-shot tasks of the papers' tables (LLM-Pruner, FLAP, MINI-LLM); `suite eval --tasks paper`
 PAPER_TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
@@ -332,8 +332,8 @@ def _method_module(name: str):
 
 
 def _layer_range_spec(value):
-    """A layer range as `suite prune --layers` takes it (suite.pipeline.parse_layer_range's forms)."""
-    from suite.pipeline import parse_layer_range
+    """A layer range as `suite prune --layers` takes it (suite.pruning.select.parse_layer_range's forms)."""
+    from suite.pruning.select import parse_layer_range
 
     if isinstance(value, bool) or not isinstance(value, (str, list)):
         raise _Invalid("", f"expected 'all', 'start:end' or a list, got {value!r}")
@@ -362,7 +362,7 @@ SELECTION_OPTIONS = tuple(SELECTION_CHECKS)  # options every method accepts (sui
 def _check_method(entry: MethodEntry) -> None:
     """A registered method name; its selection options (SELECTION_CHECKS) and its options checked by
     the method's own `Options` (with the entry's `scope`), converted in place (given keys only)."""
-    from minillm.scoring import checked_options
+    from suite.pruning.scoring import checked_options
 
     for key, check in SELECTION_CHECKS.items():
         if key in entry.options:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 
 DATA_ENV = "MINILLM_DATA"
 C4_HELDOUT_DOCS = 256

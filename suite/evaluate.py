@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 from suite import data, models
 from suite.config import PAPER_TASKS  # the papers' seven zero-shot tasks: one list, the grid default too
 METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
@@ -33,7 +33,7 @@ SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split
 def _device(model) -> torch.device:
     """Where the inputs go: the input embedding's device (its execution device when accelerate
     offloaded it, `suite.models.load_model(offload=...)`)."""
-    from minillm.layerwise import device_of
+    from suite.pruning.layerwise import device_of
 
     return device_of(model.get_input_embeddings())
 
@@ -51,7 +51,7 @@ def check_window(model, seqlen: int, what: str = "--seqlen") -> str | None:
     one-line warning on stderr, returned for the result record. None when the window fits (or the
     config names no length).
     """
-    from minillm.architectures import adapter_for
+    from suite.pruning.architectures import adapter_for
 
     config = getattr(model, "config", model)
     limit = next((getattr(config, k) for k in POSITION_LIMIT_KEYS if getattr(config, k, None)), None)

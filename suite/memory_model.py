@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 from suite.offload import parse_size  # accelerate's units, as --offload's --device-memory
 
 MiB = 2 ** 20
@@ -61,7 +61,7 @@ CONSTANTS = {
     "logit_copies_backprop": 3,
     # A chunked loss (minillm.zo): fp32 logits of this many entries at once, with log-softmax and grad.
     "loss_chunk_elements": 1 << 22,
-    # Statistics hooks (minillm/activations.py): a float64 copy of one member's input and its square.
+    # Statistics hooks (suite/pruning/activations.py): a float64 copy of one member's input and its square.
     "stats_fp64_copies": 2,
     # Windows per perplexity forward (suite/evaluate.py perplexity batch_size) and throughput probe
     # (suite/speed.py) and the token length lm-eval's loglikelihood requests are padded to.
@@ -69,7 +69,7 @@ CONSTANTS = {
     "speed_batch": 4,
     "lm_eval_tokens": 512,
     # MINI-LLM weight space: True = SPSA layer by layer on the LayerPass with (2q + 1) hidden-state
-    # streams (minillm.zo.LayerwiseLoss, merged in i11d); False = the earlier whole-model SPSA.
+    # streams (suite.pruning.loss.LayerwiseLoss, merged in i11d); False = the earlier whole-model SPSA.
     "minillm_layerwise": True,
 }
 
@@ -108,7 +108,7 @@ def shapes(spec: str) -> Shapes:
     hub off, an unknown path) or the architecture has no pruning adapter."""
     from pathlib import Path
 
-    from minillm.architectures import adapter_for
+    from suite.pruning.architectures import adapter_for
     from suite.models import EMBEDDED, cache_root, embedded_gguf_path, resolve, skeleton
 
     # the embedded model's cache directory, as suite.models.embedded_model_dir names it
@@ -165,7 +165,7 @@ def hidden_states(s: Shapes, tokens: int, nbytes: int) -> int:
 
 
 def stats_hooks(s: Shapes, tokens: int) -> int:
-    """minillm/activations.py's hooks: float64 copies of the widest member input (I) of one micro-batch."""
+    """suite/pruning/activations.py's hooks: float64 copies of the widest member input (I) of one micro-batch."""
     return CONSTANTS["stats_fp64_copies"] * tokens * s.intermediate * 8
 
 
@@ -244,7 +244,7 @@ class Setting:
 
     @property
     def W_pruned(self) -> int:
-        """The pruned model's weights: the ratio is of ALL parameters (minillm/select.py's budget)."""
+        """The pruned model's weights: the ratio is of ALL parameters (suite/pruning/select.py's budget)."""
         return round(self.shapes.params * (1 - self.ratio)) * self.B
 
     @property
@@ -255,7 +255,7 @@ class Setting:
 
 def setting(cell: dict, s: Shapes) -> Setting:
     """The cell's method options (defaults merged) and calibration, as suite/pipeline.py resolves them."""
-    from minillm.scoring import checked_options
+    from suite.pruning.scoring import checked_options
     from suite.config import SELECTION_OPTIONS
     from suite.pipeline import calibration_settings
 
@@ -305,7 +305,7 @@ def _sub_mib(c: Setting, batch: int) -> bool:
 
 
 def _layer_pass(c: Setting, batch: int, streams: int = 1) -> int:
-    """A LayerPass (minillm/layerwise.py) of N windows in micro-batches of b: `streams` carried
+    """A LayerPass (suite/pruning/layerwise.py) of N windows in micro-batches of b: `streams` carried
     hidden-state streams plus the layer's outputs (N·S·H·B each) — on the CPU heap (`_sub_mib`)
     at least `cpu_heap_streams` of them — one micro-batch's layer activations and statistics hooks."""
     n, seq = c.calibration["nsamples"], c.calibration["seqlen"]

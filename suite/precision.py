@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
 

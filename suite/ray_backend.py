@@ -2,7 +2,7 @@
 
 Rather than a scheduler of our own, the grid is spread over the cores of a host, the GPUs of a node
 or the nodes of a cluster by Ray (https://docs.ray.io). Each cell is one Ray task; the task starts
-the runner's own cell process (`suite.runner.run_cell_subprocess`: `python -m suite.commands.cell`,
+the runner's own cell process (`suite.commands.cell.run_cell_subprocess`: `python -m suite.commands.cell`,
 one fresh process per cell, so peak memory stays per cell and a crash costs one cell) and returns
 what it printed. The task requests the cell's resources: `num_gpus=1` for a CUDA cell, `cell_cpus`
 CPUs (also the cell's torch threads) for every cell, and `memory` when the user gives one (the
@@ -32,12 +32,11 @@ import subprocess
 import sys
 import time
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 
 EXTRA = "pip install 'minillm-suite[ray]'  (from a clone: pip install '.[ray]')"
 FORWARD_PREFIXES = ("MINILLM_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
 FORWARD_NAMES = ("PYTHONPATH",)
-KILLED = "cell process killed by "  # suite.runner.run_cell_subprocess's message for a signal death
 POLL_SECONDS = 1.0
 
 
@@ -115,7 +114,7 @@ def _node() -> dict:
 
 def cell_task(cell: dict, threads: int, env: dict[str, str]):
     """Ray task body: one cell in its own process. (result, error, stderr, seconds, node), or CellKilled."""
-    from suite.runner import run_cell_subprocess
+    from suite.commands.cell import KILLED, run_cell_subprocess
 
     start = time.perf_counter()
     with _environment(env):

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "transformers", "lm_eval", "datasets", "numpy", "safetensors")

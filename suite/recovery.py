@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minillm.architectures import adapter_for
-from minillm.errors import UserError
+from suite.pruning.architectures import adapter_for
+from suite.pruning.errors import UserError
 
 DEFAULTS = {
     "data": "yahma/alpaca-cleaned",  # README --data_path

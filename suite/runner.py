@@ -36,8 +36,6 @@ import json
 import os
 import queue
 import re
-import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -45,19 +43,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 from suite.config import expand_cells, grid_identity, load_config
-from suite.records import PROJECT_DIR, append_record, cell_key, provenance, read_records, repair_records
+from suite.commands.cell import run_cell_subprocess
+from suite.records import append_record, cell_key, provenance, read_records, repair_records
 
 STDERR_TAIL = 4000  # characters of a failed cell's stderr kept in its record
 
 
 def default_out(config: dict) -> Path:
     return Path("results") / f"{config['name']}.jsonl"
-
-
-def _last_line(text: str) -> str:
-    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
 
 
 def threads_per_cell(jobs: int) -> int | None:
@@ -80,33 +75,6 @@ def visible_gpus() -> list[str]:
 def wants_a_gpu(cell: dict) -> bool:
     """A cell on `cuda` (no index: the runner picks the GPU; `cuda:k` stays as the config says)."""
     return str(cell.get("device") or "cpu") == "cuda"
-
-
-def run_cell_subprocess(cell: dict, threads: int | None = None,
-                        gpu: str | None = None) -> tuple[dict, str | None, str]:
-    """(record from the pipeline or {}, error message or None, stderr) for one cell in a new process.
-
-    `gpu`: the id the cell sees as its only CUDA device (`CUDA_VISIBLE_DEVICES`)."""
-    env = dict(os.environ)
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpu
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_DIR), env.get("PYTHONPATH")) if p)
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    proc = subprocess.run([sys.executable, "-m", "suite.commands.cell"], input=json.dumps(cell),
-                          capture_output=True, text=True, env=env)
-    if proc.returncode < 0:
-        name = signal.Signals(-proc.returncode).name
-        return {}, f"cell process killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else ""), proc.stderr
-    if proc.returncode != 0:
-        return {}, _last_line(proc.stderr) or f"cell process exited with status {proc.returncode}", proc.stderr
-    try:
-        record = json.loads(_last_line(proc.stdout))
-        if not isinstance(record, dict):
-            raise ValueError("not a JSON object")
-    except ValueError:
-        return {}, f"cell printed no record (last stdout line: {_last_line(proc.stdout)[:200]!r})", proc.stderr
-    return record, None, proc.stderr
 
 
 def make_record(cell: dict, result: dict, error: str | None, stderr: str, seconds: float,

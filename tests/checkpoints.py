@@ -9,8 +9,8 @@ import sys
 import torch
 from safetensors.torch import load_file, save_file
 
-from minillm.architectures import adapter_for
-from minillm.plan import apply_plan, full_plan
+from suite.pruning.architectures import adapter_for
+from suite.pruning.plan import apply_plan, full_plan
 
 # Prelude of a subprocess that must run without this suite: its packages raise on import even where
 # the environment has the suite installed (tox's editable install), and the script checks they do.

@@ -8,7 +8,7 @@ follow the kept heads.
 """
 import torch
 
-from minillm.architectures import adapter_for
+from suite.pruning.architectures import adapter_for
 
 LLAMA_LIKE = ("self_attn.o_proj", "mlp.down_proj")  # LLaMA, Mistral, Qwen2/3, Gemma 2/3, Phi-3
 OUT_PROJ = {"opt": ("self_attn.out_proj", "fc2"), "bloom": ("self_attention.dense", "mlp.dense_4h_to_h")}

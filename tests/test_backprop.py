@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from baselines import llm_pruner
-from minillm import zo
-from minillm.architectures import all_group_sets
-from minillm.method import WeightGradient, member_weights
-from minillm.scoring import checked_options
+from suite.pruning import loss as lm_loss
+from suite.pruning.architectures import all_group_sets
+from minillm.method import weight_gradient, member_weights
+from suite.pruning.scoring import checked_options
 from suite.models import load_model
 from tests.test_baselines import close, taylor_reference
 from tests.tiny import token_ids
@@ -52,8 +52,8 @@ def one_batch_gradients(model, ids) -> tuple[float, dict]:
 def test_micro_batched_gradient_equals_one_batch(name, batch_size, monkeypatch):
     model, ids = load_model(name), windows()
     want_loss, want = one_batch_gradients(model, ids)
-    monkeypatch.setattr(zo, "LOSS_CHUNK_ELEMENTS", SMALL_CHUNK)
-    loss = zo.backprop_loss(model, ids, batch_size)
+    monkeypatch.setattr(lm_loss, "LOSS_CHUNK_ELEMENTS", SMALL_CHUNK)
+    loss = lm_loss.backprop_loss(model, ids, batch_size)
     assert abs(loss - want_loss) <= 1e-5 * want_loss
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert set(got) == set(want) and len(want) == len(list(model.parameters()))
@@ -68,7 +68,7 @@ def test_llm_pruner_micro_batched_scores_equal_one_batch(name, monkeypatch):
     """The final scores at micro-batch 2 (and the auto size) equal those from one plain backward."""
     model, ids = load_model(name), windows()
     want = taylor_reference(model, ids, "q-head", "element1", "sum")  # torch.autograd.grad of model(x, labels=x).loss
-    monkeypatch.setattr(zo, "LOSS_CHUNK_ELEMENTS", SMALL_CHUNK)
+    monkeypatch.setattr(lm_loss, "LOSS_CHUNK_ELEMENTS", SMALL_CHUNK)
     for batch_size in (2, 0):
         opts = checked_options(llm_pruner, {"batch_size": batch_size})
         scoring = llm_pruner.score(model, ids, all_group_sets(model), opts, 0)
@@ -99,7 +99,7 @@ def test_llm_pruner_records_the_windows_it_batched(offload, tmp_path):
 def test_llm_pruner_fisher_keeps_per_window_passes(monkeypatch):
     model, ids = load_model("tiny-llama-gqa"), windows(n=3)
     want = taylor_reference(model, ids, "q-head", "element2", "sum")
-    monkeypatch.setattr(zo, "LOSS_CHUNK_ELEMENTS", SMALL_CHUNK)
+    monkeypatch.setattr(lm_loss, "LOSS_CHUNK_ELEMENTS", SMALL_CHUNK)
     opts = checked_options(llm_pruner, {"importance": "element2", "batch_size": 2})
     close(llm_pruner.score(model, ids, all_group_sets(model), opts, 0).scores, want)
 
@@ -114,7 +114,7 @@ def test_minillm_backprop_reference_is_micro_batched_exactly(name):
     scale = 1e-2 * max(float(g.abs().max()) for g in want.values())
     sets = all_group_sets(model)
     o = checked_options(method, {"gradient": "backprop", "batch_size": 2})
-    grad = WeightGradient(model, ids, sets, "backprop", o, seed=0)
+    grad = weight_gradient(model, ids, sets, "backprop", o, seed=0)
     names = [n for n, _ in member_weights(model, sets, output_only=o["members"] == "output")]
     assert names
     for n in names:
@@ -131,7 +131,7 @@ def test_checkpointed_loss_saves_no_logits(name, monkeypatch):
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].double()
         want = F.cross_entropy(logits.reshape(-1, vocab), ids[:, 1:].reshape(-1), reduction="sum")
-    monkeypatch.setattr(zo, "LOSS_CHUNK_ELEMENTS", SMALL_CHUNK)
+    monkeypatch.setattr(lm_loss, "LOSS_CHUNK_ELEMENTS", SMALL_CHUNK)
     saved = []
 
     def pack(t):
@@ -139,7 +139,7 @@ def test_checkpointed_loss_saves_no_logits(name, monkeypatch):
         return t
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, count = zo._lm_loss_sum(model, ids)
+        loss, count = lm_loss._lm_loss_sum(model, ids)
     assert count == ids[:, 1:].numel()
     assert abs(float(loss.detach()) - float(want)) <= 1e-5 * float(want)
     assert saved, "the decoder saves its activations"
@@ -167,5 +167,5 @@ def test_auto_micro_batch_follows_the_estimate():
     assert llm_pruner.auto_batch_size(Fake(config, torch.float16), 128) == 1   # 1.3 GB a window > 1 GiB
     small = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9)
     per_window = 30 * 128 * 2 * (8 * 576 + 4 * 1536 + 9 * 128) * 4            # SmolLM2-135M in fp32
-    room = llm_pruner.ACTIVATION_BUDGET - 12 * zo.LOSS_CHUNK_ELEMENTS
+    room = llm_pruner.ACTIVATION_BUDGET - 12 * lm_loss.LOSS_CHUNK_ELEMENTS
     assert llm_pruner.auto_batch_size(Fake(small, torch.float32), 128) == room // per_window == 2

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from baselines import flap, llm_pruner, magnitude, wanda_sp
-from minillm.architectures import all_group_sets
-from minillm.plan import apply_plan
-from minillm.saving import load_pruned, save_pruned
-from minillm.scoring import checked_options
-from minillm.select import select
+from suite.pruning.architectures import all_group_sets
+from suite.pruning.plan import apply_plan
+from suite.pruning.saving import load_pruned, save_pruned
+from suite.pruning.scoring import checked_options
+from suite.pruning.select import select
 from suite.models import load_model
-from suite.pipeline import parse_layer_range
+from suite.pruning.select import parse_layer_range
 from tests.tiny import token_ids
 
 TOL = 1e-5

@@ -10,9 +10,9 @@ import copy
 import pytest
 import torch
 
-from minillm.architectures import all_group_sets
-from minillm.plan import apply_plan
-from minillm.select import select
+from suite.pruning.architectures import all_group_sets
+from suite.pruning.plan import apply_plan
+from suite.pruning.select import select
 from suite.data import calibration_windows, eval_windows
 from suite.evaluate import perplexity
 from suite.methods import get_method

@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 
-from minillm.architectures import all_group_sets
-from minillm.errors import UserError
-from minillm.plan import apply_plan
-from minillm.saving import save_pruned
-from minillm.select import select
+from suite.pruning.architectures import all_group_sets
+from suite.pruning.errors import UserError
+from suite.pruning.plan import apply_plan
+from suite.pruning.saving import save_pruned
+from suite.pruning.select import select
 from suite.models import byte_tokenizer, load_model
 
 
@@ -40,7 +40,7 @@ def test_budget_tiny(name, head_mode, scope, layers, ratio):
     assert abs(sel.removed / dense - ratio) <= 0.01
     if layers is not None:  # layers outside the prunable set are untouched
         full = load_model(name)
-        from minillm.architectures import adapter_for
+        from suite.pruning.architectures import adapter_for
         a = adapter_for(model)
         for i in set(range(4)) - set(layers):
             assert a.num_channels(a.layers(model)[i]) == a.num_channels(a.layers(full)[i])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from baselines import llm_pruner, wanda_sp
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 from suite.config import expand_cells, grid_identity, load_config
 from suite.pipeline import run_cell
 from suite.records import cell_key, read_records

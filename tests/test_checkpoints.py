@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from minillm.architectures import adapter_for
-from minillm.plan import apply_plan
-from minillm.saving import load_pruned, save_pruned
+from suite.pruning.architectures import adapter_for
+from suite.pruning.plan import apply_plan
+from suite.pruning.saving import load_pruned, save_pruned
 from suite.models import byte_tokenizer
 from tests.checkpoints import HIDE_SUITE, heterogeneous_plan, plain_transformers_logits, pruned_tiny
 from tests.reference import rel_err
@@ -60,9 +60,9 @@ def test_old_format_directory_still_loads(tmp_path, name):
 
 RSS_SCRIPT = r"""
 import resource, sys, torch
-import transformers, safetensors, minillm.saving, minillm.modeling_pruned  # the baseline imports everything
+import transformers, safetensors, suite.pruning.saving, suite.pruning.modeling_pruned  # the baseline imports everything
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-model = minillm.saving.load_pruned(sys.argv[1])
+model = suite.pruning.saving.load_pruned(sys.argv[1])
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 size = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
 print(base * 1024, peak * 1024, size)
@@ -135,7 +135,7 @@ def test_lm_eval_cli_evaluates_pruned_smollm2_like_suite_eval(tmp_path, smollm2)
 
 def test_family_without_pruned_class_saves_and_loads_as_before(tmp_path, monkeypatch):
     """An architecture adapter whose family modeling_pruned.py does not list: dense config + plan.json, sliced on load."""
-    from minillm import modeling_pruned
+    from suite.pruning import modeling_pruned
 
     monkeypatch.delitem(modeling_pruned.FAMILIES, "opt")
     model, plan = pruned_tiny("tiny-opt")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 from suite import config as config_module
 from suite.config import PAPER_TASKS, expand_cells, load_config
 from suite.records import cell_key
@@ -19,7 +19,7 @@ ALL_METHODS = ["magnitude", "random", "wanda-sp", "flap", "llm-pruner", "minillm
 @pytest.fixture
 def registry(monkeypatch):
     """A fake `suite.methods` whose methods take `eps` (float), `steps` (int) and `mode` (str)."""
-    from minillm.options import Bool, Float, Int, MethodOptions
+    from suite.pruning.options import Bool, Float, Int, MethodOptions
 
     class Options(MethodOptions):
         eps: Float = 1e-3

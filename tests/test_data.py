@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 from suite import data
 from suite.models import load_tokenizer
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 from suite import data, evaluate
 from suite.models import load_model, load_tokenizer
 

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from minillm import zo
-from minillm.architectures import all_group_sets
-from minillm.plan import LayerPlan, Plan, apply_plan
-from minillm.saving import save_pruned
-from minillm.select import select
+
+from suite.pruning import loss as lm_loss
+from suite.pruning.architectures import all_group_sets
+from suite.pruning.plan import LayerPlan, Plan, apply_plan
+from suite.pruning.saving import save_pruned
+from suite.pruning.select import select
 from suite.models import byte_tokenizer, load_model
 from tests.reference import masked_logits, rel_err
 from tests.tiny import token_ids
@@ -213,7 +215,7 @@ def test_phi3_scores_equal_the_unfused_llama(mode):
         scored = []
         for model in (phi3, llama):
             m = get_method(method)
-            from minillm.scoring import checked_options
+            from suite.pruning.scoring import checked_options
 
             opts = checked_options(m, options)
             scored.append(m.score(model, x, all_group_sets(model, mode), opts, 0).scores)
@@ -225,15 +227,15 @@ def test_phi3_scores_equal_the_unfused_llama(mode):
 
 # --------------------------------------------------------------------------- the loss MINI-LLM estimates
 @pytest.mark.parametrize("name", FAMILIES)
-@pytest.mark.parametrize("chunk", [zo.LOSS_CHUNK_ELEMENTS, 3 * 512 + 5])  # default; uneven small chunks
+@pytest.mark.parametrize("chunk", [lm_loss.LOSS_CHUNK_ELEMENTS, 3 * 512 + 5])  # default; uneven small chunks
 def test_chunked_loss_equals_the_models_own_loss(name, chunk, monkeypatch):
     model = load_model(name)
-    monkeypatch.setattr(zo, "LOSS_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(lm_loss, "LOSS_CHUNK_ELEMENTS", chunk)
     x = ids(n=3, seqlen=24, seed=5)
     with torch.no_grad():
         own = model(input_ids=x, labels=x, use_cache=False).loss.item()
     assert zo.decoder_and_head(model)[0] is not None  # the chunked path, not the full-logits fallback
-    assert abs(zo.calibration_loss(model, x, batch_size=2) - own) <= 1e-5 * own
+    assert abs(lm_loss.calibration_loss(model, x, batch_size=2) - own) <= 1e-5 * own
 
 
 def test_gemma2_loss_applies_the_final_soft_cap():
@@ -246,14 +248,14 @@ def test_gemma2_loss_applies_the_final_soft_cap():
         uncapped = torch.nn.functional.cross_entropy(
             model.lm_head(hidden).reshape(-1, model.config.vocab_size), x[:, 1:].reshape(-1)).item()
     assert abs(uncapped - own) > 1e-3 * own
-    assert abs(zo.calibration_loss(model, x) - own) <= 1e-5 * own
+    assert abs(lm_loss.calibration_loss(model, x) - own) <= 1e-5 * own
 
 
 @pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3", "tiny-phi3"])
 def test_statistics_pass_sees_the_models_own_inputs(name):
     """Embedding scaling and norms are inside the decoder: the statistics pass sees what the full
     model feeds its Linears (fused ones included)."""
-    from minillm.activations import input_stats
+    from suite.pruning.activations import input_stats
 
     model = load_model(name)
     sets = all_group_sets(model)

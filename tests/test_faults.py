@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from minillm.architectures import adapter_for
-from minillm.errors import UserError
-from minillm.plan import LayerPlan, Plan, apply_plan, carried_plan, compose, full_plan
-from minillm.saving import load_pruned, save_pruned
+from suite.pruning.architectures import adapter_for
+from suite.pruning.errors import UserError
+from suite.pruning.plan import LayerPlan, Plan, apply_plan, carried_plan, compose, full_plan
+from suite.pruning.saving import load_pruned, save_pruned
 from suite.models import load_model
 from tests.reference import masked_logits, rel_err
 
@@ -198,7 +198,7 @@ def nearest_by_exhaustive_search(model, target):
 
 def random_scores(model, seed, heads_last=True, head_mode="q-head"):
     """Random scores in [0, 1); heads in [1, 2) if `heads_last` (the channels then run out first)."""
-    from minillm.architectures import all_group_sets
+    from suite.pruning.architectures import all_group_sets
 
     gen = torch.Generator().manual_seed(seed)
     return {(gs.layer, gs.kind): torch.rand(gs.count, generator=gen) + (gs.kind == "heads" and heads_last)
@@ -212,7 +212,7 @@ def test_global_allow_empty_reaches_the_nearest_plan(ratio, seed, heads_last):
     was called unreachable when the heads ranked last (all 64 channels remove only 2,112); the
     nearest plan removes a head and 54 channels (2,318). The ranking decides which groups go, so
     the plan is within one channel of the best count mix found by exhaustive search."""
-    from minillm.select import select
+    from suite.pruning.select import select
 
     model = one_layer_bloom()
     total = sum(p.numel() for p in model.parameters())
@@ -224,7 +224,7 @@ def test_global_allow_empty_reaches_the_nearest_plan(ratio, seed, heads_last):
 
 
 def test_global_allow_empty_tiny_bloom_at_0_7():
-    from minillm.select import select
+    from suite.pruning.select import select
 
     model = load_model("tiny-bloom")
     sel = select(model, random_scores(model, 0), 0.7, scope="global", allow_empty=True)
@@ -235,7 +235,7 @@ def test_global_allow_empty_tiny_bloom_at_0_7():
 
 def test_global_issue_case_heads_ranked_last():
     """Heads scored above every channel: the channels run out at 2,112 < 2,307; the trade gives 2,318."""
-    from minillm.select import select
+    from suite.pruning.select import select
 
     model = one_layer_bloom()
     scores = {(0, "heads"): torch.tensor([2.0, 3.0]), (0, "channels"): torch.rand(64)}
@@ -389,7 +389,7 @@ def test_bloom_slow_but_exact_is_pruned_exactly(tmp_path):
 def test_selection_on_a_gqa_model_whose_layer_became_mha(tmp_path, head_mode):
     """Layer 1 keeps one q head per kv head (2 q / 2 kv) while layer 0 stays GQA (8 q / 2 kv): a
     selected plan removing a head of layer 1 must remove its kv head too, and reload exactly."""
-    from minillm.select import select
+    from suite.pruning.select import select
 
     model = load_model("tiny-llama-gqa")
     first = full_plan(model)

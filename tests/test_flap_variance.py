@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import baselines.flap as flap
-from minillm.activations import StreamingVariance
-from minillm.architectures import all_group_sets
-from minillm.errors import UserError
-from minillm.scoring import checked_options
+from suite.pruning.activations import StreamingVariance
+from suite.pruning.architectures import all_group_sets
+from suite.pruning.errors import UserError
+from suite.pruning.scoring import checked_options
 from suite.models import load_model
 
 # three windows of two tokens, two features: feature 0 = 1,3 | 2,6 | 0,4; feature 1 = 5,5 | 1,3 | 2,2

@@ -1,6 +1,6 @@
-"""The layer runner (minillm/layerwise.py) equals a whole-model pass.
+"""The layer runner (suite/pruning/layerwise.py) equals a whole-model pass.
 
-Reference, independent of the runner and of minillm/activations.py: forward pre-hooks on every
+Reference, independent of the runner and of suite/pruning/activations.py: forward pre-hooks on every
 group member's Linear during ONE ordinary `model(input_ids)` forward of all windows at once,
 accumulating per input feature sum x and sum x^2 in float64. The runner's statistics
 (`activations.input_stats`, layer by layer, micro-batches of 2 windows, the last one shorter)
@@ -11,9 +11,9 @@ family; hidden states carried on "cpu" give the same.
 import pytest
 import torch
 
-from minillm.activations import input_stats
-from minillm.architectures import all_group_sets, decoder_and_head
-from minillm.layerwise import LayerPass
+from suite.pruning.activations import input_stats
+from suite.pruning.architectures import all_group_sets, decoder_and_head
+from suite.pruning.layerwise import LayerPass
 from suite.models import TINY_MODELS, load_model
 
 REL = 1e-5

@@ -11,8 +11,8 @@ import types
 import pytest
 
 from baselines import flap, llm_pruner, magnitude, seeded_random, wanda_sp
-from minillm.errors import UserError
-from minillm.scoring import checked_options
+from suite.pruning.errors import UserError
+from suite.pruning.scoring import checked_options
 
 BEFORE = {  # the modules' OPTIONS dicts before issue 13, copied literally
     flap: {"compensate": True, "head_power": 2.0, "batch_size": 1, "variance": "exact"},

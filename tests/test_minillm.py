@@ -14,13 +14,15 @@ import torch
 from torch import nn
 
 from minillm import zo
-from minillm.architectures import adapter_for, all_group_sets
-from minillm.errors import UserError
-from minillm.gates import gated
-from minillm.method import OPTIONS, WeightGradient, check_options, member_weights, score
+
+from suite.pruning import loss as lm_loss
+from suite.pruning.architectures import adapter_for, all_group_sets
+from suite.pruning.errors import UserError
+from suite.pruning.gates import gated
 from minillm import method as minillm_method
-from minillm.scoring import checked_options
-from minillm.select import select
+from minillm.method import OPTIONS, weight_gradient, member_weights, score
+from suite.pruning.scoring import checked_options
+from suite.pruning.select import select
 from suite.models import load_model
 
 
@@ -94,23 +96,23 @@ def test_estimate_rebuilds_the_same_gradient_from_seeds():
 
 # --------------------------------------------------------------------------- the loss without full logits
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-bloom"])
-@pytest.mark.parametrize("chunk", [zo.LOSS_CHUNK_ELEMENTS, 3 * 512 + 5])  # default; uneven small chunks
+@pytest.mark.parametrize("chunk", [lm_loss.LOSS_CHUNK_ELEMENTS, 3 * 512 + 5])  # default; uneven small chunks
 def test_chunked_loss_equals_cross_entropy_of_the_full_logits(name, chunk, monkeypatch):
     model = load_model(name)
-    monkeypatch.setattr(zo, "LOSS_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(lm_loss, "LOSS_CHUNK_ELEMENTS", chunk)
     batch = windows(n=3, seqlen=24, seed=5)
     assert zo.decoder_and_head(model)[0] is not None
     with torch.no_grad():
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].double()
         expected = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum")
-        loss, count = zo._lm_loss_sum(model, batch)
+        loss, count = lm_loss._lm_loss_sum(model, batch)
     assert count == 3 * 23
     assert abs(float(loss) - float(expected)) <= 1e-5 * float(expected)
 
 
 def test_statistics_pass_skips_the_logits_but_sees_the_same_inputs():
-    from minillm.activations import input_stats
+    from suite.pruning.activations import input_stats
 
     model = load_model("tiny-opt")
     sets = all_group_sets(model)
@@ -160,7 +162,7 @@ def head_gates_with_autograd_gradient():
     sets = [gs for gs in all_group_sets(model) if gs.kind == "heads"]
     gates = [torch.ones(gs.count, requires_grad=True) for gs in sets]
     with gated(sets, gates):
-        zo.backprop_loss(model, w)
+        lm_loss.backprop_loss(model, w)
     model.zero_grad(set_to_none=True)
     return model, w, sets, torch.cat([g.grad for g in gates])
 
@@ -170,7 +172,7 @@ def test_spsa_converges_to_autograd_on_head_gates():
     model, w, sets, true = head_gates_with_autograd_gradient()
     gates = [torch.ones(gs.count) for gs in sets]
     with gated(sets, gates):
-        est = zo.spsa(lambda: zo.calibration_loss(model, w), [(str(i), g) for i, g in enumerate(gates)],
+        est = zo.spsa(lambda: lm_loss.calibration_loss(model, w), [(str(i), g) for i, g in enumerate(gates)],
                       1e-2, 300, seed=0)
     ghat = torch.cat([est.gradient(i) for i in range(len(gates))])
     assert cosine(ghat, true) >= 0.9
@@ -181,7 +183,7 @@ def test_coordinate_differences_match_autograd_and_restore_exactly():
     model, w, sets, true = head_gates_with_autograd_gradient()
     gates = [torch.ones(gs.count) for gs in sets]
     with gated(sets, gates):
-        est = zo.coordinate(lambda: zo.calibration_loss(model, w), [(str(i), g) for i, g in enumerate(gates)], 1e-2)
+        est = zo.coordinate(lambda: lm_loss.calibration_loss(model, w), [(str(i), g) for i, g in enumerate(gates)], 1e-2)
     assert est.forwards == 2 * true.numel()
     assert cosine(torch.cat([est.gradient(i) for i in range(len(gates))]), true) >= 0.999
     assert all(torch.equal(g, torch.ones_like(g)) for g in gates)
@@ -194,10 +196,10 @@ def test_spsa_converges_to_autograd_on_a_small_weight():
     p = model.model.norm.weight
     for q in model.parameters():
         q.requires_grad_(q is p)
-    zo.backprop_loss(model, w)
+    lm_loss.backprop_loss(model, w)
     true = p.grad.clone()
     p.grad = None
-    est = zo.spsa(lambda: zo.calibration_loss(model, w), [("norm", p)], 1e-3, 400, seed=0)
+    est = zo.spsa(lambda: lm_loss.calibration_loss(model, w), [("norm", p)], 1e-3, 400, seed=0)
     assert cosine(est.gradient(0), true) >= 0.9
 
 
@@ -234,7 +236,7 @@ def test_a_checkpoint_that_is_not_the_source_is_refused(tmp_path):
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.mul_(2.0)  # no longer what the file holds
     named = member_weights(model, all_group_sets(model))
-    est = zo.spsa(lambda: zo.calibration_loss(model, windows()), named, 1e-3, 1, seed=0)
+    est = zo.spsa(lambda: lm_loss.calibration_loss(model, windows()), named, 1e-3, 1, seed=0)
     summary = zo.restore_from_checkpoint(model, named, est.drift_bound)
     assert summary["restore"] == "partial" and summary["restored"] == len(named) - 1
 
@@ -263,7 +265,7 @@ def test_same_seed_same_kept_groups(space):
         model = load_model("tiny-llama-gqa")
         o = opts(space=space, directions=2, blockwise=space == "mask")
         result = score(model, w, all_group_sets(model), o, seed=5)
-        sel = select(model, result.scores, 0.3, layer_weights=result.info.get("layer_weights"))
+        sel = select(model, result.scores, 0.3, allocation_weights=result.info.get("layer_weights"))
         plans.append(sel.plan.to_json())
     assert plans[0] == plans[1]
 
@@ -320,7 +322,7 @@ def _independent_fms(model, w, kind, noise_of=None):
 def test_fms_matches_an_independent_computation(kind):
     model = load_model("tiny-llama-gqa")  # q-head mode: k/v are shared, not part of a head group
     w = windows(4, 16)
-    noise = WeightGradient(model, None, all_group_sets(model), "noise", opts(gradient="noise"), seed=0)
+    noise = weight_gradient(model, None, all_group_sets(model), "noise", opts(gradient="noise"), seed=0)
     expected = _independent_fms(model, w, kind, noise_of=noise.of)
     model.zero_grad(set_to_none=True)
     sets = all_group_sets(model)
@@ -334,7 +336,7 @@ def test_noise_gradient_is_a_seeded_standard_gaussian_per_weight():
     model = load_model("tiny-llama-gqa")
     sets = all_group_sets(model)
     o = opts(gradient="noise")
-    draw = WeightGradient(model, None, sets, "noise", o, seed=3)
+    draw = weight_gradient(model, None, sets, "noise", o, seed=3)
     assert draw.info["forwards"] == 0  # a control: no loss is ever computed
     members = member_weights(model, sets)
     first = members[0][0]
@@ -342,8 +344,8 @@ def test_noise_gradient_is_a_seeded_standard_gaussian_per_weight():
     assert a.shape == members[0][1].shape
     assert torch.equal(a, draw.of(first))  # regenerated, not stored
     # the draw depends on (seed, name) only: not on which other Linears are scored, nor their order
-    assert torch.equal(a, WeightGradient(model, None, sets[:1], "noise", o, seed=3).of(first))
-    assert not torch.equal(a, WeightGradient(model, None, sets, "noise", o, seed=4).of(first))
+    assert torch.equal(a, weight_gradient(model, None, sets[:1], "noise", o, seed=3).of(first))
+    assert not torch.equal(a, weight_gradient(model, None, sets, "noise", o, seed=4).of(first))
     every = torch.cat([draw.of(n).flatten() for n, _ in members])
     assert len({float(draw.of(n).flatten()[0]) for n, _ in members}) == len(members)  # one stream per Linear
     n = every.numel()
@@ -356,7 +358,7 @@ def test_backprop_mask_scores_are_the_gate_gradients():
     sets = all_group_sets(model)
     gates = [torch.ones(gs.count, requires_grad=True) for gs in sets]
     with gated(sets, gates):
-        zo.backprop_loss(model, w, 2)
+        lm_loss.backprop_loss(model, w, 2)
     model.zero_grad(set_to_none=True)
     got = score(model, w, sets, opts(space="mask", gradient="backprop"), seed=0).scores
     for gs, g in zip(sets, gates):
@@ -384,7 +386,7 @@ def test_layerwise_spsa_equals_whole_model_spsa(name):
     weights come back bit-identical."""
     import copy
 
-    from minillm.activations import input_stats
+    from suite.pruning.activations import input_stats
     from minillm.method import fms_scores
 
     model = load_model(name)
@@ -393,7 +395,7 @@ def test_layerwise_spsa_equals_whole_model_spsa(name):
     sets = all_group_sets(model)
     named = member_weights(model, sets)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    runner = zo.LayerwiseLoss(model, w, batch_size=2)
+    runner = lm_loss.LayerwiseLoss(model, w, batch_size=2)
     layers = zo.parameter_layers(runner.lp, [t for _, t in named])
     seeds = zo.direction_seeds(seed, q)
     losses = runner.losses(0, runner.lp.hidden, zo.Directions([t for _, t in named], layers, seeds, eps, True,
@@ -401,7 +403,7 @@ def test_layerwise_spsa_equals_whole_model_spsa(name):
     index_of = {n: i for i, (n, _) in enumerate(named)}
     for k in range(q):
         for sign, got in ((1, losses[2 * k]), (-1, losses[2 * k + 1])):
-            want = zo.calibration_loss(_perturbed_copy(reference, named, seeds[k], index_of, sign * eps), w, 2)
+            want = lm_loss.calibration_loss(_perturbed_copy(reference, named, seeds[k], index_of, sign * eps), w, 2)
             assert abs(got - want) <= 1e-6 * want
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     # the estimate and the scores against the whole-model estimator on the untouched copy
@@ -410,7 +412,7 @@ def test_layerwise_spsa_equals_whole_model_spsa(name):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     ref_sets = all_group_sets(reference)
     ref_named = member_weights(reference, ref_sets)
-    whole = zo.spsa(lambda: zo.calibration_loss(reference, w, 2), ref_named, eps, q, seed)
+    whole = zo.spsa(lambda: lm_loss.calibration_loss(reference, w, 2), ref_named, eps, q, seed)
     est = zo.spsa_layerwise(runner, named, layers, eps, q, seed)
     scale = max(abs(c) for c in whole.coeffs)
     assert all(abs(a - b) <= 1e-3 * scale for a, b in zip(est.coeffs, whole.coeffs))
@@ -426,7 +428,7 @@ def test_layerwise_spsa_equals_whole_model_spsa(name):
 
 
 def test_each_layer_is_resident_once_and_hidden_states_may_live_on_the_host(monkeypatch):
-    from minillm.layerwise import LayerPass
+    from suite.pruning.layerwise import LayerPass
 
     model = load_model("tiny-llama-gqa")
     w, sets = windows(3, 16), all_group_sets(model)
@@ -451,7 +453,7 @@ def test_a_residency_that_replaces_the_parameters_is_followed(monkeypatch):
     must equal those of a model whose layers never move."""
     from contextlib import contextmanager
 
-    from minillm.layerwise import LayerPass
+    from suite.pruning.layerwise import LayerPass
 
     w, sets_of = windows(3, 16), all_group_sets
     plain = load_model("tiny-opt")
@@ -498,13 +500,13 @@ def test_gate_losses_from_a_layer_equal_the_whole_model_loss(name):
         with torch.no_grad():
             for i in part:
                 gates[i].add_(zo.direction(seeds[0], part.index(i), gates[i].shape), alpha=sign * eps)
-            loss = zo.calibration_loss(model, w, 2)
+            loss = lm_loss.calibration_loss(model, w, 2)
             for g in gates:
                 g.fill_(1.0)
         return loss
 
     with gated(sets, gates):
-        runner = zo.LayerwiseLoss(model, w, batch_size=2)
+        runner = lm_loss.LayerwiseLoss(model, w, batch_size=2)
         every = list(range(len(sets)))
         got = runner.losses(0, runner.lp.hidden, zo.Directions(gates, layers, seeds, eps, True, None))
         assert all(torch.equal(g, torch.ones_like(g)) for g in gates)
@@ -518,7 +520,7 @@ def test_gate_losses_from_a_layer_equal_the_whole_model_loss(name):
             for s, sign in enumerate((1, -1)):
                 want = whole_model_loss(part, sign)
                 assert abs(got[s] - want) <= 1e-6 * want
-        assert abs(runner.clean_loss - zo.calibration_loss(model, w, 2)) <= 1e-6 * runner.clean_loss
+        assert abs(runner.clean_loss - lm_loss.calibration_loss(model, w, 2)) <= 1e-6 * runner.clean_loss
 
 
 def test_layerwise_coordinate_differences_equal_the_whole_model_ones():
@@ -526,8 +528,8 @@ def test_layerwise_coordinate_differences_equal_the_whole_model_ones():
     gates = [torch.ones(gs.count) for gs in sets]
     named = [(str(i), g) for i, g in enumerate(gates)]
     with gated(sets, gates):
-        whole = zo.coordinate(lambda: zo.calibration_loss(model, w), named, 1e-2)
-        runner = zo.LayerwiseLoss(model, w, batch_size=4)
+        whole = zo.coordinate(lambda: lm_loss.calibration_loss(model, w), named, 1e-2)
+        runner = lm_loss.LayerwiseLoss(model, w, batch_size=4)
         layered = zo.coordinate_layerwise(runner, named, [gs.layer for gs in sets], 1e-2, streams=3)
     assert layered.forwards == whole.forwards
     for i in range(len(gates)):
@@ -552,13 +554,13 @@ def test_layer_space_returns_layer_weights_and_heads_mask_uses_fms_for_channels(
 
 def test_bad_options_are_one_line_errors():
     with pytest.raises(UserError, match="space"):
-        check_options(opts(space="weights"))
+        checked_options(minillm_method, opts(space="weights"))
     with pytest.raises(UserError, match="weight-space control"):
-        check_options(opts(space="mask", gradient="none"))
+        checked_options(minillm_method, opts(space="mask", gradient="none"))
     with pytest.raises(UserError, match="weight-space control"):
-        check_options(opts(space="layer", gradient="noise"))
+        checked_options(minillm_method, opts(space="layer", gradient="noise"))
     with pytest.raises(UserError, match="coordinate"):
-        check_options(opts(space="weight", estimator="coordinate"))
+        checked_options(minillm_method, opts(space="weight", estimator="coordinate"))
     # the ranking scope is the pipeline's (--scope / `scope:`), not a scoring option
     with pytest.raises(UserError, match="no option 'rank'"):
         checked_options(minillm_method, {"rank": "global"})
@@ -600,8 +602,8 @@ def test_prune_cli_runs_minillm_and_records_the_score_phase(tmp_path):
 
 
 def test_mean_compensation_adds_the_removed_columns_mean_contribution():
-    from minillm.activations import input_stats
-    from minillm.plan import apply_plan
+    from suite.pruning.activations import input_stats
+    from suite.pruning.plan import apply_plan
 
     model = load_model("tiny-llama")
     w = windows(4, 16)

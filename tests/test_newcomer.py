@@ -110,7 +110,7 @@ def test_method_options_are_checked_before_the_model_loads(monkeypatch, tmp_path
 
 
 def test_grid_method_options_are_checked_when_the_config_loads(tmp_path):
-    from minillm.errors import UserError
+    from suite.pruning.errors import UserError
     from suite.config import load_config
 
     path = tmp_path / "bad.yaml"

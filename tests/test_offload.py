@@ -1,4 +1,4 @@
-"""`--offload`: models larger than the device (suite/offload.py, minillm/layerwise.py `materialised`).
+"""`--offload`: models larger than the device (suite/offload.py, suite/pruning/layerwise.py `materialised`).
 
 The CPU stands in for the device: a tiny model saved to a temporary directory is loaded with
 `offload="disk"` and a cap on "device" memory smaller than the model, so accelerate keeps some (or
@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 
-from minillm.architectures import adapter_for
-from minillm.errors import UserError
-from minillm.layerwise import materialised, offloaded
+from suite.pruning.architectures import adapter_for
+from suite.pruning.errors import UserError
+from suite.pruning.layerwise import materialised, offloaded
 from suite.models import _tiny_model, byte_tokenizer, count_parameters, load_model
 
 CALIB = {"corpus": "c4", "nsamples": 4, "seqlen": 32}
@@ -71,8 +71,8 @@ def test_offloaded_pruning_equals_resident(saved, tmp_path, name, method, option
 
 
 def test_offloaded_flap_perplexity_lm_eval_save_and_reload(saved, tmp_path):
-    from minillm.plan import carried_plan
-    from minillm.saving import save_pruned
+    from suite.pruning.plan import carried_plan
+    from suite.pruning.saving import save_pruned
     from suite import evaluate
     from suite.pipeline import prune
 
@@ -212,7 +212,7 @@ def test_offloaded_bfloat16_keeps_fp32_rotary_and_equal_logits(saved, tmp_path, 
 
 @pytest.mark.parametrize("method", ["wanda-sp", "flap"])  # sequential and one-shot statistics passes
 def test_hidden_on_reaches_every_layer_pass(monkeypatch, method):
-    from minillm import layerwise
+    from suite.pruning import layerwise
     from suite.pipeline import prune
 
     seen = []
@@ -254,7 +254,7 @@ def test_in_memory_offload_storage(method):
 def test_layer_gradients_equal_whole_model_backprop(saved, tmp_path, name):
     """`layerwise.layer_gradients` (one layer resident, offloaded or not) gives every decoder layer
     parameter's dL/dW and the loss of one whole-model `model(x, labels=x).loss.backward()`."""
-    from minillm.layerwise import layer_gradients
+    from suite.pruning.layerwise import layer_gradients
 
     ids = torch.randint(3, 259, (3, 20), generator=torch.Generator().manual_seed(4))
     ref = load_model(str(saved(name)))

@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
-from minillm.architectures import adapter_for
-from minillm.errors import UserError
-from minillm.plan import Plan, apply_plan, full_plan
+from suite.pruning.architectures import adapter_for
+from suite.pruning.errors import UserError
+from suite.pruning.plan import Plan, apply_plan, full_plan
 from suite.models import load_model
 from tests.reference import masked_logits, rel_err
 

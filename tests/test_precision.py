@@ -50,7 +50,7 @@ def test_rotary_buffers_stay_fp32_and_logits_match_an_fp32_angle_reference(dtype
 
 # --------------------------------------------------------------------------- MINI-LLM leaves the weights exact
 def _score_minillm(model, directions=2):
-    from minillm.architectures import all_group_sets
+    from suite.pruning.architectures import all_group_sets
     from minillm.method import OPTIONS, score
 
     ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -90,7 +90,7 @@ def test_scoring_leaves_a_hub_id_models_weights_bit_identical(dtype, tmp_path, m
     # control: the previous restore (read back from a safetensors directory) had none to read here
     drifted = load_model("acme/tiny-llama", dtype=dtype)
     before = {n: p.detach().clone() for n, p in drifted.named_parameters()}
-    from minillm.architectures import all_group_sets
+    from suite.pruning.architectures import all_group_sets
     from minillm.method import OPTIONS, score
 
     ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -119,7 +119,7 @@ def test_scoring_leaves_a_model_built_in_code_bit_identical(dtype):
 def test_perturbing_all_parameters_restores_them_from_the_snapshot():
     """perturb=all (embeddings and head too) runs whole-model passes; its scratch-file snapshot
     puts every parameter back bit-identically in bf16, where the round trips alone would not."""
-    from minillm.architectures import all_group_sets
+    from suite.pruning.architectures import all_group_sets
     from minillm.method import OPTIONS, score
 
     model = load_model("tiny-llama-gqa", dtype=torch.bfloat16)
@@ -134,7 +134,7 @@ def test_perturbing_all_parameters_restores_them_from_the_snapshot():
 
 @pytest.mark.slow
 def test_scoring_leaves_the_gguf_models_weights_bit_identical():
-    from minillm.architectures import all_group_sets
+    from suite.pruning.architectures import all_group_sets
     from minillm.method import OPTIONS, score
     from suite.models import embedded_gguf_path
 
@@ -153,8 +153,8 @@ GATE_TOL = {torch.bfloat16: 5e-2, torch.float16: 1e-3}  # relative, of ε; from 
 
 @pytest.mark.parametrize("dtype", HALF)
 def test_gate_perturbation_is_plus_minus_eps_in_half_precision(dtype):
-    from minillm.architectures import all_group_sets
-    from minillm.gates import gated
+    from suite.pruning.architectures import all_group_sets
+    from suite.pruning.gates import gated
 
     model = load_model("tiny-llama", dtype=dtype)
     sets = [gs for gs in all_group_sets(model) if gs.kind == "channels"][:1]
@@ -187,7 +187,7 @@ BF16_SLICE_TOL = 1e-3  # relative Frobenius error of the logits (measured: 0, 0,
 def test_sliced_equals_masked_in_bf16(name):
     import random
 
-    from minillm.plan import apply_plan
+    from suite.pruning.plan import apply_plan
     from tests.reference import masked_logits, rel_err
     from tests.test_plan import random_plan
 
@@ -250,7 +250,7 @@ def test_record_cli_line_and_reload_count_the_same_parameters(method, options, t
 def test_zero_shot_batch_size_auto_is_accepted_and_reaches_lm_eval(tmp_path, monkeypatch):
     import lm_eval.models.huggingface as hf
 
-    from minillm.errors import UserError
+    from suite.pruning.errors import UserError
     from suite import evaluate
     from suite.config import load_config
 
@@ -295,8 +295,8 @@ class _FakeTasks:
 def test_round_to_keeps_multiples_of_channels_and_is_recorded(tmp_path, capsys):
     import json
 
-    from minillm.architectures import adapter_for
-    from minillm.select import select
+    from suite.pruning.architectures import adapter_for
+    from suite.pruning.select import select
     from suite.cli import main
 
     model = load_model("tiny-llama")

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 from suite import records
 from suite.records import append_record, cell_key, provenance, read_records, repair_records
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from minillm.saving import load_pruned, save_pruned
+from suite.pruning.saving import load_pruned, save_pruned
 from suite import recovery
 from suite.models import byte_tokenizer
 from tests.checkpoints import plain_transformers_logits, pruned_tiny
@@ -86,7 +86,7 @@ def test_newer_families_recover_on_their_lora_targets(tmp_path, name):
     """Issue 14's families on a heterogeneous pruned model (layer 1 without attention): LoRA on the
     adapter's `lora_targets` (Phi-3: fused qkv_proj / gate_up_proj) changes every non-empty target
     weight and nothing else, keeps every width, and the saved directory reloads to the same logits."""
-    from minillm.architectures import adapter_for
+    from suite.pruning.architectures import adapter_for
 
     model, plan = pruned_tiny(name)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -142,7 +142,7 @@ def test_recover_command_writes_a_recovered_pruned_directory(tmp_path):
 
 
 def test_bad_settings_are_user_errors():
-    from minillm.errors import UserError
+    from suite.pruning.errors import UserError
 
     with pytest.raises(UserError, match="unknown recovery setting"):
         recovery.settings_with_defaults({"lora_rank": 8})
@@ -197,7 +197,7 @@ def test_grid_recovery_block_per_method_and_ratio(tmp_path):
     del plain["recovery"]
     assert cell_key(plain) != cell_key(cells[("magnitude", 0.2)])  # the key includes the recovery settings
     (tmp_path / "bad.yaml").write_text(GRID.replace("max_steps: 30", "max_step: 30"))
-    from minillm.errors import UserError
+    from suite.pruning.errors import UserError
 
     with pytest.raises(UserError, match=r"bad.yaml: recovery: unknown recovery setting\(s\) max_step"):
         load_config(tmp_path / "bad.yaml")

@@ -1,4 +1,4 @@
-"""Sequential pruning (minillm/sequential.py) against an independent loop over WHOLE-MODEL forwards.
+"""Sequential pruning (suite/pruning/sequential.py) against an independent loop over WHOLE-MODEL forwards.
 
 The reference re-derives, for every layer in order, the Wanda-sp statistics of that layer's output
 projections from one ordinary `model(...)` forward of the UNSLICED model in which the earlier
@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from baselines import wanda_sp
-from minillm.architectures import adapter_for
-from minillm.scoring import checked_options
-from minillm.select import layer_scope_allocation, select
-from minillm.sequential import prune_sequentially
+from suite.pruning.architectures import adapter_for
+from suite.pruning.scoring import checked_options
+from suite.pruning.select import layer_scope_allocation, select
+from suite.pruning.sequential import prune_sequentially
 from suite.models import load_model
 from tests.reference import LLAMA_LIKE, OUT_PROJ, masked_logits, rel_err
 

@@ -43,7 +43,7 @@ def test_records_and_table_name_the_variant():
 
 
 def test_sequential_refuses_global_scope():
-    from minillm.errors import UserError
+    from suite.pruning.errors import UserError
     from suite.models import load_model, load_tokenizer
 
     with pytest.raises(UserError, match="needs --opt sequential=false"):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from minillm.architectures import all_group_sets, group_columns, output_only
-from minillm.errors import UserError
-from minillm.scoring import standardise
+from suite.pruning.architectures import all_group_sets, group_columns, output_only
+from suite.pruning.errors import UserError
+from suite.pruning.scoring import standardise
 from suite.models import load_model
 
 
@@ -52,7 +52,7 @@ def test_output_only_keeps_the_out_projection_member():
 
 def test_minillm_compensation_refuses_an_unsliced_projection_naming_the_method():
     from minillm.method import OPTIONS, score
-    from minillm.select import select
+    from suite.pruning.select import select
 
     model = load_model("tiny-llama")
     windows = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -148,20 +148,22 @@ def test_space_layer_with_global_scope_is_refused_by_prune_and_by_a_grid(tmp_pat
 
 def test_defaults_given_explicitly_and_the_options_own_spaces_are_accepted():
     # issue 13: one schema, one wording: check_scope is the Options validator (the scope as parse's context)
-    from minillm.method import OPTIONS, check_options
-    from minillm.scoring import checked_options
+    from minillm import method as minillm_method
+    from minillm.method import OPTIONS
+    from suite.pruning.scoring import checked_options
+    from suite.pruning.scoring import checked_options
     from minillm import method
 
     # a value equal to the default changes nothing, so it is not refused (the record holds it anyway)
-    check_options({**OPTIONS, "gate_eps": OPTIONS["gate_eps"], "blockwise": False, "mask_groups": "all"})
+    checked_options(minillm_method, {**OPTIONS, "gate_eps": OPTIONS["gate_eps"], "blockwise": False, "mask_groups": "all"})
     # issue 13: estimator=coordinate dropped here (blockwise=true with it is refused now: the same estimate)
-    check_options({**OPTIONS, "space": "mask", "blockwise": True, "mask_groups": "heads", "fms_gradient": "zo",
+    checked_options(minillm_method, {**OPTIONS, "space": "mask", "blockwise": True, "mask_groups": "heads", "fms_gradient": "zo",
                    "gate_eps": 0.05})
-    check_options({**OPTIONS, "space": "mask", "mask_groups": "heads", "estimator": "coordinate", "directions": 4})
-    check_options({**OPTIONS, "space": "layer", "layer_lambda": 0.2, "fms_gradient": "none"})
-    check_options({**OPTIONS, "abs": "group", "aggregate": "mean"})
-    check_options({**OPTIONS, "space": "layer"}, None)  # minillm's default scope is per layer
-    check_options({**OPTIONS, "space": "weight"}, "global")
+    checked_options(minillm_method, {**OPTIONS, "space": "mask", "mask_groups": "heads", "estimator": "coordinate", "directions": 4})
+    checked_options(minillm_method, {**OPTIONS, "space": "layer", "layer_lambda": 0.2, "fms_gradient": "none"})
+    checked_options(minillm_method, {**OPTIONS, "abs": "group", "aggregate": "mean"})
+    checked_options(minillm_method, {**OPTIONS, "space": "layer"}, None)  # minillm's default scope is per layer
+    checked_options(minillm_method, {**OPTIONS, "space": "weight"}, "global")
     assert checked_options(method, {"space": "layer"}, "layer")["space"] == "layer"
     with pytest.raises(UserError, match="space=layer"):
         checked_options(method, {"space": "layer"}, "global")
@@ -170,7 +172,7 @@ def test_defaults_given_explicitly_and_the_options_own_spaces_are_accepted():
 def test_options_read_in_some_combination_only_are_accepted_there():
     """The refusals name what reads each option; where something does, the option is accepted."""
     from minillm import method
-    from minillm.scoring import checked_options
+    from suite.pruning.scoring import checked_options
 
     for given in ({"gradient": "noise", "seed": 3},  # the noise draw is seeded
                   {"gradient": "backprop", "directions": 16, "eps": 1e-3, "seed": -1},  # defaults, explicitly
@@ -216,7 +218,7 @@ def test_one_hidden_state_knob_the_info_says_where_and_the_scores_are_the_same(m
     """`--hidden-on cpu` (layerwise.hidden_on) and `--opt hidden_on=cpu` are one mechanism: every
     layer-by-layer pass of minillm (statistics, SPSA) sees the same placement, the record's method
     info says where the hidden states were, and the scores do not depend on it."""
-    from minillm import layerwise
+    from suite.pruning import layerwise
     from minillm.method import OPTIONS, score
 
     seen = []
@@ -280,6 +282,8 @@ def test_checkpoint_restore_skips_an_unreadable_safetensors_file(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from minillm import zo
+
+    from suite.pruning import loss as lm_loss
     from minillm.method import member_weights
 
     load_model("tiny-llama").save_pretrained(tmp_path / "m")
@@ -288,7 +292,7 @@ def test_checkpoint_restore_skips_an_unreadable_safetensors_file(tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     named = member_weights(model, all_group_sets(model))
     windows = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    est = zo.spsa(lambda: zo.calibration_loss(model, windows), named, 1e-3, 1, seed=0)
+    est = zo.spsa(lambda: lm_loss.calibration_loss(model, windows), named, 1e-3, 1, seed=0)
     summary = zo.restore_from_checkpoint(model, named, est.drift_bound)
     assert summary["restore"] == "checkpoint" and summary["restored"] == len(named)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -320,11 +324,11 @@ def test_the_diagnosis_checks_each_option_but_not_the_methods_combinations():
     range against minillm's declaration, not the combinations the method refuses."""
     from minillm.diagnose import _Fields
     from minillm.method import NAME, OPTIONS, check_options
-    from minillm.options import parse
+    from suite.pruning.options import parse
 
     given = {**OPTIONS, "space": "mask", "activation": "std", "blockwise": True}
     with pytest.raises(UserError, match="activation=std"):
-        check_options(given)  # the method: no FMS group reads activation with mask_groups=all
+        checked_options(minillm_method, given)  # the method: no FMS group reads activation with mask_groups=all
     assert parse(_Fields, NAME, given) == given
     assert parse(_Fields, NAME, {**given, "estimator": "coordinate"})["estimator"] == "coordinate"
     with pytest.raises(UserError, match=r"^minillm option directions: must be >= 1, got 0$"):

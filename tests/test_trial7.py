@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 
 GRID = "name: g\nmodels: [tiny-llama]\nratios: [0.2]\nmethods: [{{name: {method}, options: {{{options}}}}}]\n{extra}"
 
@@ -50,7 +50,7 @@ def test_a_grid_s_good_selection_options_are_kept_as_given(tmp_path):
 
 def test_an_option_typo_gets_a_did_you_mean_in_a_grid_and_on_the_cli(tmp_path):
     from minillm import method
-    from minillm.scoring import checked_options
+    from suite.pruning.scoring import checked_options
 
     with pytest.raises(UserError, match=r"options\.directons: unknown option of minillm \(did you mean 'directions'\?"):
         load(tmp_path, "minillm", "directons: 4")
@@ -63,9 +63,9 @@ def test_standardised_scores_select_the_same_groups_in_the_layer_scope():
     """Why normalize=standard is refused with the layer scope: a z-score per (layer, kind) keeps the
     order, and the layer scope ranks each (layer, kind) apart, so the plan is the same (checked here
     with random scores against the shared selection), while the global scope's plan changes."""
-    from minillm.architectures import all_group_sets
-    from minillm.scoring import standardise
-    from minillm.select import select
+    from suite.pruning.architectures import all_group_sets
+    from suite.pruning.scoring import standardise
+    from suite.pruning.select import select
     from suite.models import load_model
 
     model = load_model("tiny-llama")
@@ -80,7 +80,7 @@ def test_standardised_scores_select_the_same_groups_in_the_layer_scope():
 
 def test_normalize_standard_is_refused_per_layer_and_accepted_globally(tmp_path):
     from minillm import method
-    from minillm.scoring import checked_options
+    from suite.pruning.scoring import checked_options
 
     for scope in (None, "layer"):
         with pytest.raises(UserError, match="normalize=standard .* use it with --scope global"):
@@ -96,7 +96,7 @@ def test_normalize_standard_is_refused_per_layer_and_accepted_globally(tmp_path)
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400"])
 def test_a_float_option_must_be_finite(value):
     from minillm import method
-    from minillm.scoring import checked_options
+    from suite.pruning.scoring import checked_options
 
     with pytest.raises(UserError, match=f"minillm option eps: expected a finite number, got '{value}'"):
         checked_options(method, {"eps": value})
@@ -109,7 +109,7 @@ def test_a_grid_s_infinite_float_option_is_refused(tmp_path):
 
 def test_the_choices_of_an_aliased_option_do_not_show_its_internal_none():
     from baselines import magnitude
-    from minillm.scoring import checked_options
+    from suite.pruning.scoring import checked_options
 
     with pytest.raises(UserError) as err:
         checked_options(magnitude, {"weights": "all"})
@@ -166,7 +166,7 @@ def test_argparse_errors_are_one_line_too(tmp_path, capsys, args, says):
 def test_a_whole_number_option_must_be_finite_too(value):
     """Before: OverflowError traceback (int(inf)) on --opt directions=inf."""
     from minillm import method
-    from minillm.scoring import checked_options
+    from suite.pruning.scoring import checked_options
 
     with pytest.raises(UserError, match=f"minillm option directions: expected a finite number, got '{value}'"):
         checked_options(method, {"directions": value})

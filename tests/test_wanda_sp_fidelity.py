@@ -1,7 +1,7 @@
 """Fidelity of `wanda-sp` to FLAP's sequential algorithm (`lib/prune.py::prune_wanda_sp`).
 
 The reference below is its own plain-torch layer loop written from FLAP's description, not the
-suite's runner (`minillm.layerwise`) nor its statistics (`minillm.activations`):
+suite's runner (`suite.pruning.layerwise`) nor its statistics (`suite.pruning.activations`):
 
   - layer 0's inputs are the token embeddings of the calibration windows, with the model's own
     rotary table for positions 0..seqlen-1 and a causal additive mask (FLAP's Catcher captures the
@@ -23,7 +23,7 @@ import copy
 import pytest
 import torch
 
-from minillm.select import layer_scope_allocation
+from suite.pruning.select import layer_scope_allocation
 from suite.data import calibration_windows
 from suite.pipeline import prune
 

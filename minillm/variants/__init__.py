@@ -1,6 +1,6 @@
 """MINI-LLM's variants: this project's additions around the paper's Algorithm 1 (`minillm/method.py`).
 
-Each module declares its options as a pydantic mixin (`minillm.options.MethodOptions`) with the
+Each module declares its options as a pydantic mixin (`suite.pruning.options.MethodOptions`) with the
 validator that refuses the combinations it would ignore; `minillm.method.Options` composes them.
 
   controls.py       gradient=none | noise | backprop: the ablation and control gradients
@@ -8,11 +8,11 @@ validator that refuses the combinations it would ignore; `minillm.method.Options
   allocation.py     space=layer: per-layer pruning-ratio allocation from sub-block sensitivities
   normalization.py  normalize=standard | unit: z-scores for a global ranking (FLAP Eq. 5)
 
-(`compensate=true`, FLAP's bias compensation, is `minillm/compensation.py`.)
+(`compensate=true`, FLAP's bias compensation, is `suite/pruning/compensation.py`.)
 """
 from __future__ import annotations
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 
 
 def changed(options, *names: str) -> list[str]:

@@ -4,7 +4,7 @@ One scalar gate per sub-block (each layer's attention output and MLP output, d =
 sensitivity |∂L/∂gate| estimated forward-only (`gate_space.gate_estimate`: SPSA or coordinate) or by
 backprop; a layer's sensitivity is the sum of its two. The allocation gives each layer a weight
 w_i, rank-linear in [1 − λ, 1 + λ] (the least sensitive layer 1 + λ: pruned most), and the shared
-per-layer selection prunes p_i ∝ w_i (`select(layer_weights=...)`); FMS (`minillm.method.fms`)
+per-layer selection prunes p_i ∝ w_i (`select(allocation_weights=...)`); FMS (`minillm.method.fms`)
 still ranks the groups inside each layer. Only a per-layer selection scope reads an allocation.
 
 Option: layer_lambda = 0.3 (λ; ≤ 0.4 at ratio 0.5 on SmolLM2, results/notes/minillm.md).
@@ -16,8 +16,8 @@ from typing import Annotated
 import torch
 from pydantic import Field, ValidationInfo, model_validator
 
-from minillm.errors import UserError
-from minillm.options import Float, MethodOptions
+from suite.pruning.errors import UserError
+from suite.pruning.options import Float, MethodOptions
 from minillm.variants import changed, refuse
 from minillm.variants.gate_space import gate_sensitivity
 

@@ -4,7 +4,7 @@
   noise     ĝ ~ N(0, I) per weight, seeded per (seed, Linear name), no forward pass: the control for
             whether a weight-space estimate carries gradient information (for any SPSA coefficients
             ĝ has this i.i.d. Gaussian shape per weight, so an estimate that is only noise scores alike).
-  backprop  the true gradient by autograd (`zo.backprop_loss`, micro-batched): the upper-bound
+  backprop  the true gradient by autograd (`lm_loss.backprop_loss`, micro-batched): the upper-bound
             reference, with backprop's memory. In the gate spaces it is ∂L/∂gate (gate_space.py).
 
 `none` and `noise` are weight-space controls; `fms_gradient` (gate_space.py) picks the gradient of
@@ -19,9 +19,9 @@ from typing import Literal
 import torch
 from pydantic import ValidationInfo, model_validator
 
-from minillm import zo
-from minillm.errors import UserError
-from minillm.options import MethodOptions
+from suite.pruning import loss as lm_loss
+from suite.pruning.errors import UserError
+from suite.pruning.options import MethodOptions
 from minillm.variants import changed, refuse
 
 # the options of the SPSA estimates, and what reads each (the paper's SPSAOptions in method.py)
@@ -111,7 +111,7 @@ class BackpropGradient:
 
     def __init__(self, model, windows, members, options, seed):
         with GradFlags(model, [w for _, w in members]):
-            loss = zo.backprop_loss(model, windows, options["batch_size"])
+            loss = lm_loss.backprop_loss(model, windows, options["batch_size"])
             self._grads = {n: w.grad.detach().float() for n, w in members}  # the flags' exit clears .grad
         self.info = {"gradient": "backprop", "loss": loss, "forwards": 1, "backwards": 1}
 

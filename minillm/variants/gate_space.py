@@ -1,6 +1,6 @@
 """The gate spaces (`space=mask`, and the gates of `space=layer`): this project's, not the paper's.
 
-One multiplicative gate per group (a head's output / a channel, `minillm.gates`) and the gradient of
+One multiplicative gate per group (a head's output / a channel, `suite.pruning.gates`) and the gradient of
 the calibration loss w.r.t. the gate vector, estimated by the same forward-only SPSA as the paper's
 weight space, over d = #groups instead of ~1e8 weights. Score = |ĝ_gate|, which *is* the
 feature-map sensitivity: the first-order loss change when the group's feature map is scaled.
@@ -25,9 +25,11 @@ import torch
 from pydantic import Field, model_validator
 
 from minillm import zo
-from minillm.errors import UserError
-from minillm.gates import gated
-from minillm.options import Bool, Float, MethodOptions
+
+from suite.pruning import loss as lm_loss
+from suite.pruning.errors import UserError
+from suite.pruning.gates import gated
+from suite.pruning.options import Bool, Float, MethodOptions
 from minillm.variants import changed, refuse
 from minillm.variants.controls import GradFlags
 
@@ -77,7 +79,7 @@ class MaskOptions(MethodOptions):
 
 def gate_estimate(runner, named, layers, options, seed, stream=0, progress=None):
     """SPSA over the gates (the paper's estimator), or central differences per gate (`coordinate`),
-    on the layer-by-layer pass (`zo.LayerwiseLoss`); layers[i]: the decoder layer gate i scales."""
+    on the layer-by-layer pass (`lm_loss.LayerwiseLoss`); layers[i]: the decoder layer gate i scales."""
     if options["estimator"] == "coordinate":
         return zo.coordinate_layerwise(runner, named, layers, options["gate_eps"],
                                        streams=2 * options["directions"], progress=progress)
@@ -102,13 +104,13 @@ def gate_sensitivity(model, windows, sets, gates, names, options, seed, kind, st
             g.requires_grad_(True)
             g.grad = None
         with GradFlags(model, []), gated(sets, expand(gates)):  # expanded after requires_grad: in the graph
-            loss = zo.backprop_loss(model, windows, bs)
+            loss = lm_loss.backprop_loss(model, windows, bs)
         grads = [g.grad.detach().abs().clone() for g in gates]
         for g in gates:
             g.grad = None
             g.requires_grad_(False)
         return grads, {"loss": loss, "forwards": 1, "backwards": 1}
-    runner = zo.LayerwiseLoss(model, windows, bs)
+    runner = lm_loss.LayerwiseLoss(model, windows, bs)
     with gated(sets, expand(gates)):
         est = gate_estimate(runner, list(zip(names, gates)), [gs.layer for gs in sets], options, seed, stream,
                             progress=zo.progress_bar(label))
@@ -136,7 +138,7 @@ def mask_sensitivity(model, windows, sets, options, seed, kind):
         grads, part = gate_sensitivity(model, windows, sets, gates, names, options, seed, kind)
         info.update(part, dims=sum(gs.count for gs in sets))
     else:  # one SPSA estimate per layer from its unperturbed inputs
-        runner = zo.LayerwiseLoss(model, windows, options["batch_size"])
+        runner = lm_loss.LayerwiseLoss(model, windows, options["batch_size"])
         grads = [None] * len(sets)
         with gated(sets, gates):
             for idx, est in zo.blockwise_layerwise(runner, list(zip(names, gates)), [gs.layer for gs in sets],

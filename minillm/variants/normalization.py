@@ -17,9 +17,9 @@ from typing import Literal
 
 from pydantic import ValidationInfo, model_validator
 
-from minillm.errors import UserError
-from minillm.options import MethodOptions
-from minillm.scoring import standardise
+from suite.pruning.errors import UserError
+from suite.pruning.options import MethodOptions
+from suite.pruning.scoring import standardise
 from minillm.variants import changed, refuse
 
 

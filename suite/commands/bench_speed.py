@@ -38,7 +38,7 @@ SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "n
 
 def base_mismatch(dense, pruned) -> str | None:
     """Why `pruned` was not pruned from `dense`, or None. A pruned model's config is its dense
-    model's (minillm/saving.py), so the dense shape fields must agree; pruning and LoRA recovery never
+    model's (suite/pruning/saving.py), so the dense shape fields must agree; pruning and LoRA recovery never
     touch the input embeddings, so they must be equal too (this catches another model of the same shapes)."""
     import torch
 
@@ -67,7 +67,7 @@ def run(args) -> int:
 
     import torch
 
-    from minillm.errors import UserError
+    from suite.pruning.errors import UserError
     from suite.data import eval_windows
     from suite.models import load_model, load_tokenizer
     from suite.records import provenance, write_json_atomic

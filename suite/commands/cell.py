@@ -1,4 +1,5 @@
-"""`python -m suite cell`: INTERNAL, used by `suite run` (suite/runner.py), not meant to be typed.
+"""One grid cell in its own process: the launcher (`run_cell_subprocess`, used by both backends) and the
+child (`python -m suite cell`: INTERNAL, used by `suite run` (suite/runner.py), not meant to be typed).
 
 Reads one grid cell (JSON) on stdin, runs it with `suite.pipeline.run_cell(cell)` and prints the
 record (JSON) as the last line of stdout; anything the pipeline prints goes to stderr. The runner
@@ -14,14 +15,17 @@ import contextlib
 import importlib
 import json
 import os
+import signal
+import subprocess
 import sys
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 
 NAME = "cell"
 HELP = "(internal, used by `suite run`) run one grid cell: cell JSON on stdin, record JSON on stdout"
 CELL_FN_ENV = "MINILLM_CELL_FN"
 DEFAULT_CELL_FN = "suite.pipeline:run_cell"
+KILLED = "cell process killed by "  # the launcher's message for a signal death (Ray retries those)
 
 
 def add_arguments(parser) -> None:
@@ -54,6 +58,39 @@ def run(args=None) -> int:
     sys.stdout.write("\n" + json.dumps(record, sort_keys=True, default=_plain) + "\n")
     sys.stdout.flush()
     return 0
+
+
+def _last_line(text: str) -> str:
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
+
+
+def run_cell_subprocess(cell: dict, threads: int | None = None,
+                        gpu: str | None = None) -> tuple[dict, str | None, str]:
+    """(record from the pipeline or {}, error message or None, stderr) for one cell in a new process.
+
+    `gpu`: the id the cell sees as its only CUDA device (`CUDA_VISIBLE_DEVICES`)."""
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    from suite.records import PROJECT_DIR
+
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_DIR), env.get("PYTHONPATH")) if p)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    proc = subprocess.run([sys.executable, "-m", "suite.commands.cell"], input=json.dumps(cell),
+                          capture_output=True, text=True, env=env)
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        return {}, f"{KILLED}{name}" + (" (out of memory?)" if name == "SIGKILL" else ""), proc.stderr
+    if proc.returncode != 0:
+        return {}, _last_line(proc.stderr) or f"cell process exited with status {proc.returncode}", proc.stderr
+    try:
+        record = json.loads(_last_line(proc.stdout))
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+    except ValueError:
+        return {}, f"cell printed no record (last stdout line: {_last_line(proc.stdout)[:200]!r})", proc.stderr
+    return record, None, proc.stderr
 
 
 def exit_with_the_runner() -> None:

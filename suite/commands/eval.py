@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 from suite.offload import add_offload_arguments
 from suite.precision import add_dtype_argument
 

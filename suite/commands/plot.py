@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 
 NAME = "plot"
 HELP = ("plot a results file: WikiText-2 and PTB perplexity and zero-shot accuracy vs pruning ratio, and "

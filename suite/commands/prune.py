@@ -62,7 +62,7 @@ def add_arguments(parser):
 
 
 def parse_options(pairs) -> dict:
-    from minillm.errors import UserError
+    from suite.pruning.errors import UserError
 
     options = {}
     for pair in pairs:
@@ -75,7 +75,7 @@ def parse_options(pairs) -> dict:
 
 def check_out(out, force: bool) -> None:
     """Refuse to replace anything unless `force`; never replace a directory that is not a pruned model."""
-    from minillm.errors import UserError
+    from suite.pruning.errors import UserError
 
     if not (out.exists() or out.is_symlink()):
         return
@@ -90,10 +90,10 @@ def check_out(out, force: bool) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from minillm.errors import UserError
-    from minillm.plan import carried_plan
-    from minillm.saving import save_pruned
-    from minillm.scoring import checked_options
+    from suite.pruning.errors import UserError
+    from suite.pruning.plan import carried_plan
+    from suite.pruning.saving import save_pruned
+    from suite.pruning.scoring import checked_options
     from suite.data import require_source
     from suite.methods import get_method
     from suite.models import load_model, load_tokenizer

@@ -36,7 +36,7 @@ def add_arguments(parser):
 def parse_settings(pairs) -> dict:
     import yaml
 
-    from minillm.errors import UserError
+    from suite.pruning.errors import UserError
 
     settings = {}
     for pair in pairs:
@@ -58,9 +58,9 @@ def run(args) -> int:
 
     import torch
 
-    from minillm.errors import UserError
-    from minillm.plan import Plan, full_plan
-    from minillm.saving import PLAN_FILE, save_pruned
+    from suite.pruning.errors import UserError
+    from suite.pruning.plan import Plan, full_plan
+    from suite.pruning.saving import PLAN_FILE, save_pruned
     from suite import recovery
     from suite.measure import measure
     from suite.models import load_model, load_tokenizer, resolve

@@ -78,7 +78,7 @@ def dry_run(args) -> int:
 
 
 def run(args) -> int:
-    from minillm.errors import UserError
+    from suite.pruning.errors import UserError
     from suite.runner import run_grid
 
     if args.dry_run:

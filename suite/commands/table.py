@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 
 NAME = "table"
 HELP = "format a results file (JSON Lines from `suite run`) as a Markdown, LaTeX (booktabs) or CSV table."

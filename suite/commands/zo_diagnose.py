@@ -29,7 +29,7 @@ def add_arguments(parser):
 
 
 def _ints(text: str, what: str) -> list[int]:
-    from minillm.errors import UserError
+    from suite.pruning.errors import UserError
 
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -41,7 +41,7 @@ def _ints(text: str, what: str) -> list[int]:
 
 
 def _eps(text: str | None, spaces: list[str]) -> dict:
-    from minillm.errors import UserError
+    from suite.pruning.errors import UserError
 
     if not text:
         return {}
@@ -95,9 +95,9 @@ def print_table(result: dict) -> None:
 def run(args) -> int:
     import time
 
-    from minillm.architectures import all_group_sets
+    from suite.pruning.architectures import all_group_sets
     from minillm.diagnose import SPACES, diagnose
-    from minillm.errors import UserError
+    from suite.pruning.errors import UserError
     from suite.commands.prune import parse_options
     from suite.data import calibration_windows
     from suite.models import load_model, load_tokenizer
@@ -114,7 +114,7 @@ def run(args) -> int:
     if set(options) - allowed:
         raise UserError(f"--opt: only {', '.join(sorted(allowed))} apply to the diagnosis")
     from minillm import method
-    from minillm.scoring import checked_options
+    from suite.pruning.scoring import checked_options
 
     options = {k: v for k, v in checked_options(method, {**options, "space": "mask"}).items() if k in allowed}
     model = load_model(args.model, dtype=args.dtype, device=args.device)

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minillm.architectures import GroupSet, adapter_for, group_columns
-from minillm.errors import UserError
-from minillm.layerwise import materialised
+from suite.pruning.architectures import GroupSet, adapter_for, group_columns
+from suite.pruning.errors import UserError
+from suite.pruning.layerwise import materialised
 
 
 def saved_projection(gs: GroupSet, mean: torch.Tensor, column_width: int) -> dict:

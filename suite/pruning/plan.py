@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minillm.architectures import adapter_for, group_columns
-from minillm.errors import UserError
-from minillm.layerwise import materialised, rebind_hooked_forwards
+from suite.pruning.architectures import adapter_for, group_columns
+from suite.pruning.errors import UserError
+from suite.pruning.layerwise import materialised, rebind_hooked_forwards
 
 
 @dataclass

@@ -3,8 +3,8 @@
 A method is one module (in `baselines/` or `minillm/`) registered in `suite/methods.py`, with:
 
     NAME        the registry name, e.g. "wanda-sp"
-    Options     its options: a `minillm.options.MethodOptions` subclass (types, choices, ranges,
-                and the combinations it refuses, declared once; `minillm/options.py`)
+    Options     its options: a `suite.pruning.options.MethodOptions` subclass (types, choices, ranges,
+                and the combinations it refuses, declared once; `suite/pruning/options.py`)
     OPTIONS     `Options.defaults()`: {option: default} (every unknown of a paper is one of these)
     CALIBRATION None (data-free) or {"corpus", "nsamples", "seqlen", "source"}: its paper's defaults
     SELECTION   {"scope": "layer"|"global", "layers": "all" | [start_frac, end_frac)}: defaults
@@ -26,8 +26,8 @@ Wanda's loops: layer l+1's statistics are gathered on the hidden states of the a
 layers 0..l). It then defines:
 
     sequential(options) -> bool
-                true: `suite.pipeline.prune` runs `minillm.sequential.prune_sequentially` (the shared
-                layer loop on `minillm.layerwise.LayerPass`) instead of `score`; false: `score` as
+                true: `suite.pipeline.prune` runs `suite.pruning.sequential.prune_sequentially` (the shared
+                layer loop on `suite.pruning.layerwise.LayerPass`) instead of `score`; false: `score` as
                 above (one-shot; a grid entry without a label is then named "NAME (one-shot)" and
                 the record says `variant: one-shot`). Sequential pruning needs scope "layer".
     STATISTICS  "output" (only the output projections' inputs are hooked: o_proj / down_proj and
@@ -61,7 +61,7 @@ class Scoring:
 
 def checked_options(method, given: dict | None, scope: str | None = None, name: str | None = None) -> dict:
     """The method module's options: its `Options` defaults overridden by `given`, validated
-    (`minillm.options.parse`), as a plain dict. The one entry point: the CLI, the grid config and
+    (`suite.pruning.options.parse`), as a plain dict. The one entry point: the CLI, the grid config and
     `suite.pipeline.prune` call it (so the Python API refuses what the CLI refuses).
 
     `scope` ("layer" | "global" | None: the method's default) reaches the combination checks;
@@ -69,7 +69,7 @@ def checked_options(method, given: dict | None, scope: str | None = None, name: 
     for an unknown key, an ill-typed value, a value outside its choices or range, or a combination
     the method would ignore; needs no model, so commands call it before loading one.
     """
-    from minillm.options import parse
+    from suite.pruning.options import parse
 
     return parse(method.Options, name or method.NAME, given, scope)
 

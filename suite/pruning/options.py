@@ -20,7 +20,7 @@ refuses. Values may come as strings from the CLI (`--opt eps=1e-3`): pydantic's 
 them ("1e-3" -> 1e-3, "16" -> 16, "true" / "false" / "yes" / "no" / "1" / "0" -> bool).
 
 The grid config (`suite/config.py`), `suite prune` and `suite.pipeline.prune` all call `parse`
-through `minillm.scoring.checked_options`, so one declaration is the only place an option's type,
+through `suite.pruning.scoring.checked_options`, so one declaration is the only place an option's type,
 choices, range and combinations are written down.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ import pydantic
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 from pydantic_core import PydanticCustomError
 
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 
 
 def _no_bool(value):

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
-from minillm.architectures import adapter_for, all_group_sets
-from minillm.errors import UserError
-from minillm.layerwise import parameter_count
-from minillm.plan import Plan, plan_from_keep
+from suite.pruning.architectures import adapter_for, all_group_sets
+from suite.pruning.errors import UserError
+from suite.pruning.layerwise import parameter_count
+from suite.pruning.plan import Plan, plan_from_keep
 
 Scores = dict  # (layer, "heads"|"channels") -> 1-D tensor, one score per group (higher = keep)
 
@@ -53,6 +53,29 @@ def layer_range(n_layers: int, skip_first: int = 0, skip_last: int = 0) -> list[
     """The layer range: indices of the layers that may be pruned, all but the first `skip_first` and
     the last `skip_last` of `n_layers` (LLM-Pruner's `block_attention_layer_start/end`)."""
     return list(range(skip_first, n_layers - skip_last))
+
+
+def parse_layer_range(spec, n_layers: int) -> list[int]:
+    """The layer range (indices of the layers that may be pruned) from `--layers` / a grid's `layers` /
+    a method's SELECTION["layers"]: 'all' | [start_frac, end_frac] (proportions of depth, as LLM-Pruner's
+    4..30 of 32) | 'a:b' (indices, or fractions with a '.') | [i, j, ...]. Raises UserError for another form."""
+    if spec is None or spec == "all":
+        return list(range(n_layers))
+    if isinstance(spec, str):
+        if ":" not in spec:
+            raise UserError(f"layers must be 'all', 'start:end' or a list, got {spec!r}")
+        a, b = spec.split(":")
+        try:
+            lo, hi = float(a or 0), float(b or n_layers)
+        except ValueError:
+            raise UserError(f"layers must be 'all', 'start:end' or a list, got {spec!r}") from None
+        if lo < 1 and hi <= 1 and ("." in a or "." in b):
+            return layer_range(n_layers, round(lo * n_layers), n_layers - round(hi * n_layers))
+        return list(range(int(lo), min(int(hi), n_layers)))
+    spec = list(spec)
+    if len(spec) == 2 and all(isinstance(v, float) for v in spec):
+        return layer_range(n_layers, round(spec[0] * n_layers), n_layers - round(spec[1] * n_layers))
+    return sorted(int(i) for i in spec)
 
 
 def _units(gs, head_mode: str, nkv: int) -> int:
@@ -135,24 +158,24 @@ def _allocate(model, ratio, scope, layers, head_mode, allow_empty, round_to, sco
 def layer_scope_allocation(model, ratio: float, layers=None, head_mode: str = "q-head", allow_empty: bool = False,
                            round_to: int | None = None) -> Allocation:
     """The ``layer`` scope's allocation (per-layer removal counts), which depends on the model's shapes
-    only: what sequential pruning (`minillm.sequential`) fixes before it scores layer 0. Same counts as
+    only: what sequential pruning (`suite.pruning.sequential`) fixes before it scores layer 0. Same counts as
     `select(..., scope="layer")` for any scores. `layers`: the layer range (None: all)."""
     return _allocate(model, ratio, "layer", layers, head_mode, allow_empty, round_to)
 
 
 def select(model, scores: Scores, ratio: float, scope: str = "layer", layers=None,
            head_mode: str = "q-head", allocation_weights=None, allow_empty: bool = False,
-           round_to: int | None = None, *, layer_weights=None) -> Selection:
+           round_to: int | None = None) -> Selection:
     """Build the plan that removes `ratio` of all parameters given per-group `scores`.
 
     scores: (layer, "heads"|"channels") -> [group count] tensor; scope: "layer" | "global" (the
     selection scope); layers: the layer range (indices; None: all); allocation_weights: {layer: w_i}
-    for the ``layer`` scope (MINI-LLM `space=layer`; `layer_weights=` is its old name); `round_to`:
+    for the ``layer`` scope (MINI-LLM `space=layer`); `round_to`:
     each pruned layer keeps a multiple of this many MLP channels (module docstring). Raises UserError
     for a ratio outside (0, 1), an unknown scope, a bad layer range, ill-shaped scores or an
     unreachable target."""
     allocation = _allocate(model, ratio, scope, layers, head_mode, allow_empty, round_to, scores=scores,
-                           allocation_weights=layer_weights if allocation_weights is None else allocation_weights)
+                           allocation_weights=allocation_weights)
     keep = {(gs.layer, gs.kind): allocation.keep(gs, scores[(gs.layer, gs.kind)]) for gs in allocation.sets}
     plan = plan_from_keep(model, keep, head_mode=head_mode, allow_empty=allow_empty)
     return Selection(plan=plan, target_removed=allocation.target_removed, removed=allocation.removed,

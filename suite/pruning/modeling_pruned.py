@@ -13,7 +13,7 @@ The config is the dense model's config plus ``pruned_layers``, one entry per dec
 Each class builds the dense architecture (transformers builds it on the meta device inside
 `from_pretrained`, so nothing dense is materialised) and then replaces every prunable Linear by one
 of the pruned shape, with a bias exactly where ``biases`` says (FLAP adds some). A layer with zero
-heads outputs its out-projection bias (or zeros) from attention, as `minillm/architectures.py`'s
+heads outputs its out-projection bias (or zeros) from attention, as `suite/pruning/architectures.py`'s
 sliced models do, and writes a one-head placeholder into the KV cache (`_keep_cache_length`);
 BLOOM layers add their kept heads' own ALiBi slopes. Plan indices (which heads
 were kept, in the original numbering) stay in ``plan.json`` beside the config.

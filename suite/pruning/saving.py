@@ -19,7 +19,7 @@ config + plan.json, rebuilt and sliced), so adding an architecture adapter never
 Every file gets the mode of a file this process creates (0644 under the usual umask 022):
 safetensors writes its file 0600, the rest follow the umask. Replacing an existing `out_dir` is the
 caller's decision (`suite prune --force`). A loaded model carries its plan
-(`minillm.plan.carried_plan`, from plan.json), so pruning it again composes.
+(`suite.pruning.plan.carried_plan`, from plan.json), so pruning it again composes.
 """
 from __future__ import annotations
 
@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-from minillm import modeling_pruned
-from minillm.architectures import adapter_for
-from minillm.errors import UserError
-from minillm.layerwise import offloaded
-from minillm.plan import PLAN_ATTRIBUTE, Plan
+from suite.pruning import modeling_pruned
+from suite.pruning.architectures import adapter_for
+from suite.pruning.errors import UserError
+from suite.pruning.layerwise import offloaded
+from suite.pruning.plan import PLAN_ATTRIBUTE, Plan
 
 PLAN_FILE = "plan.json"
 MODELING_FILE = "modeling_pruned.py"
@@ -191,7 +191,7 @@ def _load_by_slicing(path: Path, config, dtype):
     from torch import nn
     from transformers import AutoModelForCausalLM
 
-    from minillm.plan import apply_plan
+    from suite.pruning.plan import apply_plan
 
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     apply_plan(model, Plan.load(path / PLAN_FILE))

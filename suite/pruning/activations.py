@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from minillm.architectures import GroupSet
-from minillm.layerwise import LayerPass
+from suite.pruning.architectures import GroupSet
+from suite.pruning.layerwise import LayerPass
 
 
 @dataclass

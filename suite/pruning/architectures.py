@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minillm.errors import UserError
-from minillm.modeling_pruned import (
+from suite.pruning.errors import UserError
+from suite.pruning.modeling_pruned import (
     _AlibiHeadsBloomAttention,
     _NoHeadsBloomAttention,
     _NoHeadsLlamaAttention,
@@ -468,7 +468,7 @@ def _tensor_parallel(linear: nn.Linear, tp: int, kept: torch.Tensor, width: int)
 
 
 # the mixin that selects a sliced layer's kept heads' ALiBi slopes: the standard checkpoint's own
-# class (minillm/modeling_pruned.py), so sliced and reloaded models run the same code
+# class (suite/pruning/modeling_pruned.py), so sliced and reloaded models run the same code
 _PrunedBloomAttention = _AlibiHeadsBloomAttention
 
 
@@ -482,7 +482,7 @@ def _pruned_bloom_class(base):
 def _subclass(tag, mixin, base, prefix="Pruned"):
     """The (cached) class `mixin` + `base`: a sliced module keeps its type's behaviour and name.
 
-    Dropped attentions use the standard checkpoint's own zero-head mixins (minillm/modeling_pruned.py:
+    Dropped attentions use the standard checkpoint's own zero-head mixins (suite/pruning/modeling_pruned.py:
     out-projection bias as output, KV-cache placeholder), so sliced and reloaded models run one code."""
     key = (tag, base)
     if key not in _CLASS_CACHE:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
-from minillm.architectures import GroupSet
+from suite.pruning.architectures import GroupSet
 
 
 @contextmanager

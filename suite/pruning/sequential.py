@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import copy
 
-from minillm.activations import layer_stats
-from minillm.architectures import GroupSet, output_only
-from minillm.errors import UserError
-from minillm.layerwise import LayerPass
-from minillm.plan import apply_plan, full_plan, plan_from_keep
-from minillm.scoring import Scoring
-from minillm.select import Selection, layer_scope_allocation
+from suite.pruning.activations import layer_stats
+from suite.pruning.architectures import GroupSet, output_only
+from suite.pruning.errors import UserError
+from suite.pruning.layerwise import LayerPass
+from suite.pruning.plan import apply_plan, full_plan, plan_from_keep
+from suite.pruning.scoring import Scoring
+from suite.pruning.select import Selection, layer_scope_allocation
 
 
 def statistics_sets(method, group_sets) -> list[GroupSet]:

@@ -36,7 +36,7 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
-from minillm.architectures import adapter_for
+from suite.pruning.architectures import adapter_for
 
 
 _HIDDEN_ON: ContextVar = ContextVar("hidden_on", default=None)
@@ -379,7 +379,7 @@ def layer_gradients(model, windows: torch.Tensor, on_layer, batch_size: int = 1,
     """
     from torch.nn import functional as F
 
-    from minillm.architectures import decoder_and_head
+    from suite.pruning.architectures import decoder_and_head
 
     _, head = decoder_and_head(model)
     lp = LayerPass(model, windows, batch_size, hidden_device=hidden_device)
