@@ -3,6 +3,7 @@
 the suite's in-memory pruned model; the suite's own loader reads it and the older format."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,10 +14,31 @@ from suite.pruning.architectures import adapter_for
 from suite.pruning.plan import apply_plan
 from suite.pruning.saving import load_pruned, save_pruned
 from suite.models import byte_tokenizer
-from tests.checkpoints import HIDE_SUITE, heterogeneous_plan, plain_transformers_logits, pruned_tiny
+from tests.checkpoints import (HIDE_SUITE, heterogeneous_plan, plain_transformers_logits, plain_transformers_run,
+                               pruned_tiny)
 from tests.reference import rel_err
 
 TINY = ["tiny-llama", "tiny-llama-gqa", "tiny-opt", "tiny-bloom"]
+FAMILIES = ["tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3"]
+KV_GROUPED = ["tiny-mistral", "tiny-qwen2", "tiny-gemma2", "tiny-phi3"]  # >= 2 kv heads: kv-group applies
+FAMILY_CASES = [(n, "q-head") for n in FAMILIES] + [(n, "kv-group") for n in KV_GROUPED]
+EMPTY_ATTENTION = {"q-head": 1, "kv-group": 0}  # the layer left without attention, per head mode
+GENERATED = 8  # new tokens: 20 + 8 > the tiny configs' 16-token sliding windows
+
+
+def family_ids(seed=0):
+    return torch.randint(3, 259, (2, 20), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_sizes_in_config(model, out):
+    """`pruned_layers` of the saved config states every layer's sizes as the in-memory model has them."""
+    config = json.loads((out / "config.json").read_text())
+    adapter = adapter_for(model)
+    assert len(config["pruned_layers"]) == len(adapter.layers(model))
+    for spec, layer in zip(config["pruned_layers"], adapter.layers(model)):
+        assert (spec["heads"], spec["kv_heads"], spec["channels"]) == (
+            adapter.num_heads(layer), adapter.num_kv_heads(layer), adapter.num_channels(layer))
+    return config
 
 
 def test_plain_transformers_loads_pruned_tiny(tmp_path):
@@ -43,7 +65,72 @@ def test_plain_transformers_loads_pruned_tiny(tmp_path):
         assert config["pruned_layers"][1]["heads"] == 0  # a layer with its whole attention removed
 
 
-@pytest.mark.parametrize("name", ["tiny-llama-gqa", "tiny-bloom"])
+def test_newer_families_load_with_plain_transformers_and_decode_alike(tmp_path):
+    """Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3 in both head modes (kv-group where a layer has
+    >= 2 kv heads): a random non-uniform plan with one layer without attention (layer 1 in q-head
+    mode; layer 0 in kv-group mode, whose cache entry sets the cached length) and layer 2 without MLP,
+    saved, loads in a process without the suite with the in-memory logits (<= 1e-6 relative); the
+    suite's loader gives them too; greedy decoding past the sliding window is the same with and
+    without the KV cache."""
+    ids = family_ids()
+    models, dirs = [], []
+    for name, mode in FAMILY_CASES:
+        empty = EMPTY_ATTENTION[mode]
+        model, plan = pruned_tiny(name, seed=len(dirs), head_mode=mode, empty_attention_layer=empty,
+                                  empty_mlp_layer=2)
+        models.append(model)
+        dirs.append(save_pruned(model, byte_tokenizer(), plan, tmp_path / f"{name}-{mode}"))
+    runs = plain_transformers_run(dirs, ids, tmp_path, generate=GENERATED)
+    for (name, mode), model, run, d in zip(FAMILY_CASES, models, runs, dirs):
+        with torch.no_grad():
+            expected = model(ids).logits
+            assert torch.equal(load_pruned(d)(ids).logits, expected), (name, mode)
+        assert run["logits"].shape == expected.shape
+        assert rel_err(run["logits"], expected) <= 1e-6, (name, mode)
+        assert run["cache1"].shape == (2, 20 + GENERATED) and torch.equal(run["cache1"][:, :20], ids)
+        assert torch.equal(run["cache1"], run["cache0"]), (name, mode)
+        config = assert_sizes_in_config(model, d)
+        assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_pruned.Pruned")
+        layers = config["pruned_layers"]
+        assert layers[EMPTY_ATTENTION[mode]]["heads"] == 0  # whole attention removed
+        assert layers[2]["channels"] == 0  # whole MLP removed
+        assert len({(s["heads"], s["kv_heads"], s["channels"]) for s in layers}) == len(layers)  # non-uniform
+        if name == "tiny-qwen2":  # its q/k/v biases kept, per layer
+            assert all({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"} <= set(s["biases"])
+                       for s in layers)
+        if mode == "kv-group":
+            assert any(s["kv_heads"] < model.config.num_key_value_heads for s in layers)
+
+
+def test_gemma2_soft_capping_and_sliding_window_survive_save_and_reload(tmp_path):
+    """The reloaded Gemma 2 keeps attention and final-logit soft capping and its alternating sliding /
+    full layers: its logits equal the in-memory model's, while the same directory with any one of them
+    removed from the config gives other logits (so a save that dropped one fails the first check)."""
+    model, plan = pruned_tiny("tiny-gemma2")
+    out = save_pruned(model, byte_tokenizer(), plan, tmp_path / "gemma2")
+    config = json.loads((out / "config.json").read_text())
+    assert config["layer_types"] == ["sliding_attention", "full_attention"] * 2
+    assert (config["sliding_window"], config["attn_logit_softcapping"], config["final_logit_softcapping"]) == (
+        16, 20.0, 3.0)
+    variants = {"no attention cap": {"attn_logit_softcapping": None},
+                "no final cap": {"final_logit_softcapping": None},
+                "no sliding layers": {"layer_types": ["full_attention"] * 4}}
+    dirs = [out]
+    for label, change in variants.items():
+        d = tmp_path / label.replace(" ", "-")
+        shutil.copytree(out, d)
+        (d / "config.json").write_text(json.dumps({**config, **change}))
+        dirs.append(d)
+    ids = torch.randint(3, 259, (1, 40), generator=torch.Generator().manual_seed(3))  # 40 > the 16-token window
+    reloaded, *dropped = plain_transformers_logits(dirs, ids, tmp_path)
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert rel_err(reloaded, expected) <= 1e-6
+    for label, logits in zip(variants, dropped):
+        assert rel_err(logits, expected) > 1e-3, label
+
+
+@pytest.mark.parametrize("name", ["tiny-llama-gqa", "tiny-bloom", *FAMILIES])
 def test_old_format_directory_still_loads(tmp_path, name):
     """A directory of the earlier format (dense config + plan.json, no pruned_layers) loads as before."""
     model, plan = pruned_tiny(name)

@@ -3,7 +3,8 @@
 A pruned directory holds safetensors weights, the tokenizer, `plan.json` (kept heads / kv heads /
 channels in the original numbering) and a config that loads with plain transformers:
 the dense config plus ``pruned_layers`` (every layer's head, kv-head and channel counts, its
-biases, BLOOM's kept ALiBi heads) and ``auto_map`` naming `modeling_pruned.py`, which
+biases, BLOOM's kept ALiBi heads; every family in `modeling_pruned.FAMILIES`: LLaMA, Mistral,
+Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3, OPT, BLOOM) and ``auto_map`` naming `modeling_pruned.py`, which
 `save_pruned` copies beside it (see that file). So
 
     AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
@@ -43,7 +44,7 @@ MODELING_FILE = "modeling_pruned.py"
 def pruned_layers(model) -> list[dict]:
     """The ``pruned_layers`` config entry of a (sliced) in-memory model: per-layer sizes and biases."""
     adapter = adapter_for(model)
-    names = [m[0] for m in adapter.head_members] + [m[0] for m in adapter.channel_members]
+    names = _linear_names(adapter)
     out = []
     for layer in adapter.layers(model):
         spec = {"heads": adapter.num_heads(layer), "kv_heads": adapter.num_kv_heads(layer),
@@ -55,6 +56,11 @@ def pruned_layers(model) -> list[dict]:
             spec["alibi_heads"] = [int(h) for h in kept] if kept is not None else list(range(spec["heads"]))
         out.append(spec)
     return out
+
+
+def _linear_names(adapter) -> list[str]:
+    """The prunable Linears of a decoder layer, each once (a fused Linear is named several times)."""
+    return list(dict.fromkeys([m[0] for m in adapter.head_members] + [m[0] for m in adapter.channel_members]))
 
 
 def standard_config(config: dict, layers: list[dict]) -> dict:
@@ -127,7 +133,7 @@ def _layers_from_plan(config, plan: Plan, keys: set[str]) -> list[dict]:
     with torch.device("meta"):  # the dense architecture's module names and sizes, no memory
         dense = AutoModelForCausalLM.from_config(config)
     adapter = adapter_for(dense)
-    names = [m[0] for m in adapter.head_members] + [m[0] for m in adapter.channel_members]
+    names = _linear_names(adapter)
     prefix = {id(layer): name for name, layer in dense.named_modules()}
     out = []
     for lp, layer in zip(plan.layers, adapter.layers(dense)):
