@@ -12,6 +12,19 @@ from safetensors.torch import load_file, save_file
 from suite.pruning.architectures import adapter_for
 from suite.pruning.plan import apply_plan, full_plan
 
+FAMILIES = ["tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3"]
+KV_GROUPED = ["tiny-mistral", "tiny-qwen2", "tiny-gemma2", "tiny-phi3"]  # >= 2 kv heads: kv-group applies
+FAMILY_CASES = [(n, "q-head") for n in FAMILIES] + [(n, "kv-group") for n in KV_GROUPED]
+EMPTY_ATTENTION = {"q-head": 1, "kv-group": 0}  # the layer left without attention, per head mode
+EMPTY_MLP = 2  # the layer left without MLP
+GENERATED = 8  # new tokens: 20 + 8 > the tiny configs' 16-token sliding windows
+
+
+def family_ids(seed=0):
+    """[2, 20] token ids of the byte tokenizer (3..258)."""
+    return torch.randint(3, 259, (2, 20), generator=torch.Generator().manual_seed(seed))
+
+
 # Prelude of a subprocess that must run without this suite: its packages raise on import even where
 # the environment has the suite installed (tox's editable install), and the script checks they do.
 HIDE_SUITE = r"""
@@ -116,3 +129,10 @@ def pruned_tiny(name, seed=0, **plan_options):
     if down.bias is None:
         down.bias = torch.nn.Parameter(torch.randn(down.out_features, generator=torch.Generator().manual_seed(seed)) * 0.1)
     return model, plan
+
+
+def pruned_family(name, head_mode, seed=0):
+    """`pruned_tiny` with one layer without attention (`EMPTY_ATTENTION[head_mode]`: layer 0 in
+    kv-group mode, whose cache entry sets the cached length) and layer `EMPTY_MLP` without MLP."""
+    return pruned_tiny(name, seed=seed, head_mode=head_mode, empty_attention_layer=EMPTY_ATTENTION[head_mode],
+                       empty_mlp_layer=EMPTY_MLP)

@@ -14,20 +14,12 @@ from suite.pruning.architectures import adapter_for
 from suite.pruning.plan import apply_plan
 from suite.pruning.saving import load_pruned, save_pruned
 from suite.models import byte_tokenizer
-from tests.checkpoints import (HIDE_SUITE, heterogeneous_plan, plain_transformers_logits, plain_transformers_run,
+from tests.checkpoints import (EMPTY_ATTENTION, FAMILIES, FAMILY_CASES, GENERATED, HIDE_SUITE, family_ids,
+                               heterogeneous_plan, plain_transformers_logits, plain_transformers_run, pruned_family,
                                pruned_tiny)
 from tests.reference import rel_err
 
 TINY = ["tiny-llama", "tiny-llama-gqa", "tiny-opt", "tiny-bloom"]
-FAMILIES = ["tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3"]
-KV_GROUPED = ["tiny-mistral", "tiny-qwen2", "tiny-gemma2", "tiny-phi3"]  # >= 2 kv heads: kv-group applies
-FAMILY_CASES = [(n, "q-head") for n in FAMILIES] + [(n, "kv-group") for n in KV_GROUPED]
-EMPTY_ATTENTION = {"q-head": 1, "kv-group": 0}  # the layer left without attention, per head mode
-GENERATED = 8  # new tokens: 20 + 8 > the tiny configs' 16-token sliding windows
-
-
-def family_ids(seed=0):
-    return torch.randint(3, 259, (2, 20), generator=torch.Generator().manual_seed(seed))
 
 
 def assert_sizes_in_config(model, out):
@@ -75,9 +67,7 @@ def test_newer_families_load_with_plain_transformers_and_decode_alike(tmp_path):
     ids = family_ids()
     models, dirs = [], []
     for name, mode in FAMILY_CASES:
-        empty = EMPTY_ATTENTION[mode]
-        model, plan = pruned_tiny(name, seed=len(dirs), head_mode=mode, empty_attention_layer=empty,
-                                  empty_mlp_layer=2)
+        model, plan = pruned_family(name, mode, seed=len(dirs))
         models.append(model)
         dirs.append(save_pruned(model, byte_tokenizer(), plan, tmp_path / f"{name}-{mode}"))
     runs = plain_transformers_run(dirs, ids, tmp_path, generate=GENERATED)

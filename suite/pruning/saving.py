@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -92,12 +93,34 @@ def standard_format(config) -> bool:
 OFFLOADED_SHARD_SIZE = "500MB"
 
 
-def save_pruned(model, tokenizer, plan: Plan, out_dir, extra: dict | None = None) -> Path:
+@contextmanager
+def written_atomically(out_dir: Path, mode_of: str):
+    """Yield a temporary sibling of `out_dir` to write into; on success give every file the mode of
+    its file `mode_of` (written by open(): the umask's mode; safetensors writes 0600) and rename it
+    into place, replacing `out_dir` (the caller's decision); on any failure remove it."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
+        yield tmp
+        mode = (tmp / mode_of).stat().st_mode & 0o777
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                path.chmod(mode)
+        if out_dir.is_dir() and not out_dir.is_symlink():
+            shutil.rmtree(out_dir)
+        elif out_dir.exists() or out_dir.is_symlink():
+            out_dir.unlink()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_pruned(model, tokenizer, plan: Plan, out_dir, extra: dict | None = None) -> Path:
+    out_dir = Path(out_dir)
+    with written_atomically(out_dir, PLAN_FILE) as tmp:
         # offloaded weights are read back shard by shard: small shards bound the memory this takes
         shards = {"max_shard_size": OFFLOADED_SHARD_SIZE} if offloaded(model) else {}
         model.save_pretrained(tmp, safe_serialization=True, **shards)
@@ -111,18 +134,6 @@ def save_pruned(model, tokenizer, plan: Plan, out_dir, extra: dict | None = None
         plan.save(tmp / PLAN_FILE)
         if extra:
             (tmp / "pruning.json").write_text(json.dumps(extra, indent=1, sort_keys=True, default=str))
-        mode = (tmp / PLAN_FILE).stat().st_mode & 0o777  # written by open(): the umask's mode
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                path.chmod(mode)
-        if out_dir.is_dir() and not out_dir.is_symlink():
-            shutil.rmtree(out_dir)
-        elif out_dir.exists() or out_dir.is_symlink():
-            out_dir.unlink()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
