@@ -313,6 +313,28 @@ def test_grid_recovery_block_per_method_and_ratio(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
+def test_grid_adapter_only_cell_evaluates_base_plus_adapter_as_merged(tmp_path):
+    """A grid's `recovery: {adapter_only: true}`: the cell names the setting (its key differs), trains
+    the same LoRA and evaluates the unmerged base + adapter, with the merged cell's perplexity."""
+    from suite.config import expand_cells, load_config
+    from suite.pipeline import run_cell
+    from suite.records import cell_key
+
+    (tmp_path / "c.yaml").write_text(GRID.replace("data: tatsu-lab/alpaca}", "data: tatsu-lab/alpaca, adapter_only: true}"))
+    cells = {(c["method"], c["ratio"]): c for c in expand_cells(load_config(tmp_path / "c.yaml"))}
+    assert cells[("magnitude", 0.2)]["recovery"]["adapter_only"] is True
+    cell = {"model": "tiny-llama", "method": "magnitude", "label": "magnitude", "options": {}, "ratio": 0.2,
+            "seed": 0, "calibration": {}, "device": "cpu", "dtype": "float32",
+            "evaluation": {"perplexity": ["wikitext2"], "max_tokens": 512, "tasks": [], "throughput": False},
+            "recovery": recovery.settings_with_defaults(FAST)}
+    pair = dict(cell, recovery=recovery.settings_with_defaults({**FAST, "adapter_only": True}))
+    assert cell_key(pair) != cell_key(cell)
+    merged, unmerged = run_cell(cell)["perplexity"]["wikitext2"], run_cell(pair)
+    assert unmerged["recovery"]["settings"]["adapter_only"] is True
+    assert abs(unmerged["perplexity"]["wikitext2"] - merged) <= 1e-5 * merged
+    assert abs(unmerged["before_recovery"]["perplexity"]["wikitext2"] - merged) > 1e-3 * merged  # it trained
+
+
 def test_recovered_cell_record_and_table_rows():
     """A recovered cell records metrics before and after; the table shows them as w/o / w/ tune rows."""
     from suite.pipeline import run_cell
