@@ -168,14 +168,13 @@ class _NoHeadsOPTAttention:
 
 def _prune_opt_layer(layer, spec: dict, config) -> None:
     attn, hidden = layer.self_attn, config.hidden_size
-    q, ch, biases = spec["heads"] * attn.head_dim, spec["channels"], set(spec.get("biases", ()))
-    for name, fin, fout in (("self_attn.q_proj", hidden, q), ("self_attn.k_proj", hidden, q),
-                            ("self_attn.v_proj", hidden, q), ("self_attn.out_proj", q, hidden),
-                            ("fc1", hidden, ch), ("fc2", ch, hidden)):
-        _replace_linear(layer, name, fin, fout, name in biases)
+    q, ch = spec["heads"] * attn.head_dim, spec["channels"]
+    _replace_linears(layer, spec, (("self_attn.q_proj", hidden, q), ("self_attn.k_proj", hidden, q),
+                                   ("self_attn.v_proj", hidden, q), ("self_attn.out_proj", q, hidden),
+                                   ("fc1", hidden, ch), ("fc2", ch, hidden)))
     attn.num_heads = spec["heads"]
     if not spec["heads"]:
-        attn.__class__ = type(f"NoHeads{type(attn).__name__}", (_NoHeadsOPTAttention, type(attn)), {})
+        _swap_class(attn, _NoHeadsOPTAttention, "NoHeads")
 
 
 # --------------------------------------------------------------------------- BLOOM
@@ -198,16 +197,16 @@ class _NoHeadsBloomAttention:
 
 def _prune_bloom_layer(layer, spec: dict, config) -> None:
     attn, hidden = layer.self_attention, config.hidden_size
-    q, ch, biases = spec["heads"] * attn.head_dim, spec["channels"], set(spec.get("biases", ()))
-    for name, fin, fout in (("self_attention.query_key_value", hidden, 3 * q), ("self_attention.dense", q, hidden),
-                            ("mlp.dense_h_to_4h", hidden, ch), ("mlp.dense_4h_to_h", ch, hidden)):
-        _replace_linear(layer, name, fin, fout, name in biases)
+    q, ch = spec["heads"] * attn.head_dim, spec["channels"]
+    _replace_linears(layer, spec, (("self_attention.query_key_value", hidden, 3 * q),
+                                   ("self_attention.dense", q, hidden), ("mlp.dense_h_to_4h", hidden, ch),
+                                   ("mlp.dense_4h_to_h", ch, hidden)))
     heads = spec.get("alibi_heads", list(range(spec["heads"])))
     attn.kept_alibi_heads = [int(h) for h in heads]  # a plain list: meta-device loading leaves it alone
     attn.total_heads = config.n_head
     attn.num_heads = layer.num_heads = spec["heads"]
     mixin = _AlibiHeadsBloomAttention if spec["heads"] else _NoHeadsBloomAttention
-    attn.__class__ = type(f"Pruned{type(attn).__name__}", (mixin, type(attn)), {})
+    _swap_class(attn, mixin, "Pruned")
 
 
 # --------------------------------------------------------------------------- model classes
