@@ -93,19 +93,15 @@ def test_newer_families_load_with_plain_transformers_and_decode_alike(tmp_path):
             assert any(s["kv_heads"] < model.config.num_key_value_heads for s in layers)
 
 
-def test_gemma2_soft_capping_and_sliding_window_survive_save_and_reload(tmp_path):
-    """The reloaded Gemma 2 keeps attention and final-logit soft capping and its alternating sliding /
-    full layers: its logits equal the in-memory model's, while the same directory with any one of them
-    removed from the config gives other logits (so a save that dropped one fails the first check)."""
-    model, plan = pruned_tiny("tiny-gemma2")
-    out = save_pruned(model, byte_tokenizer(), plan, tmp_path / "gemma2")
+def assert_config_features_survive(tmp_path, name, kept: dict, variants: dict):
+    """A pruned `name` saved: its config holds `kept` (key -> value), and its logits reloaded in a process
+    without the suite equal the in-memory model's (<= 1e-6) while the same directory with each of
+    `variants` (label -> config change) gives logits > 1e-3 away: a save that dropped or changed one of
+    those settings would fail the first check."""
+    model, plan = pruned_tiny(name)
+    out = save_pruned(model, byte_tokenizer(), plan, tmp_path / name)
     config = json.loads((out / "config.json").read_text())
-    assert config["layer_types"] == ["sliding_attention", "full_attention"] * 2
-    assert (config["sliding_window"], config["attn_logit_softcapping"], config["final_logit_softcapping"]) == (
-        16, 20.0, 3.0)
-    variants = {"no attention cap": {"attn_logit_softcapping": None},
-                "no final cap": {"final_logit_softcapping": None},
-                "no sliding layers": {"layer_types": ["full_attention"] * 4}}
+    assert {key: config.get(key) for key in kept} == kept
     dirs = [out]
     for label, change in variants.items():
         d = tmp_path / label.replace(" ", "-")
@@ -113,12 +109,35 @@ def test_gemma2_soft_capping_and_sliding_window_survive_save_and_reload(tmp_path
         (d / "config.json").write_text(json.dumps({**config, **change}))
         dirs.append(d)
     ids = torch.randint(3, 259, (1, 40), generator=torch.Generator().manual_seed(3))  # 40 > the 16-token window
-    reloaded, *dropped = plain_transformers_logits(dirs, ids, tmp_path)
+    reloaded, *changed = plain_transformers_logits(dirs, ids, tmp_path)
     with torch.no_grad():
         expected = model(ids).logits
     assert rel_err(reloaded, expected) <= 1e-6
-    for label, logits in zip(variants, dropped):
+    for label, logits in zip(variants, changed):
         assert rel_err(logits, expected) > 1e-3, label
+
+
+def test_gemma2_soft_capping_and_sliding_window_survive_save_and_reload(tmp_path):
+    """Gemma 2 keeps attention and final-logit soft capping and its alternating sliding / full layers."""
+    assert_config_features_survive(
+        tmp_path, "tiny-gemma2",
+        kept={"layer_types": ["sliding_attention", "full_attention"] * 2, "sliding_window": 16,
+              "attn_logit_softcapping": 20.0, "final_logit_softcapping": 3.0},
+        variants={"no attention cap": {"attn_logit_softcapping": None},
+                  "no final cap": {"final_logit_softcapping": None},
+                  "no sliding layers": {"layer_types": ["full_attention"] * 4}})
+
+
+def test_gemma3_rope_bases_and_local_global_pattern_survive_save_and_reload(tmp_path):
+    """Gemma 3 keeps its local (sliding, rope base 1e4) / global (full, rope base 1e6) layers."""
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}
+    assert_config_features_survive(
+        tmp_path, "tiny-gemma3",
+        kept={"layer_types": ["sliding_attention", "full_attention"] * 2, "sliding_window": 16,
+              "rope_parameters": rope},
+        variants={"one rope base": {"rope_parameters": {**rope, "sliding_attention": rope["full_attention"]}},
+                  "no local layers": {"layer_types": ["full_attention"] * 4}})
 
 
 @pytest.mark.parametrize("name", ["tiny-llama-gqa", "tiny-bloom", *FAMILIES])
