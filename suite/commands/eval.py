@@ -106,8 +106,8 @@ def run(args) -> int:
         model = load_with_adapter(model, adapter)
     warnings = [w for w in [evaluate.check_window(model, args.seqlen)] if w] if args.ppl else []
     tokenizer = load_tokenizer(base)
-    result = {"model": base, **({"adapter": str(adapter)} if adapter is not None else {}), "seqlen": args.seqlen, "max_tokens": args.max_tokens, "limit": args.limit,
-              "perplexity": {}, "zero_shot": {}}
+    result = {"model": base, **({"adapter": str(adapter)} if adapter is not None else {}), "seqlen": args.seqlen,
+              "max_tokens": args.max_tokens, "limit": args.limit, "perplexity": {}, "zero_shot": {}}
     if warnings:
         result["warnings"] = warnings
     rows = []
