@@ -7,6 +7,13 @@ transformers `Trainer` (AdamW, linear warm-up/decay, gradient accumulation); not
 but the data preparation. The merged model has exactly the pruned shapes, so it saves and loads
 as any pruned directory.
 
+With ``adapter_only`` (not in LLM-Pruner; `suite recover --adapter-only`, a grid's
+``recovery: {adapter_only: true}``) the LoRA weights are NOT merged: `recover` returns the
+`PeftModel` (pruned base + adapter) and `save_adapter` writes PEFT's usual adapter directory
+(``adapter_config.json`` naming the unchanged pruned base directory, ``adapter_model.safetensors``),
+which plain transformers + PEFT load with ``PeftModel.from_pretrained(base, ADAPTER)``;
+`load_with_adapter` is the suite's reader of the pair.
+
 Defaults (`DEFAULTS`) are LLM-Pruner's published recovery: its README's command
 `python post_training.py --prune_model ... --data_path yahma/alpaca-cleaned --lora_r 8
 --num_epochs 2 --learning_rate 1e-4 --batch_size 64` over its script's argument defaults
@@ -33,6 +40,7 @@ import math
 import random
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -70,6 +78,10 @@ TEMPLATES = {
                            "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n",
     },
 }
+# settings outside LLM-Pruner's recovery that change nothing when off: a cell lists them only when
+# set, so the keys of cells recorded before they existed stay valid
+OPTIONAL = {"adapter_only": False}  # keep the LoRA adapter unmerged (saved beside the pruned base)
+ADAPTER_RECORD = "recovery.json"  # the adapter directory's record (the run's `recovery` entry)
 INSTRUCTION_FIELDS = ("instruction", "input", "output")
 VAL_SPLIT_SEED = 42  # post_training.py: train_test_split(..., shuffle=True, seed=42)
 
@@ -77,9 +89,15 @@ VAL_SPLIT_SEED = 42  # post_training.py: train_test_split(..., shuffle=True, see
 def settings_with_defaults(settings: dict | None) -> dict:
     """DEFAULTS overridden by `settings`; unknown keys and bad values are a UserError."""
     settings = dict(settings or {})
-    unknown = sorted(set(settings) - set(DEFAULTS))
+    unknown = sorted(set(settings) - set(DEFAULTS) - set(OPTIONAL))
     if unknown:
-        raise UserError(f"unknown recovery setting(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
+        raise UserError(f"unknown recovery setting(s) {', '.join(unknown)}; known: "
+                        f"{', '.join([*DEFAULTS, *OPTIONAL])}")
+    for key, off in OPTIONAL.items():
+        if key in settings and not isinstance(settings[key], bool):
+            raise UserError(f"recovery {key} must be true or false, got {settings[key]!r}")
+        if settings.get(key, off) == off:
+            settings.pop(key, None)  # off: not listed (see OPTIONAL)
     out = {**DEFAULTS, **{k: v for k, v in settings.items()}}
     for key in ("lora_r", "epochs", "batch_size", "micro_batch_size", "cutoff_len", "logging_steps"):
         if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 1:
@@ -210,7 +228,9 @@ def attach_lora(model, settings: dict):
 # --------------------------------------------------------------------------- training
 @dataclass
 class RecoveryOutcome:
-    model: object  # the merged model (the pruned model object itself, its Linears updated)
+    # the merged model (the pruned model object itself, its Linears updated); with adapter_only the
+    # PeftModel around the unchanged pruned model
+    model: object
     info: dict = field(default_factory=dict)
 
 
@@ -287,7 +307,8 @@ def merge_lora(peft_model):
 
 def recover(model, tokenizer, settings: dict | None = None, seed: int = 0, calibration: dict | None = None,
             device: str = "cpu", quiet: bool = True) -> RecoveryOutcome:
-    """LoRA-recover `model` (pruned, in memory) and merge; returns the merged model and the record's
+    """LoRA-recover `model` (pruned, in memory) and merge; returns the merged model (with
+    ``adapter_only``: the unmerged PeftModel, `model`'s weights unchanged) and the record's
     `recovery` entry (settings, LoRA, steps, tokens seen, losses). Raises UserError on bad settings,
     bad data or a diverging run."""
     settings = settings_with_defaults(settings)
@@ -297,8 +318,64 @@ def recover(model, tokenizer, settings: dict | None = None, seed: int = 0, calib
     peft_model = attach_lora(model, settings)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     info = train_lora(peft_model, tokenizer, train, val, settings, seed=seed, device=device, quiet=quiet)
-    merged = merge_lora(peft_model)
+    merged = _checked_adapter(peft_model) if settings.get("adapter_only") else merge_lora(peft_model)
     info = {"settings": settings, "lora": {"r": settings["lora_r"], "alpha": settings["lora_alpha"],
                                            "dropout": settings["lora_dropout"], "targets": targets,
                                            "trainable_params": trainable}, **info}
     return RecoveryOutcome(merged, info)
+
+
+# --------------------------------------------------------------------------- adapter only
+def _checked_adapter(peft_model):
+    """The unmerged PeftModel in eval mode; a non-finite LoRA weight is a diverged run (UserError)."""
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name and not torch.isfinite(p).all():
+            raise UserError(f"recovery diverged: non-finite LoRA weights in {name}")
+    return peft_model.eval()
+
+
+def save_adapter(peft_model, base_dir, out_dir, record: dict | None = None):
+    """Write PEFT's adapter directory for `peft_model` (`PeftModel.save_pretrained`) to `out_dir`,
+    its ``base_model_name_or_path`` the absolute `base_dir` (the pruned directory, left unchanged),
+    `record` as ``recovery.json``. Atomic as `save_pruned`: a temporary sibling renamed into place
+    (an existing `out_dir` replaced: the caller's decision). Returns the directory."""
+    import json
+
+    from suite.pruning.saving import written_atomically
+
+    with written_atomically(out_dir, "adapter_config.json") as tmp:
+        for config in peft_model.peft_config.values():
+            config.base_model_name_or_path = str(Path(base_dir).resolve())
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+        if record:
+            (tmp / ADAPTER_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
+    return Path(out_dir)
+
+
+def adapter_base(adapter_dir) -> str:
+    """The base model an adapter directory names (``adapter_config.json``'s base_model_name_or_path).
+
+    Raises UserError when `adapter_dir` holds no adapter_config.json or it names no base."""
+    import json
+
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise UserError(f"{adapter_dir} is not an adapter directory (no adapter_config.json)")
+    base = json.loads(path.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{path} names no base model (base_model_name_or_path); pass the base with --model")
+    return base
+
+
+def load_with_adapter(model, adapter_dir):
+    """`model` (the loaded base) with the adapter of `adapter_dir` on it, unmerged:
+    ``PeftModel.from_pretrained(model, adapter_dir)`` in eval mode. Raises UserError when the
+    adapter does not fit the base (another model's adapter: missing modules or other shapes)."""
+    from peft import PeftModel
+
+    adapter_base(adapter_dir)  # an adapter directory at all
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    except (ValueError, RuntimeError, KeyError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"adapter {adapter_dir} does not fit the base model: {reason[:300]}") from None

@@ -47,7 +47,9 @@ def random_plan_now(model, rng, kv_mode=False):
 
 
 CHAIN_CASES = [("tiny-llama", False), ("tiny-llama-gqa", False), ("tiny-llama-gqa", True),
-               ("tiny-opt", False), ("tiny-bloom", False)]
+               ("tiny-opt", False), ("tiny-bloom", False), ("tiny-mistral", True), ("tiny-qwen2", False),
+               ("tiny-qwen3", False), ("tiny-gemma2", True), ("tiny-gemma3", False), ("tiny-phi3", True),
+               ("tiny-phi3", False)]
 
 
 @pytest.mark.parametrize("name,kv_mode", CHAIN_CASES)

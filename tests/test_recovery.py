@@ -11,7 +11,9 @@ import torch
 from suite.pruning.saving import load_pruned, save_pruned
 from suite import recovery
 from suite.models import byte_tokenizer
-from tests.checkpoints import plain_transformers_logits, pruned_tiny
+from tests.checkpoints import (FAMILY_CASES, GENERATED, family_ids, plain_transformers_logits, plain_transformers_run,
+                               pruned_family, pruned_tiny)
+from tests.reference import rel_err
 
 # a few steps on the mirrored Alpaca rows: tests, not LLM-Pruner's run (byte tokens: the prompt alone is ~190)
 FAST = {"data": "tatsu-lab/alpaca", "batch_size": 4, "micro_batch_size": 2, "cutoff_len": 320,
@@ -102,6 +104,114 @@ def test_newer_families_recover_on_their_lora_targets(tmp_path, name):
     ids = torch.randint(3, 259, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(load_pruned(d)(ids).logits, out.model(ids).logits, rtol=1e-6, atol=1e-6)
+
+
+def _trained_adapter(peft_model, seed):
+    """Give every LoRA B a random non-zero value (it starts at zero), as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _file_bytes(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def test_adapter_beside_pruned_base_loads_with_plain_peft_like_the_merged_model(tmp_path):
+    """Every newer family in both head modes (a layer without attention, one without MLP): the
+    pruned base saved, LoRA on it saved as an adapter (`save_adapter`) and, merged, as a recovered
+    directory. In a process without the suite the merged directory gives the in-memory merged
+    model's logits and `PeftModel.from_pretrained(base, adapter)` the in-memory base + adapter's
+    (<= 1e-6 relative), and the merged model's within float rounding of the merge (W x + B A x vs
+    (W + B A) x: <= 1e-5); cached decoding equals uncached for both; the base directory is
+    unchanged by saving the adapter."""
+    import copy
+    import json
+
+    settings = recovery.settings_with_defaults({**FAST, "lora_r": 4})
+    ids = family_ids(1)
+    expected, unmerged, entries, bases = [], [], [], []
+    for i, (name, mode) in enumerate(FAMILY_CASES):
+        model, plan = pruned_family(name, mode, seed=i)
+        base = save_pruned(model, byte_tokenizer(), plan, tmp_path / f"{name}-{mode}")
+        before = _file_bytes(base)
+        peft_model = recovery.attach_lora(model, settings).eval()  # eval: no LoRA dropout
+        _trained_adapter(peft_model, seed=i)
+        adapter = recovery.save_adapter(peft_model, base, tmp_path / f"{name}-{mode}-lora", record={"seed": i})
+        merged = recovery.merge_lora(copy.deepcopy(peft_model))
+        merged_dir = save_pruned(merged, byte_tokenizer(), plan, tmp_path / f"{name}-{mode}-merged")
+        with torch.no_grad():
+            expected.append(merged(ids).logits)
+            unmerged.append(peft_model(input_ids=ids).logits)
+        assert _file_bytes(base) == before
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str(base.resolve())
+        assert {"adapter_model.safetensors", "recovery.json"} <= {p.name for p in adapter.iterdir()}
+        entries += [merged_dir, f"{base}+{adapter}"]
+        bases.append(base)
+    runs = plain_transformers_run(entries, ids, tmp_path, generate=GENERATED)
+    for i, case in enumerate(FAMILY_CASES):
+        merged_run, pair_run = runs[2 * i: 2 * i + 2]
+        assert rel_err(merged_run["logits"], expected[i]) <= 1e-6, case
+        assert rel_err(pair_run["logits"], unmerged[i]) <= 1e-6, case
+        assert rel_err(pair_run["logits"], expected[i]) <= 1e-5, case
+        for run in (merged_run, pair_run):
+            assert torch.equal(run["cache0"], run["cache1"]), case
+        with torch.no_grad():  # control: the adapter changes the logits
+            assert rel_err(load_pruned(bases[i])(ids).logits, expected[i]) > 1e-3, case
+
+
+def test_adapter_only_setting_is_optional_and_boolean():
+    """`adapter_only` is accepted by `suite recover`'s --set and a grid's recovery block; when off it is
+    not listed (cells recorded before it existed keep their keys); a non-boolean is a UserError."""
+    from suite.pruning.errors import UserError
+
+    assert "adapter_only" not in recovery.settings_with_defaults({"adapter_only": False})
+    assert recovery.settings_with_defaults({"adapter_only": True})["adapter_only"] is True
+    with pytest.raises(UserError, match="adapter_only must be true or false"):
+        recovery.settings_with_defaults({"adapter_only": "yes"})
+
+
+def test_recover_adapter_only_command_and_eval_of_the_pair(tmp_path, capsys):
+    """`suite recover --adapter-only`: PEFT's adapter directory beside the unchanged pruned base; `suite
+    eval` reads the pair as `--model BASE --adapter DIR` and as `--model DIR` alike, with the
+    perplexity of the base with the adapter merged in this process (and not the base's own)."""
+    import json
+
+    from peft import PeftModel
+
+    from suite.cli import main
+    from suite.evaluate import perplexity
+
+    model, plan = pruned_tiny("tiny-qwen2")
+    base = save_pruned(model, byte_tokenizer(), plan, tmp_path / "pruned", extra={"method": "test"})
+    before = _file_bytes(base)
+    out = tmp_path / "lora"
+    args = ["recover", "--model", str(base), "--out", str(out), "--quiet", "--adapter-only",
+            *[a for k, v in FAST.items() for a in ("--set", f"{k}={v}")]]
+    assert main(args) == 0
+    assert _file_bytes(base) == before  # the base is left as it was
+    assert {"adapter_config.json", "adapter_model.safetensors", "recovery.json"} <= {p.name for p in out.iterdir()}
+    record = json.loads((out / "recovery.json").read_text())
+    assert record["method"] == "test" and record["recovery"]["steps"] == 3
+    assert record["recovery"]["settings"]["adapter_only"] is True
+    results = []
+    for i, pair in enumerate((["--model", str(base), "--adapter", str(out)], ["--model", str(out)])):
+        assert main(["eval", *pair, "--ppl", "wikitext2", "--max-tokens", "512", "--quiet",
+                     "--json", str(tmp_path / f"{i}.json")]) == 0
+        results.append(json.loads((tmp_path / f"{i}.json").read_text()))
+    merged = PeftModel.from_pretrained(load_pruned(base), str(out)).merge_and_unload().eval()
+    expected = perplexity(merged, byte_tokenizer(), "wikitext2", max_tokens=512, quiet=True)
+    own = perplexity(load_pruned(base), byte_tokenizer(), "wikitext2", max_tokens=512, quiet=True)
+    for result in results:
+        assert result["model"] == str(base) and result["adapter"] == str(out)
+        assert abs(result["perplexity"]["wikitext2"] - expected) <= 1e-4 * expected
+    assert abs(own - expected) > 1e-3 * expected  # the adapter is applied
+    capsys.readouterr()  # an adapter that does not fit its base: one line, exit 2
+    assert main(["eval", "--model", "tiny-llama", "--adapter", str(out), "--ppl", "wikitext2", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: adapter")
 
 
 def test_diverging_recovery_fails_with_one_line_and_no_directory(tmp_path):
@@ -201,6 +311,28 @@ def test_grid_recovery_block_per_method_and_ratio(tmp_path):
 
     with pytest.raises(UserError, match=r"bad.yaml: recovery: unknown recovery setting\(s\) max_step"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_grid_adapter_only_cell_evaluates_base_plus_adapter_as_merged(tmp_path):
+    """A grid's `recovery: {adapter_only: true}`: the cell names the setting (its key differs), trains
+    the same LoRA and evaluates the unmerged base + adapter, with the merged cell's perplexity."""
+    from suite.config import expand_cells, load_config
+    from suite.pipeline import run_cell
+    from suite.records import cell_key
+
+    (tmp_path / "c.yaml").write_text(GRID.replace("data: tatsu-lab/alpaca}", "data: tatsu-lab/alpaca, adapter_only: true}"))
+    cells = {(c["method"], c["ratio"]): c for c in expand_cells(load_config(tmp_path / "c.yaml"))}
+    assert cells[("magnitude", 0.2)]["recovery"]["adapter_only"] is True
+    cell = {"model": "tiny-llama", "method": "magnitude", "label": "magnitude", "options": {}, "ratio": 0.2,
+            "seed": 0, "calibration": {}, "device": "cpu", "dtype": "float32",
+            "evaluation": {"perplexity": ["wikitext2"], "max_tokens": 512, "tasks": [], "throughput": False},
+            "recovery": recovery.settings_with_defaults(FAST)}
+    pair = dict(cell, recovery=recovery.settings_with_defaults({**FAST, "adapter_only": True}))
+    assert cell_key(pair) != cell_key(cell)
+    merged, unmerged = run_cell(cell)["perplexity"]["wikitext2"], run_cell(pair)
+    assert unmerged["recovery"]["settings"]["adapter_only"] is True
+    assert abs(unmerged["perplexity"]["wikitext2"] - merged) <= 1e-5 * merged
+    assert abs(unmerged["before_recovery"]["perplexity"]["wikitext2"] - merged) > 1e-3 * merged  # it trained
 
 
 def test_recovered_cell_record_and_table_rows():

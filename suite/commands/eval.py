@@ -2,6 +2,8 @@
 
     python -m suite eval --model tiny-llama --ppl wikitext2,ptb,c4 --max-tokens 4096
     python -m suite eval --model smollm2-135m --ppl none --tasks paper --limit 100 --json out.json
+    python -m suite eval --model out/flap --adapter out/flap-lora     # a pruned base + its LoRA adapter
+    python -m suite eval --model out/flap-lora                        # the same: the adapter names its base
 
 Prints a small table; `--json OUT` writes the metrics atomically (temp file, then os.replace).
 """
@@ -40,6 +42,9 @@ def _batch_size(value: str):
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="model name, directory, .gguf file or hub id (listed below)")
+    parser.add_argument("--adapter", type=Path, default=None, metavar="DIR",
+                        help="a PEFT adapter directory (suite recover --adapter-only) applied, unmerged, to --model; "
+                             "an adapter directory given as --model brings its base (adapter_config.json)")
     parser.add_argument("--ppl", type=_csv, default=["wikitext2"],
                         help="comma-separated corpora for perplexity: wikitext2,ptb,c4 or 'none' (default wikitext2)")
     parser.add_argument("--seqlen", type=int, default=128, help="perplexity window length (default 128)")
@@ -61,6 +66,19 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _base_and_adapter(args):
+    """(base model spec, adapter directory or None): `--adapter`, or `--model` an adapter directory
+    (its adapter_config.json names the base). Raises UserError for a directory that is no adapter."""
+    from suite.recovery import adapter_base
+
+    if args.adapter is not None:
+        adapter_base(args.adapter)  # an adapter directory at all: fail before loading the base
+        return args.model, args.adapter
+    if (Path(args.model) / "adapter_config.json").is_file():
+        return adapter_base(args.model), Path(args.model)
+    return args.model, None
+
+
 def run(args) -> int:
     from suite import data, evaluate
     from suite.models import load_model, load_tokenizer
@@ -77,12 +95,19 @@ def run(args) -> int:
         raise UserError("nothing to evaluate: give --ppl and/or --tasks")
     data.require_source()  # no mirror and no hub: one line now, not after loading the model
     offload = offload_kwargs(args)
+    base, adapter = _base_and_adapter(args)
+    if adapter is not None and args.offload is not None:
+        raise UserError("--adapter does not run on offloaded weights; drop --offload")
 
-    model = load_model(args.model, dtype=args.dtype, device=args.device, **offload)
+    model = load_model(base, dtype=args.dtype, device=args.device, **offload)
+    if adapter is not None:
+        from suite.recovery import load_with_adapter
+
+        model = load_with_adapter(model, adapter)
     warnings = [w for w in [evaluate.check_window(model, args.seqlen)] if w] if args.ppl else []
-    tokenizer = load_tokenizer(args.model)
-    result = {"model": args.model, "seqlen": args.seqlen, "max_tokens": args.max_tokens, "limit": args.limit,
-              "perplexity": {}, "zero_shot": {}}
+    tokenizer = load_tokenizer(base)
+    result = {"model": base, **({"adapter": str(adapter)} if adapter is not None else {}), "seqlen": args.seqlen,
+              "max_tokens": args.max_tokens, "limit": args.limit, "perplexity": {}, "zero_shot": {}}
     if warnings:
         result["warnings"] = warnings
     rows = []

@@ -4,9 +4,15 @@
     python -m suite recover --model out/flap --out out/flap-tuned --data tatsu-lab/alpaca \\
         --set val_set_size=8 --set max_steps=30 --ppl wikitext2                     # a short CPU run
 
+    python -m suite recover --model out/flap --out out/flap-lora --adapter-only   # PEFT adapter only
+
 The output is a pruned directory like the input (standard config, plan.json, safetensors), its
 `pruning.json` extended by a `recovery` entry (settings, LoRA, steps, tokens seen, losses, time and
-peak memory). Written only when the run succeeded: a diverging run exits 2 and writes nothing.
+peak memory). With ``--adapter-only`` it is PEFT's adapter directory instead (adapter_config.json
+naming the --model directory as its base, adapter_model.safetensors, the record as recovery.json),
+the base left unchanged: ``PeftModel.from_pretrained(base, OUT)`` loads the pair, and
+``suite eval --model OUT`` (or ``--model BASE --adapter OUT``) evaluates it. Written only when the
+run succeeded: a diverging run exits 2 and writes nothing.
 """
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ def add_arguments(parser):
     parser.add_argument("--max-steps", type=int, default=None, help="cap on optimiser steps (default: 2 epochs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any recovery setting (suite/recovery.py DEFAULTS), e.g. lora_r=16 (repeatable)")
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="save the LoRA adapter (PEFT's form) beside the unchanged --model directory, unmerged")
     parser.add_argument("--seed", type=int, default=0, help="seed of LoRA's initialisation, dropout and data order (default 0)")
     parser.add_argument("--ppl", default=None, help="also report perplexity before/after, e.g. wikitext2")
     parser.add_argument("--max-tokens", type=int, default=16384, help="token cap for --ppl")
@@ -72,10 +80,18 @@ def run(args) -> int:
         settings["data"] = args.data
     if args.max_steps is not None:
         settings["max_steps"] = args.max_steps
+    if args.adapter_only:
+        settings["adapter_only"] = True
     settings = recovery.settings_with_defaults(settings)  # bad settings: fail before loading anything
     out = Path(args.out)
-    check_out(out, args.force)  # as prune: nothing is replaced silently
+    if not (args.force and (out / "adapter_config.json").is_file()):  # --force replaces an earlier adapter too
+        check_out(out, args.force)  # as prune: nothing is replaced silently
     kind, where = resolve(args.model)
+    if settings.get("adapter_only") and kind not in ("pruned", "dir"):
+        raise UserError(f"--adapter-only saves an adapter for a base directory; {args.model!r} is no directory "
+                        "(save it first: suite prune, or save_pretrained)")
+    if settings.get("adapter_only") and out.resolve() == Path(where).resolve():
+        raise UserError("--adapter-only keeps the base unchanged: --out must not be the --model directory")
     if kind == "pruned" and not (where / PLAN_FILE).is_file():
         raise UserError(f"{where} has no {PLAN_FILE}: the recovered directory could not name its kept heads/channels")
     source = json.loads((where / "pruning.json").read_text()) if kind == "pruned" and (where / "pruning.json").is_file() else {}
@@ -97,11 +113,14 @@ def run(args) -> int:
         info["perplexity"] = {args.ppl: ppl}
     record = {**source, "recovery": info,
               "recovery_provenance": provenance(config=vars(args) | {"_run": None}, seed=args.seed)}
-    save_pruned(outcome.model, tokenizer, plan, out, extra=record)
+    if settings.get("adapter_only"):
+        recovery.save_adapter(outcome.model, where, out, record=record)
+    else:
+        save_pruned(outcome.model, tokenizer, plan, out, extra=record)
     print(f"recovered {args.model}: {info['steps']} steps, {info['tokens_seen']:,} tokens, final training loss "
           f"{info['train_loss_final']:.4f}" + (f", validation loss {info['eval_loss']:.4f}" if "eval_loss" in info else ""))
     print(f"recovery: {phase['seconds']:.1f} s, peak {phase['peak_mb']:.0f} MB ({phase['peak_source']})")
     if ppl:
         print(f"{args.ppl} perplexity: {ppl['before']:.2f} -> {ppl['after']:.2f}")
-    print(f"saved to {out}")
+    print(f"saved to {out}" + (f" (adapter of {where})" if settings.get("adapter_only") else ""))
     return 0

@@ -38,6 +38,7 @@ from suite.pruning.modeling_pruned import (
     _NoHeadsBloomAttention,
     _NoHeadsLlamaAttention,
     _NoHeadsOPTAttention,
+    _PrunedPhi3Attention,
 )
 
 HEAD_MODES = ("q-head", "kv-group")
@@ -326,32 +327,6 @@ class Phi3Adapter(LlamaAdapter):
         attn.num_heads, attn.num_key_value_heads = len(heads), len(kv_heads)
         if not isinstance(attn, _PrunedPhi3Attention):
             attn.__class__ = _subclass("pruned-phi3", _PrunedPhi3Attention, type(attn))
-
-
-class _LayerConfig:
-    """The model config as one sliced layer sees it: its own num_attention_heads, the rest shared."""
-
-    def __init__(self, config, num_heads: int):
-        object.__setattr__(self, "_config", config)
-        object.__setattr__(self, "num_attention_heads", num_heads)
-
-    def __getattr__(self, name):
-        return getattr(self._config, name)
-
-    def __setattr__(self, name, value):  # e.g. an attention-implementation switch: the model's config
-        setattr(self._config, name, value)
-
-
-class _PrunedPhi3Attention:
-    """Mixin: `self.config` answers this layer's kept head count (Phi3Attention splits qkv with it)."""
-
-    @property
-    def config(self):
-        return _LayerConfig(self.__dict__["config"], self.num_heads)
-
-    @config.setter
-    def config(self, value):
-        self.__dict__["config"] = value
 
 
 # --------------------------------------------------------------------------- OPT

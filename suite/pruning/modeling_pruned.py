@@ -1,4 +1,6 @@
-"""Pruned LLaMA / OPT / BLOOM as plain `transformers` models: the modeling file of a pruned directory.
+"""Pruned decoder models as plain `transformers` models: the modeling file of a pruned directory.
+
+Families: LLaMA, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text), Phi-3, OPT, BLOOM.
 
 `save_pruned` copies THIS FILE into every pruned directory and points the config's ``auto_map`` at
 it, so ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` loads a pruned model
@@ -19,13 +21,23 @@ BLOOM layers add their kept heads' own ALiBi slopes. Plan indices (which heads
 were kept, in the original numbering) stay in ``plan.json`` beside the config.
 
 A LLaMA-like family (q/k/v/o + gate/up/down, `num_key_value_groups`) is added with one line in
-FAMILIES naming its transformers CausalLM class.
+FAMILIES naming its transformers CausalLM class. Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3 are
+such families: everything that sets them apart lives in modules with nothing to slice and in the
+config, which the pruned directory keeps whole (Qwen2's q/k/v biases are listed in ``biases``;
+Qwen3's and Gemma 3's q/k norms act per head over head_dim; Gemma 2's attention and final soft
+capping, sliding windows and alternating ``layer_types``; Gemma 3's local/global pattern and its
+per-layer-type rope bases; Mistral's and Qwen2's sliding windows). Phi-3 adds its fused layout:
+``qkv_proj`` rows [q heads; k heads; v heads] and ``gate_up_proj`` rows [gate; up], sized per layer,
+and an attention that locates its k section from this layer's own head count
+(`_PrunedPhi3Attention`).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import BloomForCausalLM, LlamaForCausalLM, OPTForCausalLM
+from transformers import (BloomForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, LlamaForCausalLM,
+                          MistralForCausalLM, OPTForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM,
+                          Qwen3ForCausalLM)
 
 CONFIG_KEY = "pruned_layers"
 
@@ -76,16 +88,75 @@ class _NoHeadsLlamaAttention:
 
 def _prune_llama_layer(layer, spec: dict, config) -> None:
     attn, hidden = layer.self_attn, config.hidden_size
-    hd, biases = attn.head_dim, set(spec.get("biases", ()))
-    q, kv, ch = spec["heads"] * hd, spec["kv_heads"] * hd, spec["channels"]
-    for name, fin, fout in (("self_attn.q_proj", hidden, q), ("self_attn.k_proj", hidden, kv),
-                            ("self_attn.v_proj", hidden, kv), ("self_attn.o_proj", q, hidden),
-                            ("mlp.gate_proj", hidden, ch), ("mlp.up_proj", hidden, ch),
-                            ("mlp.down_proj", ch, hidden)):
+    q, kv, ch = spec["heads"] * attn.head_dim, spec["kv_heads"] * attn.head_dim, spec["channels"]
+    _replace_linears(layer, spec, (("self_attn.q_proj", hidden, q), ("self_attn.k_proj", hidden, kv),
+                                   ("self_attn.v_proj", hidden, kv), ("self_attn.o_proj", q, hidden),
+                                   ("mlp.gate_proj", hidden, ch), ("mlp.up_proj", hidden, ch),
+                                   ("mlp.down_proj", ch, hidden)))
+    _set_grouped_heads(attn, spec)
+
+
+def _replace_linears(layer, spec: dict, table) -> None:
+    """Every (name, in_features, out_features) of `table` a fresh Linear, biased where ``biases`` says."""
+    biases = set(spec.get("biases", ()))
+    for name, fin, fout in table:
         _replace_linear(layer, name, fin, fout, name in biases)
+
+
+def _set_grouped_heads(attn, spec: dict) -> None:
+    """GQA attention's per-layer head attributes; zero heads: the attention is dropped."""
     attn.num_key_value_groups = spec["heads"] // spec["kv_heads"] if spec["heads"] else 1
     if not spec["heads"]:
-        attn.__class__ = type(f"NoHeads{type(attn).__name__}", (_NoHeadsLlamaAttention, type(attn)), {})
+        _swap_class(attn, _NoHeadsLlamaAttention, "NoHeads")
+
+
+_CLASSES: dict = {}
+
+
+def _swap_class(module: nn.Module, mixin: type, prefix: str) -> None:
+    """Give `module` the (cached) class `mixin` + its own class, named prefix + its class name."""
+    key = (mixin, type(module))
+    if key not in _CLASSES:
+        _CLASSES[key] = type(f"{prefix}{type(module).__name__}", (mixin, type(module)), {})
+    module.__class__ = _CLASSES[key]
+
+
+# --------------------------------------------------------------------------- Phi-3 (fused projections)
+class _LayerConfig:
+    """The model config as one sliced layer sees it: its own num_attention_heads, the rest shared."""
+
+    def __init__(self, config, num_heads: int):
+        object.__setattr__(self, "_config", config)
+        object.__setattr__(self, "num_attention_heads", num_heads)
+
+    def __getattr__(self, name):
+        return getattr(self._config, name)
+
+    def __setattr__(self, name, value):  # e.g. an attention-implementation switch: the model's config
+        setattr(self._config, name, value)
+
+
+class _PrunedPhi3Attention:
+    """Mixin: `self.config` answers this layer's kept head count (Phi3Attention.forward splits
+    qkv_proj's output at ``config.num_attention_heads * head_dim``)."""
+
+    @property
+    def config(self):
+        return _LayerConfig(self.__dict__["config"], self.num_heads)
+
+    @config.setter
+    def config(self, value):
+        self.__dict__["config"] = value
+
+
+def _prune_phi3_layer(layer, spec: dict, config) -> None:
+    attn, hidden = layer.self_attn, config.hidden_size
+    q, kv, ch = spec["heads"] * attn.head_dim, spec["kv_heads"] * attn.head_dim, spec["channels"]
+    _replace_linears(layer, spec, (("self_attn.qkv_proj", hidden, q + 2 * kv), ("self_attn.o_proj", q, hidden),
+                                   ("mlp.gate_up_proj", hidden, 2 * ch), ("mlp.down_proj", ch, hidden)))
+    attn.num_heads, attn.num_key_value_heads = spec["heads"], spec["kv_heads"]
+    _swap_class(attn, _PrunedPhi3Attention, "Pruned")
+    _set_grouped_heads(attn, spec)
 
 
 # --------------------------------------------------------------------------- OPT
@@ -97,14 +168,13 @@ class _NoHeadsOPTAttention:
 
 def _prune_opt_layer(layer, spec: dict, config) -> None:
     attn, hidden = layer.self_attn, config.hidden_size
-    q, ch, biases = spec["heads"] * attn.head_dim, spec["channels"], set(spec.get("biases", ()))
-    for name, fin, fout in (("self_attn.q_proj", hidden, q), ("self_attn.k_proj", hidden, q),
-                            ("self_attn.v_proj", hidden, q), ("self_attn.out_proj", q, hidden),
-                            ("fc1", hidden, ch), ("fc2", ch, hidden)):
-        _replace_linear(layer, name, fin, fout, name in biases)
+    q, ch = spec["heads"] * attn.head_dim, spec["channels"]
+    _replace_linears(layer, spec, (("self_attn.q_proj", hidden, q), ("self_attn.k_proj", hidden, q),
+                                   ("self_attn.v_proj", hidden, q), ("self_attn.out_proj", q, hidden),
+                                   ("fc1", hidden, ch), ("fc2", ch, hidden)))
     attn.num_heads = spec["heads"]
     if not spec["heads"]:
-        attn.__class__ = type(f"NoHeads{type(attn).__name__}", (_NoHeadsOPTAttention, type(attn)), {})
+        _swap_class(attn, _NoHeadsOPTAttention, "NoHeads")
 
 
 # --------------------------------------------------------------------------- BLOOM
@@ -127,16 +197,16 @@ class _NoHeadsBloomAttention:
 
 def _prune_bloom_layer(layer, spec: dict, config) -> None:
     attn, hidden = layer.self_attention, config.hidden_size
-    q, ch, biases = spec["heads"] * attn.head_dim, spec["channels"], set(spec.get("biases", ()))
-    for name, fin, fout in (("self_attention.query_key_value", hidden, 3 * q), ("self_attention.dense", q, hidden),
-                            ("mlp.dense_h_to_4h", hidden, ch), ("mlp.dense_4h_to_h", ch, hidden)):
-        _replace_linear(layer, name, fin, fout, name in biases)
+    q, ch = spec["heads"] * attn.head_dim, spec["channels"]
+    _replace_linears(layer, spec, (("self_attention.query_key_value", hidden, 3 * q),
+                                   ("self_attention.dense", q, hidden), ("mlp.dense_h_to_4h", hidden, ch),
+                                   ("mlp.dense_4h_to_h", ch, hidden)))
     heads = spec.get("alibi_heads", list(range(spec["heads"])))
     attn.kept_alibi_heads = [int(h) for h in heads]  # a plain list: meta-device loading leaves it alone
     attn.total_heads = config.n_head
     attn.num_heads = layer.num_heads = spec["heads"]
     mixin = _AlibiHeadsBloomAttention if spec["heads"] else _NoHeadsBloomAttention
-    attn.__class__ = type(f"Pruned{type(attn).__name__}", (mixin, type(attn)), {})
+    _swap_class(attn, mixin, "Pruned")
 
 
 # --------------------------------------------------------------------------- model classes
@@ -152,11 +222,17 @@ class _Pruned:
             self._prune_layer(layer, spec, config)
 
 
-class PrunedLlamaForCausalLM(_Pruned, LlamaForCausalLM):
+class _LlamaLike(_Pruned):
+    """The LLaMA layout: ``model.layers[i].self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``."""
+
     _prune_layer = staticmethod(_prune_llama_layer)
 
     def _decoder_layers(self):
         return self.model.layers
+
+
+class PrunedLlamaForCausalLM(_LlamaLike, LlamaForCausalLM):
+    pass
 
 
 class PrunedOPTForCausalLM(_Pruned, OPTForCausalLM):
@@ -166,6 +242,30 @@ class PrunedOPTForCausalLM(_Pruned, OPTForCausalLM):
         return self.model.decoder.layers
 
 
+class PrunedMistralForCausalLM(_LlamaLike, MistralForCausalLM):
+    pass
+
+
+class PrunedQwen2ForCausalLM(_LlamaLike, Qwen2ForCausalLM):
+    pass
+
+
+class PrunedQwen3ForCausalLM(_LlamaLike, Qwen3ForCausalLM):
+    pass
+
+
+class PrunedGemma2ForCausalLM(_LlamaLike, Gemma2ForCausalLM):
+    pass
+
+
+class PrunedGemma3ForCausalLM(_LlamaLike, Gemma3ForCausalLM):
+    pass
+
+
+class PrunedPhi3ForCausalLM(_LlamaLike, Phi3ForCausalLM):
+    _prune_layer = staticmethod(_prune_phi3_layer)
+
+
 class PrunedBloomForCausalLM(_Pruned, BloomForCausalLM):
     _prune_layer = staticmethod(_prune_bloom_layer)
 
@@ -173,10 +273,16 @@ class PrunedBloomForCausalLM(_Pruned, BloomForCausalLM):
         return self.transformer.h
 
 
-# model_type -> pruned class. A LLaMA-like family: a subclass of PrunedLlamaForCausalLM's pattern,
-# `class PrunedXForCausalLM(_Pruned, XForCausalLM)` with the LLaMA `_prune_layer`, and one entry here
+# model_type -> pruned class. A LLaMA-like family: `class PrunedXForCausalLM(_LlamaLike, XForCausalLM)`
+# and one entry here
 FAMILIES = {
     "llama": PrunedLlamaForCausalLM,
+    "mistral": PrunedMistralForCausalLM,
+    "qwen2": PrunedQwen2ForCausalLM,
+    "qwen3": PrunedQwen3ForCausalLM,
+    "gemma2": PrunedGemma2ForCausalLM,
+    "gemma3_text": PrunedGemma3ForCausalLM,
+    "phi3": PrunedPhi3ForCausalLM,
     "opt": PrunedOPTForCausalLM,
     "bloom": PrunedBloomForCausalLM,
 }

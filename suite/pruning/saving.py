@@ -3,7 +3,8 @@
 A pruned directory holds safetensors weights, the tokenizer, `plan.json` (kept heads / kv heads /
 channels in the original numbering) and a config that loads with plain transformers:
 the dense config plus ``pruned_layers`` (every layer's head, kv-head and channel counts, its
-biases, BLOOM's kept ALiBi heads) and ``auto_map`` naming `modeling_pruned.py`, which
+biases, BLOOM's kept ALiBi heads; every family in `modeling_pruned.FAMILIES`: LLaMA, Mistral,
+Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3, OPT, BLOOM) and ``auto_map`` naming `modeling_pruned.py`, which
 `save_pruned` copies beside it (see that file). So
 
     AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,7 +45,7 @@ MODELING_FILE = "modeling_pruned.py"
 def pruned_layers(model) -> list[dict]:
     """The ``pruned_layers`` config entry of a (sliced) in-memory model: per-layer sizes and biases."""
     adapter = adapter_for(model)
-    names = [m[0] for m in adapter.head_members] + [m[0] for m in adapter.channel_members]
+    names = _linear_names(adapter)
     out = []
     for layer in adapter.layers(model):
         spec = {"heads": adapter.num_heads(layer), "kv_heads": adapter.num_kv_heads(layer),
@@ -55,6 +57,11 @@ def pruned_layers(model) -> list[dict]:
             spec["alibi_heads"] = [int(h) for h in kept] if kept is not None else list(range(spec["heads"]))
         out.append(spec)
     return out
+
+
+def _linear_names(adapter) -> list[str]:
+    """The prunable Linears of a decoder layer, each once (a fused Linear is named several times)."""
+    return list(dict.fromkeys([m[0] for m in adapter.head_members] + [m[0] for m in adapter.channel_members]))
 
 
 def standard_config(config: dict, layers: list[dict]) -> dict:
@@ -86,12 +93,34 @@ def standard_format(config) -> bool:
 OFFLOADED_SHARD_SIZE = "500MB"
 
 
-def save_pruned(model, tokenizer, plan: Plan, out_dir, extra: dict | None = None) -> Path:
+@contextmanager
+def written_atomically(out_dir: Path, mode_of: str):
+    """Yield a temporary sibling of `out_dir` to write into; on success give every file the mode of
+    its file `mode_of` (written by open(): the umask's mode; safetensors writes 0600) and rename it
+    into place, replacing `out_dir` (the caller's decision); on any failure remove it."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
+        yield tmp
+        mode = (tmp / mode_of).stat().st_mode & 0o777
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                path.chmod(mode)
+        if out_dir.is_dir() and not out_dir.is_symlink():
+            shutil.rmtree(out_dir)
+        elif out_dir.exists() or out_dir.is_symlink():
+            out_dir.unlink()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_pruned(model, tokenizer, plan: Plan, out_dir, extra: dict | None = None) -> Path:
+    out_dir = Path(out_dir)
+    with written_atomically(out_dir, PLAN_FILE) as tmp:
         # offloaded weights are read back shard by shard: small shards bound the memory this takes
         shards = {"max_shard_size": OFFLOADED_SHARD_SIZE} if offloaded(model) else {}
         model.save_pretrained(tmp, safe_serialization=True, **shards)
@@ -105,18 +134,6 @@ def save_pruned(model, tokenizer, plan: Plan, out_dir, extra: dict | None = None
         plan.save(tmp / PLAN_FILE)
         if extra:
             (tmp / "pruning.json").write_text(json.dumps(extra, indent=1, sort_keys=True, default=str))
-        mode = (tmp / PLAN_FILE).stat().st_mode & 0o777  # written by open(): the umask's mode
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                path.chmod(mode)
-        if out_dir.is_dir() and not out_dir.is_symlink():
-            shutil.rmtree(out_dir)
-        elif out_dir.exists() or out_dir.is_symlink():
-            out_dir.unlink()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -127,7 +144,7 @@ def _layers_from_plan(config, plan: Plan, keys: set[str]) -> list[dict]:
     with torch.device("meta"):  # the dense architecture's module names and sizes, no memory
         dense = AutoModelForCausalLM.from_config(config)
     adapter = adapter_for(dense)
-    names = [m[0] for m in adapter.head_members] + [m[0] for m in adapter.channel_members]
+    names = _linear_names(adapter)
     prefix = {id(layer): name for name, layer in dense.named_modules()}
     out = []
     for lp, layer in zip(plan.layers, adapter.layers(dense)):
