@@ -98,7 +98,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, gpt2_dir, case):
     assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())
 
 
-# --------------------------------------------------------------------------- --out: nothing replaced without --force
+# ------------------------------------------------------------------ --out: nothing replaced without --force
 def snapshot(path: Path) -> dict:
     """{relative path: (sha256, mode)} of every file under `path` (or of `path` itself)."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
@@ -158,7 +158,7 @@ def test_prune_force_replaces_an_earlier_model_and_a_file(pruned, tmp_path, caps
     assert (file / "plan.json").is_file()
 
 
-# --------------------------------------------------------------------------- options checked before loading; argparse's errors; --help
+# ------------------------------------------------ options checked before loading; argparse's errors; --help
 
 
 @pytest.mark.parametrize("method, opt, says", [

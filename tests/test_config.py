@@ -235,7 +235,7 @@ def test_a_method_variant_gets_its_own_default_label():
     assert default_label("wanda-sp", {}) == "wanda-sp" and default_label("magnitude", {"norm": "l1"}) == "magnitude"
 
 
-# --------------------------------------------------------------------------- a method entry's selection and method options
+# ------------------------------------------------------------ a method entry's selection and method options
 @pytest.mark.parametrize("option, says", [
     ("scope: globl", "methods[0].options.scope: expected one of layer, global, got 'globl'"),
     ("layers: foo", "methods[0].options.layers: layers must be 'all', 'start:end' or a list, got 'foo'"),

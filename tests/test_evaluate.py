@@ -232,7 +232,7 @@ def test_eval_command_prints_and_writes_json(tiny, tmp_path, capsys):
     assert main(["eval", "--model", "tiny-llama", "--ppl", "pile"]) == 2  # UserError -> exit 2
 
 
-# --------------------------------------------------------------------------- windows longer than the positions
+# ------------------------------------------------------------------------ windows longer than the positions
 def test_window_limit_is_the_opt_position_table():
     from suite.evaluate import check_window
 

@@ -629,7 +629,7 @@ def test_mean_compensation_adds_the_removed_columns_mean_contribution():
     assert result.info["compensated_modules"] == 8
 
 
-# --------------------------------------------------------------------------- compensation, the diagnosis' rank correlation, restoring from safetensors
+# -------------------------------- compensation, the diagnosis' rank correlation, restoring from safetensors
 def test_compensation_refuses_an_unsliced_projection_naming_the_method():
     from minillm.method import OPTIONS, score
     from suite.pruning.select import select

@@ -288,7 +288,7 @@ def test_layer_gradients_equal_whole_model_backprop(saved, tmp_path, name):
         assert all(p.grad is None for p in model.parameters())
 
 
-# --------------------------------------------------------------------------- offload settings and the hidden-state placement (--hidden-on)
+# -------------------------------------------- offload settings and the hidden-state placement (--hidden-on)
 def suite_env(**extra) -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path]), "HF_HUB_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1", **extra}

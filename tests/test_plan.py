@@ -202,7 +202,7 @@ def test_compose_is_indexing_into_the_first_plan():
         compose(base, Plan("llama", [LayerPlan(heads=[6], channels=[0])]))
 
 
-# --------------------------------------------------------------------------- cached decoding after a dropped block
+# -------------------------------------------------------------------- cached decoding after a dropped block
 
 
 def drop(model, layer, what):
@@ -264,7 +264,7 @@ def test_generate_with_cache_equals_without_after_a_bloom_attention_is_dropped()
         assert rel_err(a, b) <= 1e-5
 
 
-# --------------------------------------------------------------------------- BLOOM's exact tensor-parallel mode
+# ----------------------------------------------------------------------- BLOOM's exact tensor-parallel mode
 
 
 def tp_bloom(slow_but_exact=True):

@@ -264,7 +264,7 @@ def test_config_errors_are_one_line(tmp_path, fake_env, capsys, edit, message):
     assert not (tmp_path / "r.jsonl").exists()
 
 
-# --------------------------------------------------------------------------- models that are not there; --out holding another grid's records
+# ------------------------------------------ models that are not there; --out holding another grid's records
 @pytest.mark.parametrize("missing", ["./no/such/dir", "out/no-such-model", "~/no-such-model-t6"])
 def test_a_missing_local_model_path_is_refused_before_any_cell(tmp_path, capsys, monkeypatch, missing):
     from suite import runner

@@ -94,7 +94,7 @@ def test_standardised_scores_select_the_same_groups_in_the_layer_scope():
     assert plans[("global", "raw")] != plans[("global", "z")]
 
 
-# --------------------------------------------------------------------------- global scope with empty layers allowed
+# ------------------------------------------------------------------- global scope with empty layers allowed
 
 
 def one_layer_bloom():

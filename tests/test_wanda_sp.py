@@ -50,7 +50,7 @@ def test_wanda_sp_scores(models, name, mode):
     close(run(wanda_sp, model, ids, mode).scores, want)
 
 
-# --------------------------------------------------------------------------- fidelity to FLAP's sequential loop
+# ----------------------------------------------------------------------- fidelity to FLAP's sequential loop
 
 
 RATIOS = (0.2, 0.5)
