@@ -159,8 +159,6 @@ def test_prune_force_replaces_an_earlier_model_and_a_file(pruned, tmp_path, caps
 
 
 # ------------------------------------------------ options checked before loading; argparse's errors; --help
-
-
 @pytest.mark.parametrize("method, opt, says", [
     ("minillm", "direction=8", "has no option 'direction'"),
     ("minillm", "space=foo", "space='foo'"),

@@ -99,8 +99,6 @@ def test_flap_uncompensated_leaves_no_bias(models):
 
 
 # --------------------------------------------------------------------------- variance=reference
-
-
 WINDOWS = torch.tensor([[[1.0, 5.0], [3.0, 5.0]], [[2.0, 1.0], [6.0, 3.0]], [[0.0, 2.0], [4.0, 2.0]]])
 
 

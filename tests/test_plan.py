@@ -203,8 +203,6 @@ def test_compose_is_indexing_into_the_first_plan():
 
 
 # -------------------------------------------------------------------- cached decoding after a dropped block
-
-
 def drop(model, layer, what):
     plan = full_plan(model)
     plan.allow_empty = True
@@ -265,8 +263,6 @@ def test_generate_with_cache_equals_without_after_a_bloom_attention_is_dropped()
 
 
 # ----------------------------------------------------------------------- BLOOM's exact tensor-parallel mode
-
-
 def tp_bloom(slow_but_exact=True):
     from transformers import BloomConfig, BloomForCausalLM
 

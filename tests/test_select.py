@@ -95,8 +95,6 @@ def test_standardised_scores_select_the_same_groups_in_the_layer_scope():
 
 
 # ------------------------------------------------------------------- global scope with empty layers allowed
-
-
 def one_layer_bloom():
     from transformers import BloomConfig, BloomForCausalLM
 
@@ -166,8 +164,6 @@ def test_global_allow_empty_trades_a_head_for_channels_when_heads_rank_last():
 
 
 # --------------------------------------------------------------------------- a model already pruned unevenly
-
-
 @pytest.mark.parametrize("head_mode", ["q-head", "kv-group"])
 def test_selection_on_a_gqa_model_whose_layer_became_mha(tmp_path, head_mode):
     """Layer 1 keeps one q head per kv head (2 q / 2 kv) while layer 0 stays GQA (8 q / 2 kv): a

@@ -51,8 +51,6 @@ def test_wanda_sp_scores(models, name, mode):
 
 
 # ----------------------------------------------------------------------- fidelity to FLAP's sequential loop
-
-
 RATIOS = (0.2, 0.5)
 
 
@@ -156,8 +154,6 @@ def test_wanda_sp_keeps_what_flaps_sequential_loop_keeps(smollm2):
 
 
 # --------------------------------------------------------------------------- the one-shot variant
-
-
 VARIANT_GRID = """name: t
 models: [tiny-llama]
 methods: [wanda-sp, {name: wanda-sp, options: {sequential: false}}, {name: wanda-sp, label: mine, options: {sequential: false, batch_size: 2}}, flap]
