@@ -23,7 +23,7 @@ at 1 MB (`mallopt(M_MMAP_THRESHOLD)`): every tensor >= 1 MB is its own mapping, 
 system when freed, so VmHWM follows the live tensors, as `max_memory_allocated` does on CUDA. The
 CLI and every grid cell call it first.
 
-Why 1 MB (results/notes/harness.md §1b, `results/runs/allocator_bench.py`, SmolLM2-135M, each
+Why 1 MB (results/notes/harness.md §1, `scripts/allocator_bench.py`, SmolLM2-135M, each
 setting in separate processes): only the 1 MB pin reads the same score-phase peak run after run
 (MINI-LLM at q = 2: 982-1,008 MB over three runs; wanda-sp 920-928 MB). At 4 MB, 8 MB or glibc's
 default the same command read up to 600 MB more in one run than in another (MINI-LLM 993-1,283,

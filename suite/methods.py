@@ -1,6 +1,9 @@
-"""Registry of pruning methods: name -> module implementing the `suite.pruning.scoring` contract.
+"""Registry of pruning methods: name -> the path of its module (the `suite.pruning.scoring` contract).
 
-Adding a method is adding one line here and one in SUMMARIES (and its module).
+A method's module is imported only when the method is asked for (`get_method`), so the harness
+imports no method at start-up (`python -m suite --help` imports none). Adding a method is adding its
+module (in `baselines/` or `minillm/`, built on the engine `suite.pruning`), one line in METHODS and
+one in SUMMARIES (README "Adding a method").
 """
 from __future__ import annotations
 

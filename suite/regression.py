@@ -1,7 +1,8 @@
 """Quality regression: compare fresh records with committed reference records.
 
 `results/reference/*.jsonl` hold records from a real run (`python -m suite run
-configs/reference.yaml --out results/reference/reference.jsonl`). The regression test reruns
+configs/reference-tiny.yaml --out results/reference/reference-tiny.jsonl`, likewise
+`reference-smollm2`). The regression test reruns
 those cells and fails when a metric drifts beyond these tolerances:
 
     parameter counts            exact (pruning decisions must not change)

@@ -10,10 +10,8 @@ import random
 import pytest
 import torch
 
-from minillm import zo
-
 from suite.pruning import loss as lm_loss
-from suite.pruning.architectures import all_group_sets
+from suite.pruning.architectures import all_group_sets, decoder_and_head
 from suite.pruning.plan import LayerPlan, Plan, apply_plan
 from suite.pruning.saving import save_pruned
 from suite.pruning.select import select
@@ -234,7 +232,7 @@ def test_chunked_loss_equals_the_models_own_loss(name, chunk, monkeypatch):
     x = ids(n=3, seqlen=24, seed=5)
     with torch.no_grad():
         own = model(input_ids=x, labels=x, use_cache=False).loss.item()
-    assert zo.decoder_and_head(model)[0] is not None  # the chunked path, not the full-logits fallback
+    assert decoder_and_head(model)[0] is not None  # the chunked path, not the full-logits fallback
     assert abs(lm_loss.calibration_loss(model, x, batch_size=2) - own) <= 1e-5 * own
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from minillm import zo
 
 from suite.pruning import loss as lm_loss
-from suite.pruning.architectures import adapter_for, all_group_sets
+from suite.pruning.architectures import adapter_for, all_group_sets, decoder_and_head
 from suite.pruning.errors import UserError
 from suite.pruning.gates import gated
 from minillm import method as minillm_method
@@ -102,7 +102,7 @@ def test_chunked_loss_equals_cross_entropy_of_the_full_logits(name, chunk, monke
     model = load_model(name)
     monkeypatch.setattr(lm_loss, "LOSS_CHUNK_ELEMENTS", chunk)
     batch = windows(n=3, seqlen=24, seed=5)
-    assert zo.decoder_and_head(model)[0] is not None
+    assert decoder_and_head(model)[0] is not None
     with torch.no_grad():
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].double()
         expected = torch.nn.functional.cross_entropy(

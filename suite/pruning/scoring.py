@@ -1,6 +1,8 @@
 """The contract of a pruning method: score groups, nothing else (Wanda's `lib/prune.py` spirit).
 
-A method is one module (in `baselines/` or `minillm/`) registered in `suite/methods.py`, with:
+A method is one module (in `baselines/` or `minillm/`) registered in `suite/methods.py`. It builds on
+this engine package (`suite.pruning`: groups, the layer pass, statistics, the loss, compensation)
+and imports nothing from the harness (`suite.*` outside `suite.pruning`) or another method. It has:
 
     NAME        the registry name, e.g. "wanda-sp"
     Options     its options: a `suite.pruning.options.MethodOptions` subclass (types, choices, ranges,

@@ -1,7 +1,7 @@
 """Score-phase time and peak RSS of one method under a given glibc allocator setting (a helper for
-results/notes/harness.md §1b, not part of the suite).
+results/notes/harness.md, not part of the suite).
 
-    python results/runs/allocator_bench.py MODE METHOD [DIRECTIONS]   # one JSON line on stdout
+    python scripts/allocator_bench.py MODE METHOD [DIRECTIONS] >> results/runs/allocator-COMMIT.jsonl   # one JSON line
 
 MODE: `default` (glibc's dynamic mmap threshold), `T<bytes>` (threshold pinned, as
 `suite.measure.steady_allocator` does with 1 MB), `trim` (default threshold, `malloc_trim(0)` at

@@ -1,8 +1,8 @@
 """Markdown tables of results/notes/minillm.md from the records in results/zo/ (not part of the suite).
 
-    python results/zo/tables.py ppl     # perplexity / scoring time / memory per method and ratio
-    python results/zo/tables.py tune    # the tuning log (results/zo/tune.jsonl)
-    python results/zo/tables.py control # ZO seeds against |N(0,1)| seeds, with an exact rank-sum test
+    python scripts/minillm_tables.py ppl     # perplexity / scoring time / memory per method and ratio
+    python scripts/minillm_tables.py tune    # the tuning log (results/zo/tune.jsonl)
+    python scripts/minillm_tables.py control # ZO seeds against |N(0,1)| seeds, with an exact rank-sum test
 """
 import json
 import sys
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from scipy.stats import mannwhitneyu
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1] / "results" / "zo"  # the records: results/zo/ppl/, tune.jsonl
 ROWS = [  # (record name, row label); ratios 0.2 and 0.5 side by side
     ("random", "random"), ("magnitude", "magnitude"), ("wanda-sp", "wanda-sp"), ("flap", "flap"),
     ("llm-pruner", "llm-pruner (backprop)"),

@@ -1,6 +1,6 @@
 """Score-phase peak vs calibration windows (issue 11, "how memory grows"): results/notes/memory-growth.md.
 
-    PYTHONPATH=. MINILLM_DATA=... OMP_NUM_THREADS=1 python results/runs/memory_growth.py [OUTDIR]
+    PYTHONPATH=. MINILLM_DATA=... OMP_NUM_THREADS=1 python scripts/memory_growth.py [OUTDIR]
 
 Runs `python -m suite prune --model smollm2-135m --method M --ratio 0.2 --nsamples N --seqlen 128`
 for wanda-sp (sequential, the default) and flap at 8, 32 and 128 windows into OUTDIR/M-N (default

@@ -1,6 +1,6 @@
 """How alike are the kept groups of the §2 runs? (results/notes/minillm.md §2, the noise control)
 
-    python results/zo/plans.py [RUNS_DIR] [RECIPE]    # default /tmp/mruns fmsout (the §2 --out dirs)
+    python scripts/minillm_plans.py [RUNS_DIR] [RECIPE]    # default /tmp/mruns fmsout (the §2 --out dirs)
 
 For each ratio-0.5 run of the recipe with a ZO or |N(0,1)| gradient: the groups (heads and channels)
 it alone keeps, kept by none of the others, and those it alone removes, kept by all the others; and how

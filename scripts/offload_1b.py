@@ -1,6 +1,6 @@
 """The offload measurement of results/notes/offload.md: a random-init LLaMA of ~1.1B parameters.
 
-    python results/runs/offload_1b.py build /tmp/llama-1b     # once: bf16 safetensors (~2.2 GB)
+    python scripts/offload_1b.py build /tmp/llama-1b     # once: bf16 safetensors (~2.2 GB)
     /usr/bin/time -v python -m suite prune --model /tmp/llama-1b --method wanda-sp --ratio 0.2 \
         --nsamples 8 --seqlen 128 --dtype bfloat16 --offload disk --device-memory 1GB \
         --hidden-on cpu --out /tmp/llama-1b-wanda --quiet

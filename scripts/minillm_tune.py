@@ -1,15 +1,15 @@
 """Tuning helper (not part of the suite): score once, select+slice at several ratios, PTB/C4 ppl.
 
-python results/zo/tune.py LABEL RATIOS KEY=VALUE ...   (minillm options; calib nsamples=.. seqlen=.. via n=, L=)
-Appends one JSON line per ratio to results/zo/tune.jsonl (beside this file). Never evaluates WikiText-2.
+python scripts/minillm_tune.py LABEL RATIOS KEY=VALUE ...   (minillm options; calib nsamples=.. seqlen=.. via n=, L=)
+Appends one JSON line per ratio to results/zo/tune.jsonl (results/notes/minillm.md §3). Never evaluates WikiText-2.
 """
 import copy, json, sys, time
 from pathlib import Path
 import torch
-from minillm.architectures import all_group_sets
-from minillm.plan import apply_plan
-from minillm.scoring import checked_options
-from minillm.select import select
+from suite.pruning.architectures import all_group_sets
+from suite.pruning.plan import apply_plan
+from suite.pruning.scoring import checked_options
+from suite.pruning.select import select
 from suite.data import calibration_windows
 from suite.evaluate import perplexity
 from suite.methods import get_method
@@ -40,7 +40,7 @@ variants = [(None, sc.info.get("layer_weights"))]
 if lams:
     sens = {int(i): sum(v.values()) for i, v in sc.info["layer"]["sensitivity"].items()}
     variants = [(lam, allocation_from_sensitivity(sens, lam)) for lam in lams]
-from minillm.errors import UserError
+from suite.pruning.errors import UserError
 pristine = copy.deepcopy(model) if sc.compensate is not None else None
 for (lam, lw), r in [(v, float(x)) for v in variants for x in ratios.split(",")]:
     if sc.compensate is not None:  # the compensation closure holds its model's modules: rescore a fresh copy
@@ -49,7 +49,7 @@ for (lam, lw), r in [(v, float(x)) for v in variants for x in ratios.split(",")]
     else:
         m = copy.deepcopy(model)
     try:
-        sel = select(m, sc.scores, r, scope=scope, layers=lay, layer_weights=lw)
+        sel = select(m, sc.scores, r, scope=scope, layers=lay, allocation_weights=lw)
     except UserError as e:
         print("skip", lam, r, e, flush=True)
         continue
@@ -62,6 +62,6 @@ for (lam, lw), r in [(v, float(x)) for v in variants for x in ratios.split(",")]
         out[c] = round(perplexity(m, tok, c, seq_len=128, max_tokens=tokens, quiet=True), 3)
     out["heads"] = [len(l.heads) for l in sel.plan.layers]
     print(json.dumps(out), flush=True)
-    with open(Path(__file__).with_name("tune.jsonl"), "a") as f:
+    with open(Path(__file__).resolve().parents[1] / "results" / "zo" / "tune.jsonl", "a") as f:
         f.write(json.dumps(out) + "\n")
     del m

@@ -1,6 +1,6 @@
 """How many of FLAP's removed groups change between variance=exact and variance=reference.
 
-    PYTHONPATH=. python results/runs/flap_variance.py > results/runs/flap_variance.jsonl
+    PYTHONPATH=. python scripts/flap_variance.py > results/runs/flap_variance.jsonl   (results/notes/layerwise.md §4)
 
 SmolLM2-135M, C4 calibration from the suite's sampler (seed 0), 128 and 8 windows of 128 tokens,
 FLAP's own selection (global, AL-AM), ratios 0.2 and 0.5. Per setting: removed heads / channels
@@ -10,8 +10,8 @@ the kept sets differ.
 import json
 
 import baselines.flap as flap
-from minillm.architectures import all_group_sets
-from minillm.select import select
+from suite.pruning.architectures import all_group_sets
+from suite.pruning.select import select
 from suite.data import calibration_windows
 from suite.models import load_model, load_tokenizer
 
