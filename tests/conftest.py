@@ -30,3 +30,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models():
+    """name -> the seeded tiny model `suite.models.load_model(name)`, loaded once per test module (for
+    tests that only read it)."""
+    from suite.models import load_model
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = load_model(name)
+        return cache[name]
+    return get

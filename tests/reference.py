@@ -37,3 +37,9 @@ def masked_logits(model, plan, ids) -> torch.Tensor:
     finally:
         for h in handles:
             h.remove()
+
+
+def logits(model, ids) -> torch.Tensor:
+    """Logits [batch, seq, vocab] of `model` on `ids`, without autograd."""
+    with torch.no_grad():
+        return model(ids).logits

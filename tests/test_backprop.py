@@ -1,4 +1,4 @@
-"""Bounded backprop (issue 11): gradients accumulated over micro-batches, the loss's head checkpointed.
+"""Bounded backprop: gradients accumulated over micro-batches, the loss's head checkpointed.
 
 Every reference is a plain one-batch ``model(x, labels=x).loss.backward()`` (transformers' own loss
 on the full logits), or the full-logits ``cross_entropy``, computed here; never the suite's loss.
@@ -16,7 +16,7 @@ from suite.pruning.architectures import all_group_sets
 from minillm.method import weight_gradient, member_weights
 from suite.pruning.scoring import checked_options
 from suite.models import load_model
-from tests.test_baselines import close, taylor_reference
+from tests.group_scores import close, taylor_reference
 from tests.tiny import token_ids
 
 MODELS = ["tiny-llama", "tiny-llama-gqa", "tiny-opt", "tiny-bloom"]

@@ -1,4 +1,4 @@
-"""Calibration defaults (issue 11): each method calibrates with its own published setting unless the
+"""Calibration defaults: each method calibrates with its own published setting unless the
 grid says EXPLICITLY (`calibration: {apply_to: all, ...}`) or a method entry gives its own; the record
 says which settings ran and where each came from. Tiny models; the cells run in-process, < 20 s.
 """
@@ -130,12 +130,12 @@ def test_no_calibration_given_means_each_methods_own(tmp_path):
 @pytest.mark.parametrize("name", ["reference-tiny", "reference-smollm2"])
 def test_shipped_references_keep_their_grid_and_cells(name):
     """`apply_to: all` restates what those grids meant: the committed records' cell keys still match, and
-    the grid's hash is that of the same config without the marker (what it was before issue 11)."""
+    the grid's hash is that of the same config without the marker (what it was before the marker existed)."""
     config = load_config(ROOT / "configs" / f"{name}.yaml")
     assert config["calibration"]["apply_to"] == "all"
     records = read_records(ROOT / "results" / "reference" / f"{name}.jsonl")
     assert {r["cell_key"] for r in records} == {cell_key(c) for c in expand_cells(config)}
-    from suite.config import RUNTIME_KEYS  # offload keys (issue 11) are not part of a grid's identity
+    from suite.config import RUNTIME_KEYS  # offload keys are not part of a grid's identity
 
     before = {k: v for k, v in config.items() if k not in RUNTIME_KEYS}
     before["calibration"] = {k: config["calibration"][k] for k in ("corpus", "nsamples", "seqlen")}

@@ -1,6 +1,7 @@
 """Standard pruned checkpoints: a directory written by `save_pruned` loads with plain transformers
 (`trust_remote_code=True`, in a process where the suite is not importable) and gives the logits of
 the suite's in-memory pruned model; the suite's own loader reads it and the older format."""
+import copy
 import json
 import os
 import shutil
@@ -14,11 +15,13 @@ import torch
 from suite.pruning.architectures import adapter_for
 from suite.pruning.plan import apply_plan
 from suite.pruning.saving import load_pruned, save_pruned
-from suite.models import byte_tokenizer
+from suite.pruning.select import select
+from suite.models import byte_tokenizer, load_model
 from tests.checkpoints import (EMPTY_ATTENTION, FAMILIES, FAMILY_CASES, GENERATED, HIDE_SUITE, family_ids,
                                heterogeneous_plan, plain_transformers_logits, plain_transformers_run, pruned_family,
                                pruned_tiny)
 from tests.reference import rel_err
+from tests.tiny import numel, random_scores
 
 TINY = ["tiny-llama", "tiny-llama-gqa", "tiny-opt", "tiny-bloom"]
 
@@ -266,3 +269,35 @@ def test_family_without_pruned_class_saves_and_loads_as_before(tmp_path, monkeyp
     ids = torch.randint(3, 259, (1, 16))
     with torch.no_grad():
         assert torch.equal(load_pruned(out)(ids).logits, model(ids).logits)
+
+
+# --------------------------------------------------------------------------- save and reload
+@pytest.mark.parametrize("name", ["tiny-llama-gqa", "tiny-opt", "tiny-bloom"])
+def test_saved_model_reloads_with_identical_logits_and_no_pickle(tmp_path, name):
+    model = load_model(name)
+    sel = select(model, random_scores(model), 0.3, layers=[0, 2, 3])
+    apply_plan(model, sel.plan)
+    if name == "tiny-llama-gqa":  # a bias created by pruning (FLAP compensation) must survive
+        o = model.model.layers[0].self_attn.o_proj
+        o.bias = torch.nn.Parameter(torch.randn(o.out_features))
+    out = save_pruned(model, byte_tokenizer(), sel.plan, tmp_path / "pruned")
+    files = {p.name for p in out.iterdir()}
+    assert "plan.json" in files and any(f.endswith(".safetensors") for f in files)
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle")) for f in files)
+    again = load_model(str(out))
+    ids = torch.randint(3, 259, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    assert numel(again) == numel(model)
+
+
+def test_saved_smollm2_keeps_its_tied_embeddings_and_logits(tmp_path, smollm2):
+    model = copy.deepcopy(smollm2[0])
+    sel = select(model, random_scores(model), 0.2, layers=list(range(4, 28)))
+    apply_plan(model, sel.plan)
+    out = save_pruned(model, smollm2[1], sel.plan, tmp_path / "smol")
+    again = load_model(str(out))
+    assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, 49152, (1, 32))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)

@@ -1,12 +1,20 @@
-"""CLI end to end: info, prune (random), and bad input = one line on stderr, exit 2, nothing written."""
+"""The CLI (suite/cli.py, suite/commands/): info and prune end to end; bad input is one line on stderr,
+exit 2, nothing written; `--out` replaces nothing without `--force` (files byte-identical afterwards);
+options are checked before the model loads; `--help` explains every option, method and model."""
+import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from suite.cli import build_parser, main
+from suite.methods import METHODS, SUMMARIES
 from suite.models import load_model
+from tests.cli_output import one_error_line, one_line_error
 
 
 def run_cli(*args, env=None, cwd=None):
@@ -88,3 +96,120 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, gpt2_dir, case):
         assert str(tmp_path / "empty-mirror") in lines[0]
     assert not out.exists()
     assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ --out: nothing replaced without --force
+def snapshot(path: Path) -> dict:
+    """{relative path: (sha256, mode)} of every file under `path` (or of `path` itself)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path) if p != path else p.name): (hashlib.sha256(p.read_bytes()).hexdigest(),
+                                                                 stat.S_IMODE(p.stat().st_mode)) for p in files}
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prune") / "random"
+    assert main(["prune", "--model", "tiny-opt", "--method", "random", "--ratio", "0.3", "--out", str(out),
+                 "--quiet"]) == 0
+    return out
+
+
+def test_pruned_files_share_one_mode(pruned, tmp_path):
+    probe = tmp_path / "probe"
+    probe.write_text("x")  # a file this process creates: the umask's mode
+    modes = {name: mode for name, (_, mode) in snapshot(pruned).items()}
+    assert "model.safetensors" in modes and set(modes.values()) == {stat.S_IMODE(probe.stat().st_mode)}
+
+
+@pytest.mark.parametrize("case", ["earlier model", "regular file", "other directory", "other directory --force"])
+def test_prune_out_refuses_to_replace(pruned, tmp_path, capsys, case):
+    if case == "earlier model":
+        target = pruned
+    elif case == "regular file":
+        target = tmp_path / "notes.txt"
+        target.write_text("my notes\n")
+    else:
+        target = tmp_path / "project"
+        (target / "src").mkdir(parents=True)
+        (target / "src" / "main.py").write_text("print(1)\n")
+    before = snapshot(target)
+    force = ["--force"] if case.endswith("--force") else []
+    args = ["prune", "--model", "tiny-opt", "--method", "magnitude", "--ratio", "0.2", "--out", str(target), *force]
+    assert main(args) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(target) in line and ("--force" in line or force)
+    assert snapshot(target) == before
+    assert not [p for p in target.parent.iterdir() if ".tmp" in p.name]
+
+
+def test_prune_force_replaces_an_earlier_model_and_a_file(pruned, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(pruned, model)
+    assert json.loads((model / "pruning.json").read_text())["method"] == "random"
+    assert main(["prune", "--model", "tiny-opt", "--method", "magnitude", "--ratio", "0.2", "--out", str(model),
+                 "--force", "--quiet"]) == 0
+    assert json.loads((model / "pruning.json").read_text())["method"] == "magnitude"
+    file = tmp_path / "file"
+    file.write_text("old")
+    assert main(["prune", "--model", "tiny-opt", "--method", "magnitude", "--ratio", "0.2", "--out", str(file),
+                 "--force", "--quiet"]) == 0
+    assert (file / "plan.json").is_file()
+
+
+# ------------------------------------------------ options checked before loading; argparse's errors; --help
+@pytest.mark.parametrize("method, opt, says", [
+    ("minillm", "direction=8", "has no option 'direction'"),
+    ("minillm", "space=foo", "space='foo'"),
+    ("magnitude", "norm=l3", "norm='l3': choose one of l2, l1"),  # the Options' wording
+    ("llm-pruner", "importance=taylor", "importance='taylor': choose one of element1"),
+    ("flap", "head_power=two", "expected float"),
+])
+def test_method_options_are_checked_before_the_model_loads(monkeypatch, tmp_path, capsys, method, opt, says):
+    import suite.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(suite.models, "load_model", no_load)
+    monkeypatch.setattr(suite.models, "load_tokenizer", no_load)
+    assert main(["prune", "--model", "tiny-llama", "--method", method, "--ratio", "0.2", "--out",
+                 str(tmp_path / "o"), "--opt", opt]) == 2
+    assert says in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--scope", "globl"], "argument --scope: invalid choice: 'globl'"),
+    (["--round-to", "abc"], "argument --round-to: invalid int value: 'abc'"),
+    (["--head-mode", "kv"], "argument --head-mode: invalid choice: 'kv'"),
+])
+def test_argparse_errors_are_one_line(tmp_path, capsys, args, says):
+    """Not argparse's 13-line usage block: the suite's one line, exit 2."""
+    from suite.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["prune", "--model", "tiny-llama", "--method", "magnitude", "--ratio", "0.2", "--out",
+              str(tmp_path / "o"), *args])
+    assert exit_.value.code == 2
+    assert says in one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_lists_methods_models_and_explains_every_option(capsys):
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+    with pytest.raises(SystemExit) as exit_:
+        main(["prune", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert set(SUMMARIES) == set(METHODS)
+    for method, summary in SUMMARIES.items():
+        assert f"{method} {' '.join(summary.split())}" in text
+    for model in ("smollm2-135m", "tiny-llama", "tiny-llama-gqa", "tiny-opt", "tiny-bloom"):
+        assert f"'{model}'" in text
+    assert "Instruct" in text and "MINILLM_DATA" in text

@@ -11,6 +11,7 @@ from suite.pruning.errors import UserError
 from suite import config as config_module
 from suite.config import PAPER_TASKS, expand_cells, load_config
 from suite.records import cell_key
+from tests.grids import load_grid
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 ALL_METHODS = ["magnitude", "random", "wanda-sp", "flap", "llm-pruner", "minillm"]
@@ -128,7 +129,7 @@ def test_no_dense_row_when_disabled(tmp_path, registry):
     (MINIMAL.replace("[random]", "[random, {name: random, label: r2}]"),
      "methods[1]: same method and options as methods[0]"),
     (MINIMAL.replace("[random]", "[{name: random, label: dense}]"), "methods[0]: the label 'dense' is reserved"),
-    # issue 13: one schema, one wording (a method's options: its `Options`, as `suite prune --opt` says it)
+    # a method's options: its `Options`, worded as `suite prune --opt` words them
     (MINIMAL.replace("[random]", "[random, magnitude, {name: minillm, options: {eps: abc}}]"),
      "config.yaml: methods[2].options: minillm option eps: expected float, got 'abc'"),
     (MINIMAL.replace("[random]", "[{name: minillm, options: {steps: 2.5}}]"),
@@ -168,7 +169,7 @@ def test_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("text,message", [  # issue 13: the pydantic schema keeps the module's words and paths
+@pytest.mark.parametrize("text,message", [  # the pydantic schema's words and key paths
     (MINIMAL + "recovery: {ratios: [0.2, 1.5]}\n", "recovery.ratios[1]: expected a pruning ratio in (0, 1), got 1.5"),
     (MINIMAL + "recovery: {learning_rate: x}\n", "recovery.learning_rate: expected number, got 'x'"),
     (MINIMAL + "recovery: 3\n", "recovery: expected mapping, got 3"),
@@ -225,10 +226,55 @@ def test_method_options_are_the_methods_own_declaration(tmp_path):
 
 
 def test_a_method_variant_gets_its_own_default_label():
-    """flap variance=reference and wanda-sp sequential=false are named apart in tables (issue 13 trial 6, item 7)."""
+    """flap variance=reference and wanda-sp sequential=false are named apart in tables."""
     from suite.config import default_label
 
     assert default_label("flap", {"variance": "reference"}) == "flap (reference variance)"
     assert default_label("flap", {"variance": "exact"}) == default_label("flap", {}) == "flap"
     assert default_label("wanda-sp", {"sequential": False}) == "wanda-sp (one-shot)"
     assert default_label("wanda-sp", {}) == "wanda-sp" and default_label("magnitude", {"norm": "l1"}) == "magnitude"
+
+
+# ------------------------------------------------------------ a method entry's selection and method options
+@pytest.mark.parametrize("option, says", [
+    ("scope: globl", "methods[0].options.scope: expected one of layer, global, got 'globl'"),
+    ("layers: foo", "methods[0].options.layers: layers must be 'all', 'start:end' or a list, got 'foo'"),
+    ("layers: 3", "methods[0].options.layers: expected 'all', 'start:end' or a list, got 3"),
+    ("round_to: -1", "methods[0].options.round_to: expected a positive integer, got -1"),
+    ("head_mode: x", "methods[0].options.head_mode: expected one of q-head, kv-group, got 'x'"),
+    ("allow_empty: maybe", "methods[0].options.allow_empty: expected boolean, got 'maybe'"),
+])
+def test_a_grid_s_selection_options_are_checked_when_it_loads(tmp_path, option, says):
+    """Refused with one line when the grid loads, not when its cell runs (or --dry-run predicts it)."""
+    with pytest.raises(UserError) as err:
+        load_grid(tmp_path, "magnitude", option)
+    assert str(err.value) == f"{tmp_path / 'g.yaml'}: {says}"
+
+
+def test_a_grid_s_good_selection_options_are_kept_as_given(tmp_path):
+    options = "scope: global, layers: [0.125, 0.875], round_to: 8, head_mode: kv-group, allow_empty: true"
+    config = load_grid(tmp_path, "magnitude", options)
+    assert config["methods"][0]["options"] == {"scope": "global", "layers": [0.125, 0.875], "round_to": 8,
+                                               "head_mode": "kv-group", "allow_empty": True}
+
+
+@pytest.mark.parametrize("layers", ["'5:2'", "'0.9:0.1'", "[]", "'-1:4'"])
+def test_a_grid_s_layer_range_empty_or_negative_on_any_model_is_refused(tmp_path, layers):
+    with pytest.raises(UserError, match=r"methods\[0\]\.options\.layers: the layer range .* (empty|negative) on any model"):
+        load_grid(tmp_path, "magnitude", f"layers: {layers}")
+
+
+def test_a_grid_s_infinite_float_option_is_refused(tmp_path):
+    with pytest.raises(UserError, match="minillm option eps: expected a finite number, got inf"):
+        load_grid(tmp_path, "minillm", "eps: .inf")
+
+
+def test_grid_method_options_are_checked_when_the_config_loads(tmp_path):
+    from suite.pruning.errors import UserError
+    from suite.config import load_config
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\nmodels: [tiny-llama]\nratios: [0.2]\n"
+                    "methods: [{name: magnitude, options: {norm: l3}}]\n")
+    with pytest.raises(UserError, match=r"bad.yaml: methods\[0\]\.options: magnitude option norm='l3': choose one of l2, l1"):
+        load_config(path)

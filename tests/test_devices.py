@@ -1,4 +1,4 @@
-"""Grids on GPUs without a GPU (issue 16): the device is part of a cell's identity, and `--jobs N`
+"""Grids on GPUs without a GPU: the device is part of a cell's identity, and `--jobs N`
 hands each concurrent CUDA cell its own GPU (fake visible devices, the stub cell tests/fake_cell.py)."""
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_a_cpu_record_never_satisfies_a_cuda_cell(tmp_path, fake_env, monkeypatc
     assert cell_key({**cuda_cells[0], "device": "cuda:1"}) == cell_key(cuda_cells[0])  # the index is the runner's
     out = tmp_path / "r.jsonl"
     assert main(["run", str(cpu), "--out", str(out), "--quiet"]) == 0
-    # one file holding both versions of the grid is a deliberate merge (issue 17: refused otherwise)
+    # one file holding both versions of the grid is a deliberate merge (refused otherwise)
     assert main(["run", str(cuda), "--out", str(out), "--quiet", "--merge"]) == 0  # runs: the CPU records don't count
     records = read_records(out)
     assert len(records) == 4

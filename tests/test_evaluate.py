@@ -230,3 +230,68 @@ def test_eval_command_prints_and_writes_json(tiny, tmp_path, capsys):
     assert "ppl ptb" in capsys.readouterr().out
     assert [p.name for p in out.parent.iterdir()] == ["eval.json"]  # no temp file left behind
     assert main(["eval", "--model", "tiny-llama", "--ppl", "pile"]) == 2  # UserError -> exit 2
+
+
+# ------------------------------------------------------------------------ windows longer than the positions
+def test_window_limit_is_the_opt_position_table():
+    from suite.evaluate import check_window
+
+    model = load_model("tiny-opt")
+    table = model.model.decoder.embed_positions  # learned: rows past OPT's offset of 2
+    rows = table.weight.shape[0] - table.offset
+    ids = torch.randint(3, 259, (1, rows + 1))
+    with torch.no_grad():
+        model(ids[:, :rows])  # the limit itself runs
+        with pytest.raises(IndexError):
+            model(ids)  # one more position does not: what the check must catch first
+    assert check_window(model, rows) is None
+    with pytest.raises(UserError, match=f"exceeds the model's {rows} learned positions"):
+        check_window(model, rows + 1)
+
+
+def test_rotary_extrapolation_is_a_warning(capsys):
+    from suite.evaluate import check_window
+
+    model = load_model("tiny-llama")
+    trained = model.config.max_position_embeddings
+    assert check_window(model, trained) is None
+    warning = check_window(model, 2 * trained)
+    assert f"trained length {trained}" in warning and "rotary" in warning
+    assert capsys.readouterr().err == f"warning: {warning}\n"
+    assert check_window(load_model("tiny-bloom"), 10 ** 6) is None  # ALiBi, no length in its config
+
+
+def test_cli_too_long_window_is_one_line_exit_2(tmp_path, capsys):
+    from suite.cli import main
+
+    assert main(["eval", "--model", "tiny-opt", "--seqlen", "1025", "--max-tokens", "2050", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "1024" in err[0]
+    out = tmp_path / "p"
+    argv = ["prune", "--model", "tiny-opt", "--method", "wanda-sp", "--ratio", "0.2", "--nsamples", "1",
+            "--seqlen", "1025", "--out", str(out), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: calibration seqlen 1025") and "1024" in err[0]
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_eval_records_the_extrapolation_warning(tmp_path):
+    import json
+
+    from suite.cli import main
+
+    out = tmp_path / "m.json"
+    assert main(["eval", "--model", "tiny-llama", "--seqlen", "1100", "--max-tokens", "1100", "--quiet",
+                 "--json", str(out)]) == 0
+    assert "trained length 1024" in json.loads(out.read_text())["warnings"][0]
+
+
+def test_grid_cell_checks_its_windows():
+    from suite.pipeline import run_cell
+
+    ev = {"seqlen": 1100, "perplexity": ["wikitext2"], "max_tokens": 1100, "throughput": False}
+    record = run_cell({"model": "tiny-llama", "method": "dense", "evaluation": ev})
+    assert "trained length 1024" in record["warnings"][0]
+    with pytest.raises(UserError, match="1024 learned positions"):
+        run_cell({"model": "tiny-opt", "method": "dense", "evaluation": {**ev, "seqlen": 1025}})

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,6 +15,9 @@ import yaml
 from suite import memory_model as mm
 from suite.config import expand_cells, validate
 from suite.models import count_parameters, load_model
+from tests.grids import write_grid
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MiB, GiB = 2 ** 20, 2 ** 30
 
@@ -225,3 +229,43 @@ def test_embedded_model_before_its_conversion_reads_the_gguf_metadata_only(tmp_p
     fresh = mm.shapes("smollm2-135m")
     assert fresh == converted and fresh.params == 134515008 and fresh.stored_dtype == "float32"
     assert not (tmp_path / "cache").exists()
+
+
+def test_compare_warns_when_the_records_come_from_another_commit(tmp_path, capsys):
+    from suite import memory_model as mm
+    from suite.cli import main
+    from suite.config import expand_cells, load_config
+    from suite.records import cell_key
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    if len(head) != 40:
+        pytest.skip("not a git checkout: the code has no commit to compare with")
+    config = write_grid(tmp_path)
+    cells = expand_cells(load_config(config))  # dense and wanda-sp
+
+    def results(*commits):
+        path = tmp_path / "r.jsonl"
+        path.write_text("".join(json.dumps({
+            "cell_key": cell_key(cell), "provenance": {"git_commit": commit},
+            "phases": {"load": {"peak_mb": mm.predict(cell)["load"] / 2 ** 20}}}) + "\n"
+            for cell, commit in zip(cells, commits)))
+        return str(path)
+
+    old = "0123456789ab" * 3 + "0123"
+    assert main(["run", config, "--dry-run", "--compare", results(old, head)]) == 0
+    out, err = capsys.readouterr()
+    assert [line for line in err.splitlines() if "warning" in line.lower()] == [
+        f"warning: {tmp_path / 'r.jsonl'}: 1 of 2 compared records come from commit {old[:12]} (1), not the "
+        f"current code's {head[:12]}: measured peaks of older code may differ from what these formulas model"]
+    assert "largest |error|: 0.0 %" in out
+    assert main(["run", config, "--dry-run", "--compare", results(head, head)]) == 0
+    assert "warning:" not in capsys.readouterr().err
+
+
+def test_an_unreachable_hub_id_keeps_its_shapes_unknown_row(tmp_path, capsys, monkeypatch):
+    from suite.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", write_grid(tmp_path, models=["nobody/no-such-model"], methods=["magnitude"]),
+                 "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("shapes unknown") == 2  # dense and magnitude

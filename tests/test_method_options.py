@@ -1,4 +1,5 @@
-"""Method options as one pydantic declaration per method (issue 13): the baselines' `Options`.
+"""Method options as one pydantic declaration per method (suite/pruning/options.py, scoring.checked_options):
+the baselines' `Options`; finite numbers; an option's choices and did-you-mean.
 
 Defaults are compared with literal copies of the dicts the modules had before the conversion; every
 refusal is one UserError line, raised by `checked_options` (the CLI, the grid config and the Python
@@ -6,15 +7,14 @@ pipeline all call it).
 """
 from __future__ import annotations
 
-import types
-
 import pytest
 
 from baselines import flap, llm_pruner, magnitude, seeded_random, wanda_sp
 from suite.pruning.errors import UserError
 from suite.pruning.scoring import checked_options
+from tests.grids import load_grid
 
-BEFORE = {  # the modules' OPTIONS dicts before issue 13, copied literally
+BEFORE = {  # the modules' OPTIONS dicts before their pydantic declarations, copied literally
     flap: {"compensate": True, "head_power": 2.0, "batch_size": 1, "variance": "exact"},
     llm_pruner: {"importance": "element1", "aggregation": "sum", "batch_size": 0},
     wanda_sp: {"batch_size": 1, "sequential": True},
@@ -70,3 +70,41 @@ def test_the_python_pipeline_refuses_what_the_cli_refuses():
         prune(model, None, "wanda-sp", 0.2, options={"batch_size": 0})
     with pytest.raises(UserError, match="scope 'global' needs --opt sequential=false"):
         prune(model, None, "wanda-sp", 0.2, scope="global")
+
+
+def test_an_option_typo_gets_a_did_you_mean_in_a_grid_and_on_the_cli(tmp_path):
+    from minillm import method
+    from suite.pruning.scoring import checked_options
+
+    with pytest.raises(UserError, match=r"options\.directons: unknown option of minillm \(did you mean 'directions'\?"):
+        load_grid(tmp_path, "minillm", "directons: 4")
+    with pytest.raises(UserError, match=r"no option 'directons' \(did you mean 'directions'\?\)"):
+        checked_options(method, {"directons": 4})
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400"])
+def test_a_float_option_must_be_finite(value):
+    from minillm import method
+    from suite.pruning.scoring import checked_options
+
+    with pytest.raises(UserError, match=f"minillm option eps: expected a finite number, got '{value}'"):
+        checked_options(method, {"eps": value})
+
+
+@pytest.mark.parametrize("value", ["inf", "1e400", "-inf"])
+def test_a_whole_number_option_must_be_finite_too(value):
+    """Not an OverflowError traceback (int(inf)) on --opt directions=inf: one line."""
+    from minillm import method
+    from suite.pruning.scoring import checked_options
+
+    with pytest.raises(UserError, match=f"minillm option directions: expected a finite number, got '{value}'"):
+        checked_options(method, {"directions": value})
+
+
+def test_the_choices_of_an_aliased_option_do_not_show_its_internal_none():
+    from baselines import magnitude
+    from suite.pruning.scoring import checked_options
+
+    with pytest.raises(UserError) as err:
+        checked_options(magnitude, {"weights": "all"})
+    assert str(err.value) == "magnitude option weights='all': choose one of output, group"

@@ -9,6 +9,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -626,3 +627,69 @@ def test_mean_compensation_adds_the_removed_columns_mean_contribution():
     assert added == sum(m.bias.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
     assert n_before - sum(p.numel() for p in model.parameters()) == sel.removed - added
     assert result.info["compensated_modules"] == 8
+
+
+# -------------------------------- compensation, the diagnosis' rank correlation, restoring from safetensors
+def test_compensation_refuses_an_unsliced_projection_naming_the_method():
+    from minillm.method import OPTIONS, score
+    from suite.pruning.select import select
+
+    model = load_model("tiny-llama")
+    windows = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    result = score(model, windows, all_group_sets(model), {**OPTIONS, "gradient": "none", "compensate": True},
+                   seed=0)
+    plan = select(model, result.scores, 0.3).plan
+    with pytest.raises(UserError, match=r"^minillm compensation: layer \d+ \w+ output projection was not sliced"):
+        result.compensate(model, plan)  # never sliced: refused, the model is left as it was
+    assert all(m.bias is None for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_spearman_averages_ties_and_is_nan_for_a_constant_side():
+    from minillm.diagnose import spearman
+
+    a = torch.tensor([10.0, 20.0, 20.0, 30.0, 5.0])
+    b = torch.tensor([1.0, 3.0, 2.0, 5.0, 4.0])
+    ra, rb = np.array([1, 2.5, 2.5, 4, 0]), np.array([0, 2, 1, 4, 3])  # ranks by hand, ties averaged
+    expected = ((ra - ra.mean()) @ (rb - rb.mean())) / np.sqrt(((ra - ra.mean()) ** 2).sum() * ((rb - rb.mean()) ** 2).sum())
+    assert spearman(a, b) == pytest.approx(expected, abs=1e-15)
+    assert spearman(torch.arange(6.0), -torch.arange(6.0) ** 3) == pytest.approx(-1.0)
+    assert np.isnan(spearman(torch.ones(4), torch.arange(4.0))) and np.isnan(spearman(torch.ones(1), torch.ones(1)))
+
+
+def test_safetensors_index_and_read_give_back_the_saved_tensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from minillm.zo import _read_tensor, _safetensors_index
+
+    gen = torch.Generator().manual_seed(1)
+    saved = {"w": torch.randn(3, 4, generator=gen), "h": torch.randn(5, generator=gen).half(),
+             "b": torch.randn(2, 2, generator=gen).bfloat16(), "d": torch.randn(2, generator=gen).double(),
+             "empty": torch.zeros(0, 3), "ids": torch.arange(4)}
+    path = tmp_path / "model.safetensors"
+    save_file(saved, str(path))
+    index = _safetensors_index(path)
+    assert sorted(index) == ["b", "d", "empty", "h", "w"]  # float tensors only: SPSA perturbs nothing else
+    for name, (where, key, shape) in index.items():
+        assert (where, key, shape) == (path, name, tuple(saved[name].shape))
+        got = _read_tensor(index[name])
+        assert got.dtype == saved[name].dtype and torch.equal(got, saved[name])  # bit for bit
+
+
+def test_checkpoint_restore_skips_an_unreadable_safetensors_file(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from minillm import zo
+
+    from suite.pruning import loss as lm_loss
+    from minillm.method import member_weights
+
+    load_model("tiny-llama").save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "broken.safetensors").write_bytes(b"\xff" * 64)  # a header length far past the end
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    named = member_weights(model, all_group_sets(model))
+    windows = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    est = zo.spsa(lambda: lm_loss.calibration_loss(model, windows), named, 1e-3, 1, seed=0)
+    summary = zo.restore_from_checkpoint(model, named, est.drift_bound)
+    assert summary["restore"] == "checkpoint" and summary["restored"] == len(named)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -1,4 +1,5 @@
-"""`--offload`: models larger than the device (suite/offload.py, suite/pruning/layerwise.py `materialised`).
+"""`--offload`: models larger than the device (suite/offload.py, suite/pruning/layerwise.py `materialised`);
+the offload settings in the record; `--hidden-on`, where the layer pass keeps the hidden states.
 
 The CPU stands in for the device: a tiny model saved to a temporary directory is loaded with
 `offload="disk"` and a cap on "device" memory smaller than the model, so accelerate keeps some (or
@@ -7,18 +8,26 @@ loaded normally: the kept heads/channels, the pruned logits, the perplexity and 
 model must be the same.
 """
 import hashlib
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from suite.pruning.architectures import adapter_for
+from suite.pruning.architectures import adapter_for, all_group_sets
 from suite.pruning.errors import UserError
 from suite.pruning.layerwise import materialised, offloaded
 from suite.models import _tiny_model, byte_tokenizer, count_parameters, load_model
+from tests.cli_output import one_line_error
+from tests.grids import load_grid
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CALIB = {"corpus": "c4", "nsamples": 4, "seqlen": 32}
+CALIB_ARGS = ["--nsamples", "4", "--seqlen", "32"]
 CAP = {"tiny-llama": 6_000_000, "tiny-opt": 5_000_000, "tiny-bloom": 2_000_000}  # bytes; models are 8-14 MB
 
 
@@ -277,3 +286,122 @@ def test_layer_gradients_equal_whole_model_backprop(saved, tmp_path, name):
         for key, grad in expected.items():
             torch.testing.assert_close(got[key], grad, rtol=1e-4, atol=1e-7)
         assert all(p.grad is None for p in model.parameters())
+
+
+# -------------------------------------------- offload settings and the hidden-state placement (--hidden-on)
+def suite_env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path]), "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", **extra}
+
+
+@pytest.mark.parametrize("method", ["random", "magnitude"])
+def test_hidden_on_is_refused_for_a_data_free_method(tmp_path, capsys, monkeypatch, method):
+    from suite import models
+    from suite.cli import main
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    for where in ("cpu", "device"):
+        args = ["prune", "--model", "tiny-llama", "--method", method, "--ratio", "0.2", "--out",
+                str(tmp_path / "o"), "--hidden-on", where]
+        assert main(args) == 2
+        assert f"--hidden-on: {method} calibrates on nothing" in one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_pruning_json_records_the_offload_settings(tmp_path):
+    from suite.cli import main
+
+    common = ["--model", "tiny-llama", "--method", "wanda-sp", "--ratio", "0.2", *CALIB_ARGS, "--quiet"]
+    folder = tmp_path / "off"
+    assert main(["prune", *common, "--out", str(tmp_path / "a"), "--offload", "disk", "--device-memory", "2MB",
+                 "--offload-folder", str(folder), "--hidden-on", "cpu"]) == 0
+    assert main(["prune", *common, "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / d / "pruning.json").read_text()) for d in "ab")
+    assert {k: a[k] for k in ("offload", "device_memory", "offload_folder", "hidden_on")} == {
+        "offload": "disk", "device_memory": "2MB", "offload_folder": str(folder), "hidden_on": "cpu"}
+    assert {k: b[k] for k in ("offload", "device_memory", "offload_folder", "hidden_on")} == {
+        "offload": None, "device_memory": None, "offload_folder": None, "hidden_on": "device"}
+    assert a["plan_summary"] == b["plan_summary"]  # the settings change no result
+
+
+def test_sigterm_removes_the_temporary_offload_folder(tmp_path):
+    """A process holding a tiny model loaded with offload="disk" (what `--offload disk` does) and the
+    default, temporary offload folder is sent SIGTERM: the folder is gone, the process ended by SIGTERM."""
+    import signal
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    code = ("from suite.models import load_model; "
+            "m = load_model('tiny-llama', offload='disk', device_memory=2_000_000); "
+            "print('loaded', flush=True); import time; time.sleep(300)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=suite_env(TMPDIR=str(tmp)), cwd=tmp_path)
+    try:
+        assert proc.stdout.readline().strip() == "loaded", proc.stderr.read()
+        folders = list(tmp.glob("minillm-offload-*"))
+        assert len(folders) == 1 and any(folders[0].iterdir())  # weights were offloaded there
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not folders[0].exists()
+
+
+@pytest.mark.parametrize("engine, own", [("cpu", "device"), ("device", "cpu")])
+def test_contradicting_hidden_state_settings_are_refused_before_loading(tmp_path, capsys, monkeypatch, engine, own):
+    from suite import models
+    from suite.cli import main
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    assert main(["prune", "--model", "tiny-llama", "--method", "minillm", "--ratio", "0.2", "--out",
+                 str(tmp_path / "o"), "--hidden-on", engine, "--opt", f"hidden_on={own}"]) == 2
+    assert f"--opt hidden_on={own} contradicts --hidden-on {engine}" in one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(UserError, match=r"methods\[0\]\.options\.hidden_on: 'device' contradicts the grid's"):
+        load_grid(tmp_path, "minillm", "hidden_on: device", extra="hidden_on: cpu\n")
+
+
+@pytest.mark.parametrize("args", [["--hidden-on", "cpu"], ["--opt", "hidden_on=cpu"]])
+def test_pruning_json_says_cpu_in_all_three_places_whichever_spelling(tmp_path, args):
+    """`--hidden-on cpu` and `--opt hidden_on=cpu`: the same setting, said the same everywhere (the
+    record's hidden_on, its options.hidden_on, its method_info.hidden_on)."""
+    from suite.cli import main
+
+    out = tmp_path / "o"
+    assert main(["prune", "--model", "tiny-llama", "--method", "minillm", "--ratio", "0.2", "--out", str(out),
+                 "--quiet", "--nsamples", "2", "--seqlen", "16", "--opt", "directions=1", *args]) == 0
+    record = json.loads((out / "pruning.json").read_text())
+    assert (record["hidden_on"], record["options"]["hidden_on"], record["method_info"]["hidden_on"]) == ("cpu",) * 3
+
+
+def test_one_hidden_state_knob_the_info_says_where_and_the_scores_are_the_same(monkeypatch):
+    """`--hidden-on cpu` (layerwise.hidden_on) and `--opt hidden_on=cpu` are one mechanism: every
+    layer-by-layer pass of minillm (statistics, SPSA) sees the same placement, the record's method
+    info says where the hidden states were, and the scores do not depend on it."""
+    from suite.pruning import layerwise
+    from minillm.method import OPTIONS, score
+
+    seen = []
+    capture = layerwise.LayerPass._capture
+
+    def spy(self, windows, batch_size):
+        seen.append(layerwise.hidden_device())
+        return capture(self, windows, batch_size)
+
+    monkeypatch.setattr(layerwise.LayerPass, "_capture", spy)
+    model = load_model("tiny-llama")
+    sets = all_group_sets(model)
+    windows = torch.randint(3, 259, (2, 16), generator=torch.Generator().manual_seed(0))
+    o = {**OPTIONS, "directions": 2, "batch_size": 2}
+    on_device = score(model, windows, sets, o, seed=0)
+    assert on_device.info["hidden_on"] == "device" and seen == [None, None]  # statistics, then SPSA
+    runs = {}
+    with layerwise.hidden_on("cpu"):  # what --hidden-on cpu / a grid's hidden_on: cpu set
+        runs["engine"] = score(model, windows, sets, o, seed=0)
+    runs["option"] = score(model, windows, sets, {**o, "hidden_on": "cpu"}, seed=0)
+    assert seen[2:] == ["cpu"] * 4 and layerwise.hidden_device() is None  # reset after score
+    for run in runs.values():
+        assert run.info["hidden_on"] == "cpu"
+        assert run.scores.keys() == on_device.scores.keys()
+        assert all(torch.equal(run.scores[k], on_device.scores[k]) for k in on_device.scores)

@@ -11,31 +11,11 @@ import torch
 
 from suite.pruning.architectures import adapter_for
 from suite.pruning.errors import UserError
-from suite.pruning.plan import Plan, apply_plan, full_plan
+from suite.pruning.plan import LayerPlan, Plan, apply_plan, carried_plan, compose, full_plan
+from suite.pruning.saving import load_pruned, save_pruned
 from suite.models import load_model
-from tests.reference import masked_logits, rel_err
-
-def random_plan(model, rng, untouched=1, kv_mode=False):
-    """Non-uniform plan: layers keep different counts; layer `untouched` keeps everything."""
-    plan = full_plan(model)
-    adapter = adapter_for(model)
-    for i, (lp, layer) in enumerate(zip(plan.layers, adapter.layers(model))):
-        if i == untouched:
-            continue
-        nq, nkv, nch = adapter.num_heads(layer), adapter.num_kv_heads(layer), adapter.num_channels(layer)
-        lp.channels = sorted(rng.sample(range(nch), rng.randint(1, nch - 1)))
-        if nkv == nq:
-            lp.heads = sorted(rng.sample(range(nq), rng.randint(1, nq - 1)))
-        elif kv_mode:  # whole kv groups
-            per = nq // nkv
-            lp.kv_heads = sorted(rng.sample(range(nkv), rng.randint(1, nkv - 1)))
-            lp.heads = [j * per + k for j in lp.kv_heads for k in range(per)]
-        else:  # same number of q heads from every kv group
-            per = nq // nkv
-            k = rng.randint(1, per - 1) if i % 2 else per - 1
-            lp.heads = sorted(j * per + h for j in range(nkv) for h in rng.sample(range(per), k))
-    return plan
-
+from tests.reference import logits, masked_logits, rel_err
+from tests.tiny import random_plan
 
 CASES = [("tiny-llama", False), ("tiny-llama-gqa", False), ("tiny-llama-gqa", True), ("tiny-opt", False),
          ("tiny-bloom", False)]
@@ -123,3 +103,218 @@ def test_plan_json_roundtrip(tmp_path):
     assert again.to_json() == plan.to_json()
     assert set(again.to_json()["layers"][0]) == {"heads", "kv_heads", "channels"}
     assert "kv_heads" not in full_plan(load_model("tiny-opt")).to_json()["layers"][0]
+
+
+# --------------------------------------------------------------------------- re-pruning a pruned model
+def random_plan_now(model, rng, kv_mode=False):
+    """A random plan in `model`'s CURRENT numbering (it may be sliced already: uneven layers)."""
+    adapter = adapter_for(model)
+    plan = full_plan(model)
+    for lp, layer in zip(plan.layers, adapter.layers(model)):
+        nq, nkv, nch = adapter.num_heads(layer), adapter.num_kv_heads(layer), adapter.num_channels(layer)
+        if nch > 1 and rng.random() < 0.8:
+            lp.channels = sorted(rng.sample(range(nch), rng.randint(1, nch - 1)))
+        if nq < 2 or rng.random() < 0.2:
+            continue
+        if nkv == nq:
+            lp.heads = sorted(rng.sample(range(nq), rng.randint(1, nq - 1)))
+            if lp.kv_heads is not None:
+                lp.kv_heads = list(lp.heads)
+        elif kv_mode and nkv > 1:
+            per = nq // nkv
+            lp.kv_heads = sorted(rng.sample(range(nkv), rng.randint(1, nkv - 1)))
+            lp.heads = [j * per + k for j in lp.kv_heads for k in range(per)]
+        elif nq // nkv > 1:
+            per = nq // nkv
+            k = rng.randint(1, per - 1)
+            lp.heads = sorted(j * per + h for j in range(nkv) for h in rng.sample(range(per), k))
+    plan.head_mode = "kv-group" if kv_mode else "q-head"
+    return plan
+
+
+CHAIN_CASES = [("tiny-llama", False), ("tiny-llama-gqa", False), ("tiny-llama-gqa", True),
+               ("tiny-opt", False), ("tiny-bloom", False), ("tiny-mistral", True), ("tiny-qwen2", False),
+               ("tiny-qwen3", False), ("tiny-gemma2", True), ("tiny-gemma3", False), ("tiny-phi3", True),
+               ("tiny-phi3", False)]
+
+
+@pytest.mark.parametrize("name,kv_mode", CHAIN_CASES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prune_save_load_chains_reload_to_in_memory_logits(tmp_path, name, kv_mode, seed):
+    """Property: 2-3 prunes with save/reload between them; each reload equals the in-memory model,
+    and the saved (composed) plan applied to the ORIGINAL model, masked, gives the same logits."""
+    rng = random.Random(seed * 10 + len(name))
+    ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(seed))
+    original = load_model(name)
+    model = load_model(name)
+    for step in range(rng.randint(2, 3)):
+        apply_plan(model, random_plan_now(model, rng, kv_mode))
+        out = save_pruned(model, None, carried_plan(model), tmp_path / f"step{step}")
+        again = load_pruned(out)
+        in_memory = logits(model, ids)
+        assert rel_err(logits(again, ids), in_memory) <= 1e-5
+        assert rel_err(masked_logits(original, Plan.load(out / "plan.json"), ids), in_memory) <= 1e-5
+        model = again  # the next prune starts from the reloaded directory
+
+
+def test_bloom_second_prune_keeps_the_right_original_head(tmp_path):
+    """3 heads, keep [1, 2], then keep pruned-index [1] = original head 2."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    config = BloomConfig(vocab_size=64, hidden_size=12, n_layer=1, n_head=3, hidden_dropout=0.0,
+                         attention_dropout=0.0)
+    model = BloomForCausalLM(config).eval()
+    reference = BloomForCausalLM(config).eval()
+    reference.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(1))
+    channels = list(range(48))
+    apply_plan(model, Plan("bloom", [LayerPlan(heads=[1, 2], channels=channels)]))
+    apply_plan(model, Plan("bloom", [LayerPlan(heads=[1], channels=channels)]))
+    assert carried_plan(model).layers[0].heads == [2]
+    out = save_pruned(model, None, carried_plan(model), tmp_path / "twice")
+    expected = masked_logits(reference, Plan("bloom", [LayerPlan(heads=[2], channels=channels)]), ids)
+    assert rel_err(logits(model, ids), expected) <= 1e-5
+    assert rel_err(logits(load_pruned(out), ids), expected) <= 1e-5
+
+
+def test_gqa_channel_only_second_prune_reloads(tmp_path):
+    """LLaMA-GQA: q-head prune, then a prune of channels only: the saved plan reloads."""
+    model = load_model("tiny-llama-gqa")  # 8 q heads / 2 kv heads per layer
+    first = full_plan(model)
+    first.layers[0].heads = [0, 2, 3, 5, 6, 7]
+    apply_plan(model, first)
+    second = full_plan(model)
+    second.layers[0].channels = list(range(0, 688, 2))
+    apply_plan(model, second)
+    out = save_pruned(model, None, carried_plan(model), tmp_path / "gqa")
+    saved = Plan.load(out / "plan.json").layers[0]
+    assert saved.heads == [0, 2, 3, 5, 6, 7] and saved.kv_heads == [0, 1]
+    assert saved.channels == list(range(0, 688, 2))
+    ids = torch.randint(3, 259, (1, 16))
+    assert rel_err(logits(load_pruned(out), ids), logits(model, ids)) <= 1e-5
+
+
+def test_compose_is_indexing_into_the_first_plan():
+    base = Plan("llama", [LayerPlan(heads=[0, 1, 4, 5, 6, 7], kv_heads=[0, 1], channels=[1, 3, 5, 7])])
+    new = Plan("llama", [LayerPlan(heads=[3, 4, 5], kv_heads=[1], channels=[0, 3])], head_mode="kv-group")
+    layer = compose(base, new).layers[0]
+    assert (layer.heads, layer.kv_heads, layer.channels) == ([5, 6, 7], [1], [1, 7])
+    with pytest.raises(UserError, match="layer 0 heads"):
+        compose(base, Plan("llama", [LayerPlan(heads=[6], channels=[0])]))
+
+
+# -------------------------------------------------------------------- cached decoding after a dropped block
+def drop(model, layer, what):
+    plan = full_plan(model)
+    plan.allow_empty = True
+    if what == "attention":
+        plan.layers[layer].heads = []
+        if plan.layers[layer].kv_heads is not None:
+            plan.layers[layer].kv_heads = []
+    else:
+        plan.layers[layer].channels = []
+    return apply_plan(model, plan)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-llama-gqa", "tiny-opt", "tiny-bloom"])
+@pytest.mark.parametrize("layer,what,reload", [(0, "attention", False), (1, "attention", False), (0, "mlp", False),
+                                               (0, "attention", True)])
+def test_cached_decoding_equals_uncached_after_a_dropped_block(name, layer, what, reload, tmp_path):
+    """Each cached step's logits equal a full uncached forward over the whole sequence so far; also for
+    the saved standard checkpoint reloaded (its own modeling file's dropped attention)."""
+    model = drop(load_model(name), layer, what)
+    if reload:
+        save_pruned(model, None, carried_plan(model), tmp_path / "pruned")
+        model = load_model(str(tmp_path / "pruned"))
+        assert not any(isinstance(m, torch.nn.Linear) and m.weight.is_meta for m in model.modules())
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 259, (2, 7), generator=gen)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache = out.past_key_values
+        for _ in range(4):
+            step = torch.randint(3, 259, (2, 1), generator=gen)
+            ids = torch.cat([ids, step], dim=1)
+            out = model(step, cache=cache, use_cache=True)
+            cache = out.past_key_values
+            uncached = model(ids, use_cache=False).logits[:, -1]
+            assert rel_err(out.logits[:, -1], uncached) <= 1e-5
+
+
+def test_generate_with_cache_equals_without_after_a_bloom_attention_is_dropped():
+    """2-layer BLOOM, one head per layer, hidden 8, layer 0's head removed."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    config = BloomConfig(vocab_size=32, hidden_size=8, n_layer=2, n_head=1, hidden_dropout=0.0,
+                         attention_dropout=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = BloomForCausalLM(config).eval()
+    with torch.no_grad():  # weights of spread 0.5: the default 0.02 hides the drift in rounding noise
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    model = drop(model, 0, "attention")
+    ids = torch.randint(3, 32, (1, 5), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    cached = model.generate(ids, use_cache=True, **kwargs)
+    plain = model.generate(ids, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, plain.sequences)
+    for a, b in zip(cached.logits, plain.logits):  # a cache blind to the dropped block drifts 2.1e-4 .. 3.2e-4
+        assert rel_err(a, b) <= 1e-5
+
+
+# ----------------------------------------------------------------------- BLOOM's exact tensor-parallel mode
+def tp_bloom(slow_but_exact=True):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    config = BloomConfig(vocab_size=64, hidden_size=24, n_layer=3, n_head=4, pretraining_tp=3,
+                         slow_but_exact=slow_but_exact, hidden_dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    model = BloomForCausalLM(config).eval()
+    with torch.no_grad():  # biases nonzero: the slow path drops them, the fast path does not
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+def zeroed_reference(model, plan, ids):
+    """The unsliced model with the removed heads' dense columns and removed channels' 4h_to_h columns
+    zeroed (equal to masking their inputs, also in transformers' slow path, which reads the weights)."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    hd = model.config.hidden_size // model.config.n_head
+    with torch.no_grad():
+        for lp, block in zip(plan.layers, ref.transformer.h):
+            keep = torch.zeros(model.config.hidden_size, dtype=torch.bool)
+            for h in lp.heads:
+                keep[h * hd:(h + 1) * hd] = True
+            block.self_attention.dense.weight[:, ~keep] = 0.0
+            keep = torch.zeros(4 * model.config.hidden_size, dtype=torch.bool)
+            keep[lp.channels] = True
+            block.mlp.dense_4h_to_h.weight[:, ~keep] = 0.0
+    return logits(ref, ids)
+
+
+def test_bloom_slow_but_exact_is_pruned_exactly(tmp_path):
+    """pretraining_tp=3 over 24 columns (shards of 8 cross the 6-wide heads), heads and channels
+    removed, layer 2's attention dropped; then a second prune and a save/reload."""
+    model = tp_bloom()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    plan = Plan("bloom", [LayerPlan(heads=[0, 2, 3], channels=list(range(0, 96, 3))),
+                          LayerPlan(heads=[1], channels=list(range(40, 90))),
+                          LayerPlan(heads=[], channels=list(range(96)))], allow_empty=True)
+    expected = zeroed_reference(model, plan, ids)
+    fast = tp_bloom(slow_but_exact=False)
+    assert rel_err(zeroed_reference(fast, plan, ids), expected) > 1e-2  # control: the paths differ
+    apply_plan(model, plan)
+    assert rel_err(logits(model, ids), expected) <= 1e-5
+    second = Plan("bloom", [LayerPlan(heads=[1, 2], channels=list(range(0, 32, 2))),
+                            LayerPlan(heads=[0], channels=list(range(25))),
+                            LayerPlan(heads=[], channels=list(range(50, 96)))], allow_empty=True)
+    apply_plan(model, second)
+    expected = zeroed_reference(tp_bloom(), carried_plan(model), ids)
+    assert rel_err(logits(model, ids), expected) <= 1e-5
+    out = save_pruned(model, None, carried_plan(model), tmp_path / "tp")
+    assert rel_err(logits(load_pruned(out), ids), expected) <= 1e-5

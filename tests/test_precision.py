@@ -1,4 +1,4 @@
-"""Half precision (issue 16): fp32 rotary buffers, exact weights after MINI-LLM's scoring in every dtype
+"""Half precision: fp32 rotary buffers, exact weights after MINI-LLM's scoring in every dtype
 and from every source, exact gate perturbations, sliced == masked in bf16, the --dtype option."""
 from __future__ import annotations
 
@@ -189,7 +189,7 @@ def test_sliced_equals_masked_in_bf16(name):
 
     from suite.pruning.plan import apply_plan
     from tests.reference import masked_logits, rel_err
-    from tests.test_plan import random_plan
+    from tests.tiny import random_plan
 
     model = load_model(name, dtype=torch.bfloat16)
     plan = random_plan(model, random.Random(7))

@@ -16,7 +16,9 @@ import pytest
 from suite.cli import main
 from suite.commands import cell as cell_command
 from suite.config import expand_cells, load_config
-from suite.records import cell_key, read_records
+from suite.records import append_record, cell_key, read_records
+from tests.cli_output import one_error_line, one_line_error
+from tests.grids import write_grid
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -260,3 +262,70 @@ def test_config_errors_are_one_line(tmp_path, fake_env, capsys, edit, message):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err
     assert not (tmp_path / "r.jsonl").exists()
+
+
+# ------------------------------------------ models that are not there; --out holding another grid's records
+@pytest.mark.parametrize("missing", ["./no/such/dir", "out/no-such-model", "~/no-such-model-t6"])
+def test_a_missing_local_model_path_is_refused_before_any_cell(tmp_path, capsys, monkeypatch, missing):
+    from suite import runner
+    from suite.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()  # "out/..." is then a local path, not a hub id
+    monkeypatch.setattr(runner, "run_cells_locally", lambda *a, **k: pytest.fail("a cell ran"))
+    config = write_grid(tmp_path, models=["tiny-llama", missing], methods=["magnitude"])
+    for extra in (["--dry-run"], ["--out", str(tmp_path / "r.jsonl")]):
+        assert main(["run", config, *extra]) == 2
+        assert one_line_error(capsys) == f"error: {config}: models: {missing}: no such file or directory\n"
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+ONE_CELL_GRID = """name: {name}
+models: [tiny-llama]
+methods: [random]
+ratios: [{ratio}]
+dense: false
+evaluation: {{perplexity: [wikitext2], tasks: [], max_tokens: 512}}
+"""
+
+
+def one_cell_grid(tmp_path, name="mine", ratio=0.2) -> Path:
+    path = tmp_path / f"{name}-{ratio}.yaml"
+    path.write_text(ONE_CELL_GRID.format(name=name, ratio=ratio))
+    return path
+
+
+def other_grid_record(cell_grid) -> dict:
+    cell = {"model": "tiny-opt", "method": "magnitude", "label": "magnitude", "ratio": 0.5, "seed": 0, "options": {}}
+    if cell_grid is not None:
+        cell["grid"] = cell_grid
+    return {"model": "tiny-opt", "method": "magnitude", "label": "magnitude", "ratio_target": 0.5, "seed": 0,
+            "status": "ok", "cell": cell, "cell_key": "0" * 64, "perplexity": {"wikitext2": 3.0}}
+
+
+@pytest.mark.parametrize("case", ["other name", "legacy record of another grid", "edited config"])
+def test_run_out_refuses_another_grids_records(tmp_path, fake_env, capsys, case):
+    out = tmp_path / "results.jsonl"
+    if case == "other name":
+        append_record(out, other_grid_record({"name": "theirs", "config_hash": "0123456789abcdef"}))
+    elif case == "legacy record of another grid":
+        append_record(out, other_grid_record(None))
+    else:  # the same name, another version of the grid: its records were made by the 0.2 config
+        assert main(["run", str(one_cell_grid(tmp_path, ratio=0.2)), "--out", str(out), "--quiet"]) == 0
+        capsys.readouterr()
+    before = out.read_bytes()
+    mine = one_cell_grid(tmp_path, ratio=0.5)
+    assert main(["run", str(mine), "--out", str(out), "--quiet"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(out) in line and "--merge" in line
+    assert out.read_bytes() == before
+    assert main(["run", str(mine), "--out", str(out), "--quiet", "--merge"]) == 0
+    records = read_records(out)
+    assert len(records) == len(before.splitlines()) + 1 and records[-1]["cell"]["grid"]["name"] == "mine"
+
+
+def test_run_resumes_its_own_grid_without_merge(tmp_path, fake_env, capsys):
+    out, mine = tmp_path / "results.jsonl", one_cell_grid(tmp_path)
+    assert main(["run", str(mine), "--out", str(out), "--quiet"]) == 0
+    assert main(["run", str(mine), "--out", str(out), "--quiet"]) == 0
+    assert len(read_records(out)) == 1  # the cell was done: skipped, not refused

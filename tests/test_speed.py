@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from suite.speed import REGIMES, compare, speed
+from tests.cli_output import one_line_error
 
 PREFILL_S, DECODE_S = 0.02, 0.005
 
@@ -269,3 +270,39 @@ def test_recorded_tokens_per_s_are_tokens_over_the_timers_own_measurement(monkey
                                                                          / caught[4].number_per_run), rel=1e-12)
     dense_s = [np.median(np.array(m.raw_times) / m.number_per_run) for m in (caught[0], caught[2])]
     assert record["dense_tokens_per_s"] == pytest.approx(72 / np.mean(dense_s), rel=1e-12)
+
+
+def test_bench_speed_refuses_a_model_pruned_from_another_base(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from suite import speed
+    from suite.cli import main
+    from suite.models import _tiny_model, byte_tokenizer
+
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "--model", "tiny-llama", "--method", "magnitude", "--ratio", "0.3", "--out", str(pruned),
+                 "--quiet"]) == 0
+    twin = tmp_path / "twin"  # tiny-llama's shapes and weights, but one embedding row changed
+    model = _tiny_model("tiny-llama")
+    with torch.no_grad():
+        model.get_input_embeddings().weight[7] += 1.0
+    model.save_pretrained(twin)
+    byte_tokenizer().save_pretrained(twin)
+    capsys.readouterr()
+
+    class Timed(Exception):
+        pass
+
+    def timed(*a, **k):
+        raise Timed
+
+    monkeypatch.setattr(speed, "compare", timed)
+    args = ["--pruned", str(pruned), "--runs", "1", "--rounds", "1", "--seqlen", "8", "--batch-size", "1"]
+    for dense, why in (("tiny-opt", "its dense model_type is llama, the dense model's opt"),
+                       (str(twin), "its input embeddings differ from the dense model's")):
+        assert main(["bench-speed", "--model", dense, *args]) == 2
+        err = one_line_error(capsys)
+        assert f"--pruned {pruned} was not pruned from --model {dense}: {why}" in err
+        assert "(pruning.json names tiny-llama)" in err
+    with pytest.raises(Timed):  # the model it was pruned from: accepted, timing starts
+        main(["bench-speed", "--model", "tiny-llama", *args])

@@ -217,3 +217,24 @@ def test_plot_command_writes_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     width, height = struct.unpack(">II", data[16:24])  # IHDR
     assert (width, height) == (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)
+
+
+def test_a_nan_perplexity_among_seeds_makes_the_cell_nan_instead_of_failing():
+    """tables' seed statistics are pandas' now: a seed whose perplexity is NaN (a diverged model; the
+    records keep NaN) makes that cell's mean and std NaN, shown as '–', as one NaN seed does; the old
+    statistics.stdev raised AttributeError on it. The other columns keep their seeds' statistics."""
+    import math
+    import statistics
+
+    from suite.tables import results_frame, to_markdown
+
+    base = {"model": "m", "method": "random", "label": "random", "ratio_target": 0.2, "status": "ok",
+            "params": {"pruned": 10}, "zero_shot": {}}
+    records = [{**base, "seed": 0, "perplexity": {"wikitext2": 10.0, "ptb": 20.0}},
+               {**base, "seed": 1, "perplexity": {"wikitext2": float("nan"), "ptb": 26.0}},
+               {**base, "seed": 2, "perplexity": {"wikitext2": 12.0, "ptb": None}}]
+    row = results_frame(records).iloc[0]
+    assert math.isnan(row["WikiText-2"]) and math.isnan(row["WikiText-2 std"]) and row["Seeds"] == 3
+    assert row["PTB"] == pytest.approx(23.0) and row["PTB std"] == pytest.approx(statistics.stdev([20.0, 26.0]))
+    line = next(line for line in to_markdown(records).splitlines() if line.startswith("| m "))
+    assert "| – |" in line.replace(" ", "").replace("|–|", "| – |") and "23.00 ± 4.24" in line

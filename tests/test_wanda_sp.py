@@ -1,7 +1,8 @@
-"""Fidelity of `wanda-sp` to FLAP's sequential algorithm (`lib/prune.py::prune_wanda_sp`).
+"""Wanda-sp (baselines/wanda_sp.py): its group scores recomputed independently (tests/group_scores.py);
+its fidelity to FLAP's sequential algorithm (`lib/prune.py::prune_wanda_sp`); the one-shot variant.
 
-The reference below is its own plain-torch layer loop written from FLAP's description, not the
-suite's runner (`suite.pruning.layerwise`) nor its statistics (`suite.pruning.activations`):
+Fidelity: the reference below is its own plain-torch layer loop written from FLAP's description, not
+the engine's layer pass (`suite.pruning.layerwise`) nor its statistics (`suite.pruning.activations`):
 
   - layer 0's inputs are the token embeddings of the calibration windows, with the model's own
     rotary table for positions 0..seqlen-1 and a causal additive mask (FLAP's Catcher captures the
@@ -16,17 +17,40 @@ suite's runner (`suite.pruning.layerwise`) nor its statistics (`suite.pruning.ac
 
 FLAP's per-layer count is int(ratio · n) of heads and channels; the suite's budget counts each
 group's parameters over the whole model, so the reference takes the suite's per-layer counts
-(`select.layer_scope_allocation`, shapes only), as the issue's measurement did.
+(`select.layer_scope_allocation`, shapes only).
+
+The variant: `wanda-sp` is sequential by default; `sequential=false` is the one-shot variant, named as
+such in grid labels, records (`variant`) and tables, and it keeps other layers' choices than the default.
 """
 import copy
 
 import pytest
 import torch
 
-from suite.pruning.select import layer_scope_allocation
+from baselines import wanda_sp
+from suite.config import expand_cells, load_config
 from suite.data import calibration_windows
-from suite.pipeline import prune
+from suite.pipeline import outcome_record, prune
+from suite.pruning.select import layer_scope_allocation
+from suite.tables import results_frame
+from tests.group_scores import CASES, close, output_inputs, output_weights, run, windows
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("name,mode", CASES)
+def test_wanda_sp_scores(models, name, mode):
+    model, ids = models(name), windows()
+    xs = output_inputs(model, ids)
+    want = {}
+    for i, kind, count, width, w in output_weights(model, mode):
+        x_norm = xs[(i, kind)].pow(2).sum(0).sqrt()                # ||X_j||_2 over all tokens
+        s = (w.abs() * x_norm[None, :]).mean(0)                    # Wanda Eq. 1, mean over rows (FLAP)
+        want[(i, kind)] = s.view(count, width).sum(1)
+    close(run(wanda_sp, model, ids, mode).scores, want)
+
+
+# ----------------------------------------------------------------------- fidelity to FLAP's sequential loop
 RATIOS = (0.2, 0.5)
 
 
@@ -127,3 +151,48 @@ def test_wanda_sp_keeps_what_flaps_sequential_loop_keeps(smollm2):
     """SmolLM2-135M, 128 x 128 C4 windows (the suite's sampler, seed 0), ratios 0.2 and 0.5."""
     model, tokenizer = smollm2
     assert_same_as_flap(model, tokenizer, 128, 128, RATIOS)
+
+
+# --------------------------------------------------------------------------- the one-shot variant
+VARIANT_GRID = """name: t
+models: [tiny-llama]
+methods: [wanda-sp, {name: wanda-sp, options: {sequential: false}}, {name: wanda-sp, label: mine, options: {sequential: false, batch_size: 2}}, flap]
+ratios: [0.3]
+"""
+
+
+def test_grid_labels_name_the_one_shot_variant(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(VARIANT_GRID)
+    config = load_config(path)
+    assert [m["label"] for m in config["methods"]] == ["wanda-sp", "wanda-sp (one-shot)", "mine", "flap"]
+    cells = [c for c in expand_cells(config) if c["method"] != "dense"]
+    assert [c["label"] for c in cells] == ["wanda-sp", "wanda-sp (one-shot)", "mine", "flap"]
+
+
+def test_records_and_table_name_the_variant():
+    from suite.models import load_model, load_tokenizer
+
+    tok = load_tokenizer("tiny-llama")
+    records, plans = [], {}
+    for label, options in (("wanda-sp", {}), ("wanda-sp (one-shot)", {"sequential": False})):
+        outcome = prune(load_model("tiny-llama"), tok, "wanda-sp", 0.3, options=options,
+                        calib={"nsamples": 4, "seqlen": 32})
+        record = outcome_record(outcome, 0.3)
+        assert record["variant"] == ("one-shot" if options else "sequential")
+        assert record["method_info"]["sequential"] is not bool(options)
+        plans[label] = [(lp.heads, lp.channels) for lp in outcome.selection.plan.layers]
+        records.append({"model": "tiny-llama", "method": "wanda-sp", "label": label, "status": "ok",
+                        "perplexity": {"wikitext2": 10.0}, **record})
+    assert plans["wanda-sp"][0] == plans["wanda-sp (one-shot)"][0]   # layer 0: same dense inputs
+    assert plans["wanda-sp"] != plans["wanda-sp (one-shot)"]         # later layers see the pruned ones
+    assert list(results_frame(records)["Method"]) == ["wanda-sp", "wanda-sp (one-shot)"]
+
+
+def test_sequential_refuses_global_scope():
+    from suite.pruning.errors import UserError
+    from suite.models import load_model, load_tokenizer
+
+    with pytest.raises(UserError, match="needs --opt sequential=false"):
+        prune(load_model("tiny-llama"), load_tokenizer("tiny-llama"), "wanda-sp", 0.3, scope="global",
+              calib={"nsamples": 2, "seqlen": 16})
