@@ -63,7 +63,7 @@ def _fmt(value) -> str:
 
 def run(args) -> int:
     from suite import data, evaluate
-    from suite.models import load_model, load_tokenizer
+    from suite.models import load_model, load_tokenizer, model_source
     from suite.records import write_json_atomic
     from suite.offload import offload_kwargs
 
@@ -83,6 +83,8 @@ def run(args) -> int:
     tokenizer = load_tokenizer(args.model)
     result = {"model": args.model, "seqlen": args.seqlen, "max_tokens": args.max_tokens, "limit": args.limit,
               "perplexity": {}, "zero_shot": {}}
+    if (source := model_source(args.model)) is not None:  # a .gguf file: which one, by content
+        result["model_source"] = source
     if warnings:
         result["warnings"] = warnings
     rows = []
