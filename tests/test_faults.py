@@ -165,6 +165,24 @@ def test_repruning_a_model_with_an_emptied_block_equals_the_masked_original(empt
     assert rel_err(logits(model, ids), masked_logits(load_model(name), plan, ids)) <= 1e-5
 
 
+def test_statistics_skip_an_emptied_blocks_groups():
+    """`input_stats` on a layer whose attention is dropped (its out-projection never runs) measures
+    the MLP's members alone, equal to the same statistics asked without the empty head set; the
+    engine's group sets list no empty set at all."""
+    from suite.pruning.activations import input_stats
+    from suite.pruning.architectures import all_group_sets
+
+    model = drop(load_model("tiny-llama"), 1, "attention")
+    adapter = adapter_for(model)
+    layer = adapter.layers(model)[1]
+    heads, channels = adapter.head_groups(1, layer), adapter.channel_groups(1, layer)
+    assert heads.count == 0 and (1, "heads") not in {(gs.layer, gs.kind) for gs in all_group_sets(model)}
+    windows = torch.randint(3, 259, (2, 16), generator=torch.Generator().manual_seed(2))
+    both, alone = input_stats(model, windows, [heads, channels]), input_stats(model, windows, [channels])
+    assert both.keys() == alone.keys() == {(1, m.name) for m in channels.members}
+    assert all(torch.equal(both[k].l2, alone[k].l2) for k in alone)
+
+
 def test_repruning_the_issue_case_on_the_command_line(tmp_path, capsys):
     """The issue's commands: magnitude 0.75 global with --allow-empty empties MLPs; `random 0.1` on
     the result then prunes (exit 0, was a ZeroDivisionError) without --allow-empty, since it empties
