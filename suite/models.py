@@ -10,7 +10,14 @@ Accepted forms (`load_model(name_or_path)`):
     download).
   - a directory written by this suite's ``prune`` or ``recover`` (``plan.json`` and/or a config with
     ``pruned_layers``, see suite/pruning/saving.py): built in its pruned shapes, nothing dense materialised.
-  - any local model directory, a path to a ``.gguf`` file, or a hub id.
+  - a path to any ``.gguf`` file: dequantised to fp32 once, as the embedded model is, into
+    ``$MINILLM_CACHE/gguf-<sha256 of the file, 16 hex>`` (keyed by the file's content, so a moved or
+    renamed copy is not converted again, and a changed file is), then loaded as a plain model
+    directory: prune, save, eval and recover see no quantisation (`gguf_model_dir`; records name
+    the file and its hash, `model_source`).
+  - any local model directory (one whose config still carries a GGUF ``quantization_config``, as
+    transformers' `save_pretrained` of a GGUF-loaded config leaves it, loads as the plain model its
+    weights are), or a hub id.
 
 A spec that is none of these fails at once with one line (`UserError`) and no network traffic when
 the hub cannot serve it: a path whose first component is a local directory (``out/wanda`` with
@@ -177,8 +184,9 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def _dequantise_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """GGUF -> fp32 safetensors directory (written to a temp dir, then renamed: never half-written)."""
+def _dequantise_gguf(gguf_path: Path, out_dir: Path, source: dict | None = None) -> Path:
+    """GGUF -> fp32 safetensors directory (written to a temp dir, then renamed: never half-written).
+    `source` (the GGUF file and its hash) is written beside the weights as ``gguf_source.json``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = dict(gguf_file=gguf_path.name)
@@ -192,17 +200,67 @@ def _dequantise_gguf(gguf_path: Path, out_dir: Path) -> Path:
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    if source is not None:
+        (tmp / GGUF_SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
     tmp.rename(out_dir)
     return out_dir
 
 
+GGUF_SOURCE_FILE = "gguf_source.json"
+
+
 def embedded_model_dir() -> Path:
-    """The cached safetensors copy of the embedded model, made on first use.
+    """The cached safetensors copy of the embedded model, made on first use (`_converted_once`)."""
+    return _converted_once(cache_root() / "smollm2-135m-instruct-f32",
+                           lambda out: _dequantise_gguf(embedded_gguf_path(), out))
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path) -> str:
+    """SHA-256 (hex) of a file's bytes; computed once per process for an unchanged file (size, mtime)."""
+    stat = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def gguf_model_dir(gguf_path) -> Path:
+    """The cached fp32 safetensors copy of any .gguf file: ``$MINILLM_CACHE/gguf-<sha256[:16]>``,
+    made on first use by the embedded model's conversion (`_dequantise_gguf`, `_converted_once`),
+    with ``gguf_source.json`` naming the file it was made from and its full hash. The embedded
+    model's own file is its cached copy (`embedded_model_dir`): the same conversion of the same bytes."""
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is not None and spec.submodule_search_locations and gguf_path == embedded_gguf_path().resolve():
+        return embedded_model_dir()
+    digest = file_sha256(gguf_path)
+    source = {"gguf": str(gguf_path), "sha256": digest}
+    return _converted_once(cache_root() / f"gguf-{digest[:16]}", lambda out: _dequantise_gguf(gguf_path, out, source))
+
+
+def model_source(name_or_path) -> dict | None:
+    """What a record says of a model given as a .gguf file: {"gguf": the file (absolute), "sha256": its
+    hash, "converted": the cached copy loaded}; None for any other form."""
+    path = Path(str(name_or_path)).expanduser()
+    if path.suffix != ".gguf" or not path.is_file():
+        return None
+    return {"gguf": str(path.resolve()), "sha256": file_sha256(path), "converted": str(gguf_model_dir(path))}
+
+
+def _converted_once(out: Path, convert) -> Path:
+    """`out`, made by `convert(out)` unless already there.
 
     Concurrent first uses (`suite run --jobs 2` on an empty cache) convert once: the others wait on
     an exclusive lock beside the cache, then find the copy made.
     """
-    out = cache_root() / "smollm2-135m-instruct-f32"
     if (out / "config.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +272,7 @@ def embedded_model_dir() -> Path:
         except ImportError:  # not POSIX: no concurrent grids there
             pass
         if not (out / "config.json").is_file():
-            _dequantise_gguf(embedded_gguf_path(), out)
+            convert(out)
     return out
 
 
@@ -318,6 +376,20 @@ def _load_config(name_or_path, where):
         raise UserError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
 
 
+def _drop_gguf_quantization(config) -> bool:
+    """Remove a GGUF ``quantization_config`` from `config` (in place); whether there was one.
+
+    transformers' `save_pretrained` of a GGUF-loaded model's config keeps {"quant_method": "gguf"};
+    loaded with it, the model's weights are plain tensors all the same, but transformers attaches
+    its GGUF quantizer and then refuses to save the model ("not serializable")."""
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() != "gguf":
+        return False
+    del config.quantization_config
+    return True
+
+
 def _check_supported(model):
     from suite.pruning.architectures import adapter_for
 
@@ -349,26 +421,27 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
     dtype = parse_dtype(dtype)
     check_offload(offload, device, device_memory, offload_folder)
     kind, where = resolve(name_or_path)
+    if kind == "gguf":  # dequantised once into the cache: from here on a plain model directory
+        kind, where = "dir", gguf_model_dir(where)
+    plain = {}
+    if kind in ("dir", "hub"):
+        config = _check_supported(_load_config(name_or_path, where))  # before reading any weights
+        plain = {"config": config} if _drop_gguf_quantization(config) else {}
     if offload is not None and kind in ("dir", "hub"):
-        _check_supported(_load_config(name_or_path, where))
-        return _check_supported(load_offloaded(str(where), dtype, device, offload, device_memory, offload_folder))
+        return _check_supported(load_offloaded(str(where), dtype, device, offload, device_memory, offload_folder,
+                                               **plain))
     if kind == "tiny":
         model = cast_weights(_tiny_model(where), dtype)  # built in fp32 (the same weights at any dtype)
     elif kind == "pruned":
         from suite.pruning.saving import load_pruned
 
         model = load_pruned(where, dtype=dtype)
-    elif kind == "gguf":
-        model = AutoModelForCausalLM.from_pretrained(where.parent, gguf_file=where.name, dtype=dtype)
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
     else:
-        _check_supported(_load_config(name_or_path, where))  # before reading any weights
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype, **plain)
         except OSError as exc:
             raise UserError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
-    if offload is not None:  # built in code (tiny, pruned, gguf): dispatched as it is
+    if offload is not None:  # built in code (tiny, pruned): dispatched as it is
         return _check_supported(dispatch_offloaded(model.eval(), device, offload, device_memory, offload_folder))
     # device only: `.to(dtype=...)` would cast the rotary inv_freq buffer too (suite/precision.py)
     model = model.to(device=device).eval()
@@ -382,7 +455,7 @@ def load_tokenizer(name_or_path: str):
     if kind == "tiny":
         return byte_tokenizer()
     if kind == "gguf":
-        return AutoTokenizer.from_pretrained(where.parent, gguf_file=where.name)
+        return AutoTokenizer.from_pretrained(str(gguf_model_dir(where)))
     if kind == "pruned":
         return AutoTokenizer.from_pretrained(str(where))
     return AutoTokenizer.from_pretrained(str(where))

@@ -164,17 +164,18 @@ def _no_split(model) -> list[str]:
     return sorted({type(layer).__name__ for layer in adapter_for(model).layers(model)})
 
 
-def load_offloaded(where: str, dtype, device, offload, device_memory, offload_folder):
+def load_offloaded(where: str, dtype, device, offload, device_memory, offload_folder, config=None):
     """`from_pretrained(device_map="auto", max_memory=..., offload_folder=...)`: transformers builds
     the model on the meta device and places whole decoder layers (its `_no_split_modules`) with
     accelerate's `infer_auto_device_map`; offloaded weights are read from the model's own
-    safetensors files when used, never copied whole into memory."""
+    safetensors files when used, never copied whole into memory. `config`: the model's config as
+    loaded and edited by the caller (`suite.models`: a GGUF quantization_config removed), or None."""
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
             where, dtype=dtype, device_map="auto", max_memory=max_memory(device, offload, device_memory),
-            offload_folder=offload_dir(offload_folder))
+            offload_folder=offload_dir(offload_folder), **({"config": config} if config is not None else {}))
     except OSError as exc:
         raise UserError(f"cannot load model {where!r}: {str(exc).splitlines()[0]}") from None
     return model.eval()

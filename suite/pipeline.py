@@ -234,7 +234,7 @@ def run_cell(cell: dict) -> dict:
     the recovery's settings, steps, tokens and losses in `recovery`, its cost in `phases.recover`."""
     from suite import evaluate
     from suite.data import eval_windows
-    from suite.models import load_model, load_tokenizer
+    from suite.models import load_model, load_tokenizer, model_source
 
     device, dtype = cell.get("device", "cpu"), getattr(torch, cell.get("dtype", "float32"))
     quiet = cell.get("quiet", True)
@@ -245,6 +245,8 @@ def run_cell(cell: dict) -> dict:
         tokenizer = load_tokenizer(cell["model"])
     record = {"model": cell["model"], "method": cell["method"], "label": cell.get("label", cell["method"]),
               "seed": cell.get("seed", 0)}
+    if (source := model_source(cell["model"])) is not None:  # a .gguf file: which one, by content
+        record["model_source"] = source
     ev = cell.get("evaluation", {})
     warnings = [w for w in [evaluate.check_window(model, ev.get("seqlen", 128), "evaluation seqlen")] if w]
     bench = None

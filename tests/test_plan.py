@@ -318,3 +318,95 @@ def test_bloom_slow_but_exact_is_pruned_exactly(tmp_path):
     assert rel_err(logits(model, ids), expected) <= 1e-5
     out = save_pruned(model, None, carried_plan(model), tmp_path / "tp")
     assert rel_err(logits(load_pruned(out), ids), expected) <= 1e-5
+
+
+# -------------------------------------------------------------------- re-pruning a model with an emptied block
+EMPTIED_FAMILIES = ["tiny-llama", "tiny-phi3", "tiny-gemma2"]
+ALL_METHODS = ["random", "magnitude", "wanda-sp", "flap", "llm-pruner", "minillm"]
+
+
+@pytest.fixture(scope="module")
+def emptied_dirs(tmp_path_factory):
+    """{(family, "attention"|"mlp"): a saved pruned directory whose layer 1 has that block emptied
+    (`--allow-empty`), nothing else removed}."""
+    from suite.models import byte_tokenizer
+
+    root, out = tmp_path_factory.mktemp("emptied"), {}
+    for name in EMPTIED_FAMILIES:
+        for what in ("attention", "mlp"):
+            model = drop(load_model(name), 1, what)
+            out[(name, what)] = save_pruned(model, byte_tokenizer(), carried_plan(model), root / f"{name}-{what}")
+    return out
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize("what", ["attention", "mlp"])
+@pytest.mark.parametrize("name", EMPTIED_FAMILIES)
+def test_repruning_a_model_with_an_emptied_block_equals_the_masked_original(emptied_dirs, name, what, method):
+    """Every method re-prunes a directory with an already-empty block (was: ZeroDivisionError,
+    AttributeError 'float' has no 'sqrt', a reshape error, or "plan leaves layer 1 with zero heads"
+    without allow_empty): the empty block stays empty and is not counted again, the new plan
+    removes the budget from the rest, and the sliced model equals the ORIGINAL dense model with
+    every removed group (old and new, `tests/reference.masked_logits`) zeroed."""
+    from suite.models import byte_tokenizer
+    from suite.pipeline import prune
+
+    model = load_model(str(emptied_dirs[(name, what)]))
+    before = sum(p.numel() for p in model.parameters())
+    options = {"compensate": False} if method == "flap" else None  # compensation adds biases: not a mask
+    outcome = prune(model, byte_tokenizer(), method, 0.2, options=options, calib={"nsamples": 2, "seqlen": 32})
+    after = sum(p.numel() for p in model.parameters())
+    assert outcome.params_dense == before and before - after == outcome.selection.removed
+    assert outcome.selection.target_removed == round(0.2 * before)  # of what is left: empty blocks not again
+    assert abs(outcome.selection.removed - outcome.selection.target_removed) <= 0.01 * before
+    plan = carried_plan(model)
+    layer = plan.layers[1]
+    assert (layer.heads if what == "attention" else layer.channels) == []
+    removed_now = sum(len(a) - len(b) for a, b in zip(
+        (l.heads + l.channels for l in Plan.load(emptied_dirs[(name, what)] / "plan.json").layers),
+        (l.heads + l.channels for l in plan.layers)))
+    assert removed_now > 0
+    ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(5))
+    assert rel_err(logits(model, ids), masked_logits(load_model(name), plan, ids)) <= 1e-5
+
+
+def test_statistics_skip_an_emptied_blocks_groups():
+    """`input_stats` on a layer whose attention is dropped (its out-projection never runs) measures
+    the MLP's members alone, equal to the same statistics asked without the empty head set; the
+    engine's group sets list no empty set at all."""
+    from suite.pruning.activations import input_stats
+    from suite.pruning.architectures import all_group_sets
+
+    model = drop(load_model("tiny-llama"), 1, "attention")
+    adapter = adapter_for(model)
+    layer = adapter.layers(model)[1]
+    heads, channels = adapter.head_groups(1, layer), adapter.channel_groups(1, layer)
+    assert heads.count == 0 and (1, "heads") not in {(gs.layer, gs.kind) for gs in all_group_sets(model)}
+    windows = torch.randint(3, 259, (2, 16), generator=torch.Generator().manual_seed(2))
+    both, alone = input_stats(model, windows, [heads, channels]), input_stats(model, windows, [channels])
+    assert both.keys() == alone.keys() == {(1, m.name) for m in channels.members}
+    assert all(torch.equal(both[k].l2, alone[k].l2) for k in alone)
+
+
+def test_repruning_the_issue_case_on_the_command_line(tmp_path, capsys):
+    """The issue's commands: magnitude 0.75 global with --allow-empty empties MLPs; `random 0.1` on
+    the result then prunes (exit 0, was a ZeroDivisionError) without --allow-empty, since it empties
+    no block itself; a plan that does empty a block names the block it would empty."""
+    from suite.cli import main
+
+    first, second = tmp_path / "A", tmp_path / "B"
+    assert main(["prune", "--model", "tiny-llama", "--method", "magnitude", "--ratio", "0.75", "--scope", "global",
+                 "--allow-empty", "--out", str(first), "--quiet"]) == 0
+    emptied = [i for i, l in enumerate(Plan.load(first / "plan.json").layers) if not l.channels]
+    assert emptied, "the first prune was expected to empty an MLP"
+    assert main(["prune", "--model", str(first), "--method", "random", "--ratio", "0.1", "--out", str(second),
+                 "--quiet"]) == 0
+    assert all(not Plan.load(second / "plan.json").layers[i].channels for i in emptied)
+    model = load_model(str(first))
+    plan = full_plan(model)
+    kept = next(i for i, l in enumerate(plan.layers) if l.heads)
+    plan.layers[kept].heads = []
+    with pytest.raises(UserError, match=rf"removes the last heads of layer {kept} \(zero heads left\)"):
+        apply_plan(model, plan)
+
+

@@ -47,3 +47,59 @@ def random_plan(model, rng, untouched=1, kv_mode=False):
             k = rng.randint(1, per - 1) if i % 2 else per - 1
             lp.heads = sorted(j * per + h for j in range(nkv) for h in rng.sample(range(per), k))
     return plan
+
+
+def write_gguf(model, path) -> None:
+    """Write a seeded tiny LLaMA (`suite.models` tiny-llama, tiny-llama-gqa) as an F32 .gguf file with
+    the `gguf` package, laid out as llama.cpp's `convert_hf_to_gguf.py` lays out a LLaMA (tensor names
+    `token_embd`, `blk.N.attn_q`..., q/k rows permuted for its rotary layout; the byte tokenizer as a
+    "gpt2" vocabulary without merges), so transformers' GGUF reader gives back the model's exact weights."""
+    import gguf
+    import numpy as np
+
+    from suite.models import byte_tokenizer
+
+    def permute(w, heads):  # llama.cpp convert_hf_to_gguf.py LlamaModel.permute
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    vocab = byte_tokenizer().get_vocab()
+    tokens = sorted(vocab, key=vocab.get) + [f"<unused{i}>" for i in range(c.vocab_size - len(vocab))]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t.startswith("<") else 1 for t in tokens])  # 3: control, 1: normal
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_merges([])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    writer.add_tensor("output.weight", state["lm_head.weight"])
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    heads = {"attn_q": c.num_attention_heads, "attn_k": c.num_key_value_heads}
+    for i in range(c.num_hidden_layers):
+        for hf_name, gguf_name in names.items():
+            w = state[f"model.layers.{i}.{hf_name}.weight"]
+            if gguf_name in heads:
+                w = permute(w, heads[gguf_name])
+            writer.add_tensor(f"blk.{i}.{gguf_name}.weight", np.ascontiguousarray(w))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

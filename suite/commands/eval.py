@@ -81,7 +81,7 @@ def _base_and_adapter(args):
 
 def run(args) -> int:
     from suite import data, evaluate
-    from suite.models import load_model, load_tokenizer
+    from suite.models import load_model, load_tokenizer, model_source
     from suite.records import write_json_atomic
     from suite.offload import offload_kwargs
 
@@ -108,6 +108,8 @@ def run(args) -> int:
     tokenizer = load_tokenizer(base)
     result = {"model": base, **({"adapter": str(adapter)} if adapter is not None else {}), "seqlen": args.seqlen,
               "max_tokens": args.max_tokens, "limit": args.limit, "perplexity": {}, "zero_shot": {}}
+    if (source := model_source(base)) is not None:  # a .gguf file: which one, by content
+        result["model_source"] = source
     if warnings:
         result["warnings"] = warnings
     rows = []

@@ -96,7 +96,7 @@ def run(args) -> int:
     from suite.pruning.scoring import checked_options
     from suite.data import require_source
     from suite.methods import get_method
-    from suite.models import load_model, load_tokenizer
+    from suite.models import load_model, load_tokenizer, model_source
     from suite.offload import offload_kwargs, refuse_method
     from suite.config import default_label
     from suite.pipeline import hidden_on_setting, outcome_record, prune
@@ -138,6 +138,8 @@ def run(args) -> int:
         ppl["after"] = perplexity(model, tokenizer, args.ppl, max_tokens=args.max_tokens, quiet=args.quiet)
     record = {"model": args.model, "method": args.method, "label": default_label(args.method, outcome.options),
               "seed": args.seed, **outcome_record(outcome, args.ratio)}
+    if (source := model_source(args.model)) is not None:  # a .gguf file: which one, by content
+        record["model_source"] = source
     if ppl:
         record["perplexity"] = {args.ppl: ppl}
     # where the weights and hidden states lived (the grid's RUNTIME_KEYS, plus the folder; None: a

@@ -71,7 +71,7 @@ def run(args) -> int:
     from suite.pruning.saving import PLAN_FILE, save_pruned
     from suite import recovery
     from suite.measure import measure
-    from suite.models import load_model, load_tokenizer, resolve
+    from suite.models import load_model, load_tokenizer, model_source, resolve
     from suite.commands.prune import check_out
     from suite.records import provenance
 
@@ -111,6 +111,8 @@ def run(args) -> int:
     if args.ppl:
         ppl["after"] = perplexity(outcome.model, tokenizer, args.ppl, max_tokens=args.max_tokens, quiet=args.quiet)
         info["perplexity"] = {args.ppl: ppl}
+    if (gguf := model_source(args.model)) is not None:  # a .gguf file: which one, by content
+        source["model_source"] = gguf
     record = {**source, "recovery": info,
               "recovery_provenance": provenance(config=vars(args) | {"_run": None}, seed=args.seed)}
     if settings.get("adapter_only"):

@@ -85,10 +85,11 @@ class StreamingVariance:
 
 
 def _members(group_sets) -> dict:
-    """{(layer, member name): Linear} for every member of `group_sets`, each Linear once."""
+    """{(layer, member name): Linear} for every member of `group_sets`, each Linear once; none of a set
+    with no group (an already-emptied block: a dropped attention never calls its out-projection)."""
     out = {}
     for gs in group_sets:
-        for member in gs.members:
+        for member in gs.members if gs.count else ():
             out.setdefault((gs.layer, member.name), gs.linear(member))
     return out
 

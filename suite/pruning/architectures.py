@@ -482,14 +482,20 @@ def adapter_for(model) -> Adapter:
 
 
 def all_group_sets(model, head_mode: str = "q-head", layers=None) -> list[GroupSet]:
-    """Every layer's head and channel GroupSets, in layer order (heads before channels)."""
+    """Every layer's head and channel GroupSets, in layer order (heads before channels).
+
+    A block already emptied (a pruned model's attention with zero q heads, or MLP with zero
+    channels: `apply_plan` with ``allow_empty``) has no group left: its set is not listed, so
+    statistics, scoring, selection and the budget skip it (its groups count as removed already)."""
     adapter = adapter_for(model)
     out = []
     for i, layer in enumerate(adapter.layers(model)):
         if layers is not None and i not in layers:
             continue
-        out.append(adapter.head_groups(i, layer, head_mode))
-        out.append(adapter.channel_groups(i, layer))
+        if adapter.num_heads(layer):
+            out.append(adapter.head_groups(i, layer, head_mode))
+        if adapter.num_channels(layer):
+            out.append(adapter.channel_groups(i, layer))
     return out
 
 

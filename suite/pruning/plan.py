@@ -118,8 +118,10 @@ def full_plan(model) -> Plan:
 
 
 def _is_gqa(model) -> bool:
+    """Whether the first layer that has heads (an emptied attention says nothing) shares kv heads."""
     adapter = adapter_for(model)
-    layer = adapter.layers(model)[0]
+    layers = adapter.layers(model)
+    layer = next((layer for layer in layers if adapter.num_heads(layer)), layers[0])
     return adapter.num_kv_heads(layer) != adapter.num_heads(layer)
 
 
@@ -136,9 +138,12 @@ def validate(plan: Plan, model) -> None:
         nq, nkv, nch = adapter.num_heads(layer), adapter.num_kv_heads(layer), adapter.num_channels(layer)
         _check_indices(lp.heads, nq, f"layer {i} heads")
         _check_indices(lp.channels, nch, f"layer {i} channels")
-        if not plan.allow_empty and (not lp.heads or not lp.channels):
-            what = "heads" if not lp.heads else "channels"
-            raise UserError(f"plan leaves layer {i} with zero {what}; pass allow_empty to drop that sub-block")
+        # a block already empty in `model` (pruned before with allow_empty) stays so: only a plan
+        # that removes a block's last heads or channels needs allow_empty
+        emptied = [what for what, kept, n in (("heads", lp.heads, nq), ("channels", lp.channels, nch)) if n and not kept]
+        if emptied and not plan.allow_empty:
+            raise UserError(f"plan removes the last {emptied[0]} of layer {i} (zero {emptied[0]} left); "
+                            "pass allow_empty to drop that sub-block")
         if nkv != nq:
             kv = lp.kv_heads if lp.kv_heads is not None else list(range(nkv))
             _check_indices(kv, nkv, f"layer {i} kv_heads")

@@ -122,7 +122,7 @@ def save_pruned(model, tokenizer, plan: Plan, out_dir, extra: dict | None = None
     out_dir = Path(out_dir)
     with written_atomically(out_dir, PLAN_FILE) as tmp:
         # offloaded weights are read back shard by shard: small shards bound the memory this takes
-        shards = {"max_shard_size": OFFLOADED_SHARD_SIZE} if offloaded(model) else {}
+        shards = {"max_shard_size": OFFLOADED_SHARD_SIZE, "state_dict": _untied_state(model)} if offloaded(model) else {}
         model.save_pretrained(tmp, safe_serialization=True, **shards)
         if standard_format(model.config):  # else: the dense config + plan.json
             config_path = tmp / "config.json"
@@ -135,6 +135,18 @@ def save_pruned(model, tokenizer, plan: Plan, out_dir, extra: dict | None = None
         if extra:
             (tmp / "pruning.json").write_text(json.dumps(extra, indent=1, sort_keys=True, default=str))
     return out_dir
+
+
+def _untied_state(model) -> dict:
+    """`model.state_dict()` without the targets of its declared weight ties (`all_tied_weights_keys`,
+    e.g. a tied lm_head.weight), so a tied head is written once. transformers drops a tie's copy by
+    tensor identity; accelerate's offload gives each offloaded module its own meta parameter, so
+    that test misses an offloaded tied head and it was written a second time."""
+    state = model.state_dict()
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if source in state:
+            state.pop(target, None)
+    return state
 
 
 def _layers_from_plan(config, plan: Plan, keys: set[str]) -> list[dict]:

@@ -135,7 +135,9 @@ def _allocate(model, ratio, scope, layers, head_mode, allow_empty, round_to, sco
         raise UserError(f"prunable layers must be a non-empty subset of 0..{n_layers - 1}, got {layers}")
     total = parameter_count(model)  # tied weights once, offloaded ones by shape
     target = round(ratio * total)
-    sets = all_group_sets(model, head_mode, layers=set(layers))
+    sets = all_group_sets(model, head_mode, layers=set(layers))  # already-empty blocks: none
+    if not sets:
+        raise UserError(f"nothing left to prune in layers {layers}: every attention and MLP block there is empty")
     if scores is not None:
         for gs in sets:
             s = scores.get((gs.layer, gs.kind))
@@ -191,10 +193,11 @@ def _layer_scope_counts(sets, scores, target, head_mode, nkv, allocation_weights
     channels fill the remaining budget."""
     heads = [gs for gs in sets if gs.kind == "heads"]
     chans = [gs for gs in sets if gs.kind == "channels"]
-    w = {gs.layer: 1.0 for gs in heads}
+    w = {gs.layer: 1.0 for gs in sets}
     if allocation_weights is not None:
         w = {i: float(allocation_weights[i]) for i in w}
-    cap = {gs.layer: _max_removable(gs, allow_empty, 1) / gs.count for gs in chans}
+    # the largest fraction a layer may remove: its channels' (its heads' where its MLP is empty already)
+    cap = {gs.layer: _max_removable(gs, allow_empty, 1) / gs.count for gs in heads + chans}
 
     def frac(s, i):
         return min(s * w[i], cap[i])
@@ -218,6 +221,8 @@ def _layer_scope_counts(sets, scores, target, head_mode, nkv, allocation_weights
         n = round(frac(s, gs.layer) * gs.count / unit) * unit
         counts[(gs.layer, "heads")] = min(n, _max_removable(gs, allow_empty, unit))
     left = target - sum(counts[(gs.layer, "heads")] * gs.params_per_group() for gs in heads)
+    if not chans:  # every MLP of the range is empty already: the heads' rounding is the nearest plan
+        return counts
     per_channel = chans[0].params_per_group()
     want = {gs.layer: frac(s, gs.layer) * gs.count for gs in chans}
     n_total = max(0, round(left / per_channel))
