@@ -232,3 +232,15 @@ def test_a_method_variant_gets_its_own_default_label():
     assert default_label("flap", {"variance": "exact"}) == default_label("flap", {}) == "flap"
     assert default_label("wanda-sp", {"sequential": False}) == "wanda-sp (one-shot)"
     assert default_label("wanda-sp", {}) == "wanda-sp" and default_label("magnitude", {"norm": "l1"}) == "magnitude"
+
+
+def test_a_method_entry_runs_only_on_its_models_and_names_only_grid_models(tmp_path, registry):
+    text = ("name: t\nmodels: [tiny-llama, tiny-opt]\nmethods: [random, {name: magnitude, models: [tiny-opt]}]\n"
+            "ratios: [0.2]\n")
+    cells = expand_cells(load_config(write(tmp_path, text)))
+    assert sorted((c["model"], c["method"]) for c in cells if c["method"] != "dense") == [
+        ("tiny-llama", "random"), ("tiny-opt", "magnitude"), ("tiny-opt", "random")]
+    plain = load_config(write(tmp_path, MINIMAL))
+    assert "models" not in plain["methods"][0]  # left out when not given: the grid's hash is unchanged
+    with pytest.raises(UserError, match=r"methods\[1\]\.models: 'tiny-bloom' is not one of the grid's models"):
+        load_config(write(tmp_path, text.replace("models: [tiny-opt]", "models: [tiny-bloom]")))
