@@ -222,30 +222,17 @@ class _Sliced:
         slice_architecture(self, config, self.layout)
 
 
-class SlicedLlamaForCausalLM(_Sliced, LlamaForCausalLM):
-    layout = LLAMA_LAYOUT
+def _sliced_class(base, layout: Layout) -> type:
+    """Sliced<base>: `_Sliced` over a transformers CausalLM class, with the family's layout."""
+    return type(f"Sliced{base.__name__}", (_Sliced, base), {"layout": layout, "__module__": __name__})
 
 
-class SlicedMistralForCausalLM(_Sliced, MistralForCausalLM):
-    layout = LLAMA_LAYOUT
-
-
-class SlicedQwen2ForCausalLM(_Sliced, Qwen2ForCausalLM):
-    layout = LLAMA_LAYOUT
-
-
-class SlicedQwen3ForCausalLM(_Sliced, Qwen3ForCausalLM):
-    layout = LLAMA_LAYOUT
-
-
-class SlicedPhi3ForCausalLM(_Sliced, Phi3ForCausalLM):
-    layout = PHI3_LAYOUT
-
-
-class SlicedOPTForCausalLM(_Sliced, OPTForCausalLM):
-    layout = OPT_LAYOUT
-
-
-# model_type -> sliced class (its `layout` is the family's)
-FAMILIES = {"llama": SlicedLlamaForCausalLM, "mistral": SlicedMistralForCausalLM, "qwen2": SlicedQwen2ForCausalLM,
-            "qwen3": SlicedQwen3ForCausalLM, "phi3": SlicedPhi3ForCausalLM, "opt": SlicedOPTForCausalLM}
+# model_type -> sliced class (its `layout` is the family's); each is also this module's attribute
+# of its name, which the config's `auto_map` names (e.g. modeling_sliced.SlicedLlamaForCausalLM)
+FAMILIES = {"llama": _sliced_class(LlamaForCausalLM, LLAMA_LAYOUT),
+            "mistral": _sliced_class(MistralForCausalLM, LLAMA_LAYOUT),
+            "qwen2": _sliced_class(Qwen2ForCausalLM, LLAMA_LAYOUT),
+            "qwen3": _sliced_class(Qwen3ForCausalLM, LLAMA_LAYOUT),
+            "phi3": _sliced_class(Phi3ForCausalLM, PHI3_LAYOUT),
+            "opt": _sliced_class(OPTForCausalLM, OPT_LAYOUT)}
+globals().update({cls.__name__: cls for cls in FAMILIES.values()})
