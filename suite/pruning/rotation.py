@@ -38,7 +38,7 @@ from torch import nn
 
 from suite.pruning.architectures import adapter_for
 from suite.pruning.errors import UserError
-from suite.pruning.layerwise import LayerPass, parameter_count
+from suite.pruning.layerwise import LayerPass, parameter_count, resident_layer
 from suite.pruning.modeling_sliced import (CONFIG_KEY, Layout, ResidualRMSNorm, layer_widths, make_shortcut_layer,
                                            set_embedding, set_linear, set_module)
 
@@ -117,8 +117,6 @@ def fuse(model) -> float:
                 emb = model.get_submodule(path)
                 w = emb.weight.detach().double()
                 set_embedding(emb, (w - w.mean(dim=-1, keepdim=True)).to(emb.weight.dtype))
-        from suite.pruning.layerwise import resident_layer
-
         for i in range(len(model.get_submodule(layout.layers))):
             with resident_layer(model, i) as layer:
                 _fold(layer.get_submodule(layout.norms[0]), [layer.get_submodule(n) for n in layout.attention_inputs])
