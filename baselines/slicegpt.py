@@ -27,6 +27,10 @@ suite's own: 128 C4 windows of 128 tokens, the calibration of wanda-sp and flap.
 Options: `slice_head` (default false, the authors' `do_slice_head`): slice the last layer's
 output and the head to d′ too. `batch_size` (default 1): windows per micro-batch of the layer pass
 (the authors' `--cal-batch-size 16`; the PCA does not depend on it, only the peak memory does).
+`centre_embeddings` (default false): subtract each embedding row's mean in RMSNorm families too, as
+the authors' `fuse_modules` does for every family; it changes an RMSNorm model's function (RMSNorm
+is not invariant to the mean), which is why it is off here; on for reproducing their numbers
+(results/notes/slicegpt.md §3). LayerNorm families (OPT) are centred either way (exact there).
 
 Deliberate differences (see also rotation.py): the kept directions are left in PCA orientation
 (the script's default `--final-orientation random` rotates them by a random orthogonal matrix inside
@@ -51,6 +55,7 @@ NAME = "slicegpt"
 class Options(MethodOptions):
     slice_head: Bool = False
     batch_size: Annotated[Int, Field(ge=1)] = 1
+    centre_embeddings: Bool = False
 
 
 OPTIONS = Options.defaults()
@@ -70,11 +75,13 @@ def transform(model, windows, ratio, options, seed, round_to=None) -> Transform:
     dense = parameter_count(model)
     full = model.config.hidden_size
     width, predicted = width_for_ratio(model, ratio, round_to, options["slice_head"])
-    rotate_and_slice(model, windows, width, slice_head=options["slice_head"], batch_size=options["batch_size"])
+    rotate_and_slice(model, windows, width, slice_head=options["slice_head"], batch_size=options["batch_size"],
+                     centre_embeddings=options["centre_embeddings"])
     kept = parameter_count(model)
     if kept != predicted:
         raise AssertionError(f"slicegpt budget: the sliced model has {kept:,} parameters, predicted {predicted:,}")
     info = {"width": width, "hidden_size": full, "slicing": round(1 - width / full, 6),
             "ratio_at_width": round(1 - kept / dense, 6), "round_to": round_to,
-            "slice_head": options["slice_head"], "tokens": int(windows.numel())}
+            "slice_head": options["slice_head"], "centre_embeddings": options["centre_embeddings"],
+            "tokens": int(windows.numel())}
     return Transform(target_removed=round(float(ratio) * dense), removed=dense - kept, info=info)

@@ -9,6 +9,9 @@ Three steps, each its own process (the authors' code needs transformers 4.41, th
   PYTHONPATH=SITE:CHECKOUT/src python scripts/slicegpt_fidelity.py theirs WORK --width 432
   # 3. the comparison: per PCA, the projector onto the kept directions; perplexities
   python scripts/slicegpt_fidelity.py compare WORK --out results/runs/slicegpt-fidelity-smollm2.jsonl
+  # 1b/3b. the same with the embedding rows centred as the authors' fuse_modules does for every family
+  python scripts/slicegpt_fidelity.py ours WORK --width 432 ... --centre-embeddings
+  python scripts/slicegpt_fidelity.py compare WORK --centre-embeddings --out ...
 
 Step 2 builds transformers-4.41's LlamaForCausalLM from the saved config and weights and calls the
 authors' `replace_layers`, `fuse_modules` and `rotate_and_slice` (ConstSlicingScheduler(width),
@@ -63,10 +66,11 @@ def ours(args) -> None:
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(state, work / "dense.safetensors")
     save_file({"calibration": windows, "evaluation": evaluation}, work / "windows.safetensors")
-    dense_ppl = nll_perplexity(model, evaluation)
-    done = rotate_and_slice(model, windows, args.width, keep_bases=True)
-    save_file({f"q{i}": q.contiguous() for i, q in enumerate(done.bases)}, work / "ours-bases.safetensors")
-    (work / "ours.json").write_text(json.dumps({"dense_ppl": dense_ppl, "sliced_ppl": nll_perplexity(model, evaluation),
+    dense_ppl = nll_perplexity(model, evaluation) if not args.centre_embeddings else None
+    done = rotate_and_slice(model, windows, args.width, keep_bases=True, centre_embeddings=args.centre_embeddings)
+    tag = "-centred" if args.centre_embeddings else ""
+    save_file({f"q{i}": q.contiguous() for i, q in enumerate(done.bases)}, work / f"ours{tag}-bases.safetensors")
+    (work / f"ours{tag}.json").write_text(json.dumps({"dense_ppl": dense_ppl, "centre_embeddings": args.centre_embeddings, "sliced_ppl": nll_perplexity(model, evaluation),
                                                 "width": args.width, "nsamples": args.nsamples, "seqlen": args.seqlen,
                                                 "eval_windows": list(evaluation.shape)}))
 
@@ -121,8 +125,9 @@ def compare(args) -> None:
     from safetensors.torch import load_file
 
     work = Path(args.work)
-    a, b = load_file(work / "ours-bases.safetensors"), load_file(work / "theirs-bases.safetensors")
-    mine, their = json.loads((work / "ours.json").read_text()), json.loads((work / "theirs.json").read_text())
+    tag = "-centred" if args.centre_embeddings else ""
+    a, b = load_file(work / f"ours{tag}-bases.safetensors"), load_file(work / "theirs-bases.safetensors")
+    mine, their = json.loads((work / f"ours{tag}.json").read_text()), json.loads((work / "theirs.json").read_text())
     width = mine["width"]
     errors = []
     for i in range(len(a)):
@@ -131,6 +136,7 @@ def compare(args) -> None:
         P, R = p @ p.T, q @ q.T
         errors.append(float((P - R).norm() / R.norm()))
     record = {"subject": "slicegpt fidelity", "model": "smollm2-135m", "width": width,
+              "centre_embeddings": args.centre_embeddings,
               "slicing": round(1 - width / a["q0"].shape[0], 6), "calibration": {"corpus": "c4",
               "nsamples": mine["nsamples"], "seqlen": mine["seqlen"]}, "eval_windows": mine["eval_windows"],
               "bases": len(a), "projector_rel_frobenius_max": max(errors),
@@ -156,6 +162,8 @@ def main() -> int:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--batch", type=int, default=16, help="their calibration batch (--cal-batch-size)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--centre-embeddings", action="store_true",
+                        help="ours/compare: centre the embedding rows as the authors' fuse_modules does for every family")
     args = parser.parse_args()
     {"ours": ours, "theirs": theirs, "compare": compare}[args.step](args)
     return 0

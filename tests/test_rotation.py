@@ -44,6 +44,15 @@ def test_fusing_norms_leaves_logits_unchanged_and_every_norm_weightless(name):
     assert model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
 
 
+def test_centring_embeddings_as_the_authors_code_subtracts_each_row_mean_in_an_rmsnorm_family():
+    plain, centred = load_model("tiny-llama").eval(), load_model("tiny-llama").eval()
+    fuse(plain)
+    fuse(centred, centre_embeddings=True)
+    w = plain.get_input_embeddings().weight.double()
+    assert torch.allclose(centred.get_input_embeddings().weight.double(), w - w.mean(dim=1, keepdim=True), atol=1e-6)
+    assert torch.equal(centred.get_output_embeddings().weight, plain.get_output_embeddings().weight)
+
+
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_rotating_without_slicing_leaves_logits_unchanged(name):
     model = load_model(name).eval()

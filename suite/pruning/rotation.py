@@ -96,12 +96,18 @@ def _centre(lin: nn.Linear) -> None:
     set_linear(lin, (w - w.mean(dim=0, keepdim=True)).to(lin.weight.dtype), bias)
 
 
-def fuse(model) -> float:
+def fuse(model, centre_embeddings: bool = False) -> float:
     """Fold every residual norm into its readers (see the module docstring); returns the norms' epsilon.
 
     In place. Raises UserError where `residual_layout` refuses. The head is untied from the input
     embedding (``config.tie_word_embeddings = False``); every residual norm becomes
     `ResidualRMSNorm(hidden, hidden, eps)` (no weight). Logits are unchanged up to rounding.
+
+    centre_embeddings: also subtract each embedding row's mean in an RMSNorm family, as the authors'
+    `fuse_modules` does for EVERY family ("We add the mean subtraction to the first embeddings").
+    Exact for LayerNorm families (done there regardless); for RMSNorm families it CHANGES the model
+    (RMSNorm is not invariant to the mean), so it is off by default and exists to reproduce their
+    code (results/notes/slicegpt.md §3).
     """
     layout = residual_layout(model)
     full = model.config.hidden_size
@@ -112,7 +118,7 @@ def fuse(model) -> float:
     eps = _norm_eps(final)
     layernorm = isinstance(final, nn.LayerNorm)
     with torch.no_grad():
-        if layernorm:
+        if layernorm or centre_embeddings:
             for path in layout.embeddings:
                 emb = model.get_submodule(path)
                 w = emb.weight.detach().double()
@@ -163,14 +169,15 @@ class Sliced:
 
 
 def rotate_and_slice(model, windows: torch.Tensor | None, width: int, slice_head: bool = False, batch_size: int = 1,
-                     bases: list[torch.Tensor] | None = None, keep_bases: bool = False) -> Sliced:
+                     bases: list[torch.Tensor] | None = None, keep_bases: bool = False,
+                     centre_embeddings: bool = False) -> Sliced:
     """Fuse, then rotate and slice `model`'s residual stream to `width` in place (module docstring).
 
     windows: [nsamples, seqlen] token ids (the calibration); width: the kept directions d′
     (1 ≤ d′ ≤ hidden_size; hidden_size rotates without slicing); slice_head: the last layer's output
     and the head at d′ too; batch_size: windows per micro-batch of the layer pass; bases: given
     orthogonal [D, D] matrices (2·layers + 1, as `Sliced.bases`) used instead of the PCAs (a test's
-    fixed rotation; then `windows` only drive the pass). Sets ``config.residual_widths``,
+    fixed rotation; then `windows` only drive the pass); centre_embeddings: see `fuse`. Sets ``config.residual_widths``,
     ``residual_norm_eps`` and ``head_bias`` (the sliced checkpoint's, `modeling_sliced`).
     Raises UserError for a width out of range or a family `residual_layout` refuses.
     """
@@ -178,7 +185,7 @@ def rotate_and_slice(model, windows: torch.Tensor | None, width: int, slice_head
     full = model.config.hidden_size
     if not 1 <= int(width) <= full:
         raise UserError(f"slicegpt: width must be in 1..{full} (the hidden size), got {width}")
-    eps = fuse(model)
+    eps = fuse(model, centre_embeddings)
     n = len(model.get_submodule(layout.layers))
     widths = residual_widths(n, width, full, slice_head)
     given = iter(bases) if bases is not None else None
