@@ -53,7 +53,9 @@ def ours(args) -> None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model("smollm2-135m", dtype=torch.float32).eval(), load_tokenizer("smollm2-135m")
+    dtype = getattr(torch, args.dtype)
+    model = load_model("smollm2-135m", dtype=torch.float32).to(dtype).eval()  # the suite loads fp32 at most
+    tokenizer = load_tokenizer("smollm2-135m")
     windows = calibration_windows(tokenizer, "c4", args.nsamples, args.seqlen, seed=0)
     evaluation = eval_windows(tokenizer, "wikitext2", args.seqlen, max_tokens=args.eval_tokens)
     c = model.config
@@ -92,7 +94,8 @@ def theirs(args) -> None:
 
     work = Path(args.work)
     config = json.loads((work / "config.json").read_text())
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config, torch_dtype=torch.float32)).eval()
+    dtype = getattr(torch, args.dtype)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config, torch_dtype=dtype)).to(dtype).eval()
     state = load_file(work / "dense.safetensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
@@ -135,7 +138,7 @@ def compare(args) -> None:
         q = b[f"q{i}"][:, :width].double()
         P, R = p @ p.T, q @ q.T
         errors.append(float((P - R).norm() / R.norm()))
-    record = {"subject": "slicegpt fidelity", "model": "smollm2-135m", "width": width,
+    record = {"subject": "slicegpt fidelity", "model": "smollm2-135m", "width": width, "dtype": args.dtype,
               "centre_embeddings": args.centre_embeddings,
               "slicing": round(1 - width / a["q0"].shape[0], 6), "calibration": {"corpus": "c4",
               "nsamples": mine["nsamples"], "seqlen": mine["seqlen"]}, "eval_windows": mine["eval_windows"],
@@ -162,6 +165,8 @@ def main() -> int:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--batch", type=int, default=16, help="their calibration batch (--cal-batch-size)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                        help="ours/theirs: the model's dtype (float64: how much of a difference is fp32 rounding)")
     parser.add_argument("--centre-embeddings", action="store_true",
                         help="ours/compare: centre the embedding rows as the authors' fuse_modules does for every family")
     args = parser.parse_args()
