@@ -23,7 +23,10 @@ Two steps, for every family whose adapter has a `residual_layout` (architectures
 
 Sliced norms divide by the DENSE width (their `RMSN(mean_dim=hidden_size)`): the sliced model is the
 rotated unsliced one with every deleted direction zeroed (tests/test_rotation.py checks both
-identities). Differences from the authors' code, deliberate: the norms keep the model's own epsilon
+identities). Differences from the authors' code, deliberate: their `fuse_modules` centres the
+embedding rows for every family, which changes an RMSNorm model (SmolLM2-135M: perplexity 52.56 ->
+52.62 after their fusion), so here only LayerNorm families are centred unless `centre_embeddings`
+(results/notes/slicegpt.md §3: with it the two codes agree); the norms keep the model's own epsilon
 (theirs is 1e-5 whatever the model); the shortcut products are formed in float64 and cast once
 (theirs multiply in the model dtype); calibration windows are whole windows without padding, so
 their `ignore_masks` have nothing to mask. Memory: one layer and the carried hidden states (as every
