@@ -238,11 +238,13 @@ class Evaluation(_Schema):
 
 class MethodEntry(_Schema):
     """A method name, or {name, label (default: `default_label`), options (default: {}), recovery,
-    calibration}. `options` are the method's `Options` (checked and converted, e.g. "1e-3" -> 0.001)
-    plus the selection options (SELECTION_OPTIONS); only the given ones are kept."""
+    calibration, models}. `options` are the method's `Options` (checked and converted, e.g. "1e-3" -> 0.001)
+    plus the selection options (SELECTION_OPTIONS); only the given ones are kept. `models` (default:
+    all of the grid's): the grid's models this entry runs on, e.g. a method that refuses a family."""
 
     name: String
     label: Optional(String) = None
+    models: Optional(List(String)) = None
     options: _checked(dict, lambda v: dict(_expect(dict, v))) = {}
     recovery: Recovery = None
     calibration: Optional(_checked(MethodCalibration, _mapping)) = None
@@ -279,13 +281,14 @@ class GridConfig(_Schema):
 
     def to_dict(self) -> dict:
         """Plain dicts in the declared order; keys added after a grid's hash existed are left out
-        when not given (the grid calibration's `apply_to`, a method entry's `calibration`)."""
+        when not given (the grid calibration's `apply_to`, a method entry's `calibration` and `models`)."""
         config = self.model_dump()
         if config["calibration"]["apply_to"] is None:
             del config["calibration"]["apply_to"]
         for entry in config["methods"]:
-            if entry["calibration"] is None:
-                del entry["calibration"]
+            for key in ("calibration", "models"):
+                if entry[key] is None:
+                    del entry[key]
         return config
 
 
@@ -485,9 +488,18 @@ def _check_hidden_on(config: dict) -> None:
                            "(one setting): give it once")
 
 
+def _check_entry_models(config: dict) -> None:
+    """A method entry's `models` names only models of the grid."""
+    for i, entry in enumerate(config["methods"]):
+        unknown = [m for m in entry.get("models") or [] if m not in config["models"]]
+        if unknown:
+            raise _Invalid(f"methods[{i}].models", f"{unknown[0]!r} is not one of the grid's models")
+
+
 def _check_grid(config: dict) -> None:
     """The checks across keys, in this order, once every key is valid."""
     _check_unique(config)
+    _check_entry_models(config)
     _check_calibration(config)
     _check_offload(config)
     _check_hidden_on(config)
@@ -551,6 +563,8 @@ def expand_cells(config: dict) -> list[dict]:
             cells.append({"model": model, "method": "dense", "label": "dense", "options": {},
                           "ratio": 0.0, "seed": config["seeds"][0], "calibration": grid_calib, **shared})
         for entry in config["methods"]:
+            if entry.get("models") is not None and model not in entry["models"]:
+                continue
             calibration, origin = cell_calibration(config["calibration"], entry.get("calibration"))
             for ratio in config["ratios"]:
                 recovery = cell_recovery(config.get("recovery"), entry.get("recovery"), ratio)

@@ -399,6 +399,13 @@ def score(c: Setting) -> int:
         streams = 2 * int(opts.get("directions", 16)) + 1 if CONSTANTS["minillm_layerwise"] else 1
         forward = layer_forward(s, tokens, seq, c.B) + chunked_loss(s, tokens)
         return base + max(_layer_pass(c, batch, streams), forward) + 3 * s.largest_matrix * 4
+    if c.method == "slicegpt":  # suite/pruning/rotation.py: fuse (the head untied: one more V×H copy;
+        # mapped on CPU every weight is written anew while the file's pages stay: + W), then a
+        # LayerPass (hidden states + outputs), two [H, H] float64 matrices (the Gram matrix and
+        # eigh's eigenvectors) and a float64 copy of the largest matrix while it is rotated
+        batch = max(1, int(opts.get("batch_size", 1)))
+        return (base + (c.W if c.mapped else 0) + s.vocab * s.hidden * c.B + _layer_pass(c, batch)
+                + 2 * s.hidden * s.hidden * 8 + 2 * s.largest_matrix * 8)
     raise UserError(f"memory model: no formula for method {c.method!r}")
 
 
@@ -412,7 +419,7 @@ def slicing(c: Setting) -> int:
 def prune(c: Setting) -> int:
     """prune (select + slice): W + `slicing`; after a sequential method (sliced during score)
     what remains resident (`after_prune`)."""
-    if sequential(c):
+    if sequential(c) or c.method == "slicegpt":  # slicegpt: transformed inside score (nothing left to slice)
         return after_prune(c) - unread(c)
     return c.Wd - unread(c) + slicing(c) + heap_residue(c)
 

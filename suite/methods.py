@@ -18,6 +18,7 @@ METHODS = {
     "flap": "baselines.flap",
     "llm-pruner": "baselines.llm_pruner",
     "minillm": "minillm.method",
+    "slicegpt": "baselines.slicegpt",
 }
 
 # One line each for `--help` (no import needed: help stays instant); the module docstring has the rest.
@@ -28,6 +29,7 @@ SUMMARIES = {
     "flap": "fluctuation of each channel's input x squared weight norm, global, bias compensation (FLAP)",
     "llm-pruner": "first-order Taylor |w . dL/dw| from real backprop on 10 windows (LLM-Pruner)",
     "minillm": "feature-map sensitivity |W . g . X| with g estimated by forward passes only (MINI-LLM, SPSA)",
+    "slicegpt": "PCA-rotate the residual stream layer by layer and delete its least-used directions (SliceGPT)",
 }
 
 

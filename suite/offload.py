@@ -34,7 +34,8 @@ def offload_refusal(method_name: str, options: dict | None = None) -> str | None
     head perturbed with every layer, `zo.Snapshot`) and `gradient=backprop` / `fms_gradient=backprop`
     (one whole-model backward) and its gate spaces `space=mask|layer` (gates hooked on every layer's
     projections at once; their weights are not materialised), LLM-Pruner's `importance=element2` (a Fisher buffer per weight of
-    every layer across its per-window passes)."""
+    every layer across its per-window passes), and `slicegpt` (it replaces the embeddings, the head and
+the norms of the whole model, not one resident layer)."""
     o = options or {}
     if method_name == "minillm":
         if o.get("perturb") == "all":
@@ -43,6 +44,8 @@ def offload_refusal(method_name: str, options: dict | None = None) -> str | None
             return "minillm gradient=backprop backpropagates through the whole model at once"
         if o.get("space") in ("mask", "layer"):
             return f"minillm space={o['space']} gates the projections of every layer at once"
+    if method_name == "slicegpt":
+        return "slicegpt replaces the embeddings, the head and every residual norm, beyond the layer pass's one layer"
     if method_name == "llm-pruner" and o.get("importance") == "element2":
         return "llm-pruner importance=element2 keeps a Fisher buffer per weight of every layer"
     return None

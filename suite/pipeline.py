@@ -12,8 +12,8 @@ import torch
 from suite.pruning.architectures import adapter_for, all_group_sets
 from suite.pruning.errors import UserError
 from suite.pruning.layerwise import hidden_on as hidden_states_on
-from suite.pruning.plan import apply_plan, plan_summary
-from suite.pruning.scoring import Scoring, checked_options
+from suite.pruning.plan import PLAN_ATTRIBUTE, apply_plan, carried_plan, full_plan, plan_summary
+from suite.pruning.scoring import Scoring, checked_options, transforms
 from suite.pruning.select import Selection, parse_layer_range, select
 from suite.measure import measure
 from suite.methods import get_method
@@ -88,6 +88,16 @@ def check_offloadable(model, method_name: str, options: dict | None = None) -> N
         refuse_method(method_name, options)
 
 
+def check_retransform(model, method_name: str) -> None:
+    """UserError (one line) when `model` was transformed by a method whose checkpoint format holds no
+    second kind of pruning: a residual-sliced model (`config.residual_widths`, suite/pruning/rotation.py)."""
+    from suite.pruning.modeling_sliced import CONFIG_KEY
+
+    if getattr(model.config, CONFIG_KEY, None) is not None:
+        raise UserError(f"this model's residual stream was already rotated and sliced (slicegpt); pruning it again "
+                        f"with {method_name} is not supported: prune the dense model")
+
+
 def calibration_settings(method, calib: dict | None) -> dict | None:
     """The method's paper defaults, overridden by the user's (corpus, nsamples, seqlen).
 
@@ -117,6 +127,10 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
     if "hidden_on" in options:  # the method's own spelling: the record's options say where they were
         options["hidden_on"] = hidden_on or "device"
     check_offloadable(model, method_name, options)
+    check_retransform(model, method_name)
+    if transforms(method) and (scope is not None or layers is not None):
+        raise UserError(f"{method_name} transforms the whole model (no groups to select): "
+                        f"{'--scope' if scope is not None else '--layers'} does not apply; leave it out")
     n_layers = len(adapter_for(model).layers(model))
     layer_range = parse_layer_range(layers if layers is not None else method.SELECTION.get("layers", "all"), n_layers)
     scope = scope or method.SELECTION.get("scope", "layer")
@@ -138,7 +152,14 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
     torch.manual_seed(seed)
     hidden = None if hidden_on in (None, "device") else hidden_on
     group_sets = all_group_sets(model, head_mode)
-    if is_sequential(method, options):  # score, select and slice one layer at a time (suite/pruning/sequential.py)
+    if transforms(method):  # the method changes the model itself (suite/pruning/scoring.py `transform`)
+        with measure(device) as phases["score"], hidden_states_on(hidden):
+            done = method.transform(model, windows, ratio, options, seed, round_to)
+        scoring = Scoring({}, info=done.info)
+        selection = Selection(full_plan(model), done.target_removed, done.removed, dense)
+        if carried_plan(model) is None:  # every head and channel kept: what a save writes as plan.json
+            setattr(model, PLAN_ATTRIBUTE, selection.plan)
+    elif is_sequential(method, options):  # score, select and slice one layer at a time (suite/pruning/sequential.py)
         if scope != "layer":
             raise UserError(f"{method_name} with sequential=true prunes every layer to its own budget: "
                             f"scope {scope!r} needs --opt sequential=false")
@@ -152,7 +173,7 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
         with measure(device) as phases["score"], hidden_states_on(hidden):
             scoring = method.score(model, windows, group_sets, options, seed)
     with measure(device) as phases["prune"]:
-        if not scoring.info.get("sequential"):
+        if not scoring.info.get("sequential") and not transforms(method):
             selection = select(model, scoring.scores, ratio, scope=scope, layers=layer_range, head_mode=head_mode,
                                allocation_weights=scoring.info.get("layer_weights"), allow_empty=allow_empty,
                                round_to=round_to)

@@ -301,3 +301,35 @@ def test_saved_smollm2_keeps_its_tied_embeddings_and_logits(tmp_path, smollm2):
     ids = torch.randint(0, 49152, (1, 32))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+SLICED = ["tiny-llama-gqa", "tiny-qwen3", "tiny-phi3", "tiny-opt"]
+
+
+def test_residual_sliced_directory_loads_in_plain_transformers_with_equal_logits(tmp_path):
+    """SliceGPT (suite/pruning/rotation.py): config states every width, modeling_sliced.py adds the
+    shortcut matrices; plain transformers and the suite's loader give the in-memory model's logits."""
+    from suite.models import load_model
+    from suite.pruning.plan import full_plan
+    from suite.pruning.rotation import rotate_and_slice
+    from tests.tiny import token_ids
+
+    ids = token_ids(2, 20, seed=4)
+    models, dirs = [], []
+    for name in SLICED:
+        model = load_model(name).eval()
+        rotate_and_slice(model, token_ids(3, 16, seed=1), 88, slice_head=(name == "tiny-opt"))
+        models.append(model)
+        dirs.append(save_pruned(model, byte_tokenizer(), full_plan(model), tmp_path / name))
+    plain = plain_transformers_logits(dirs, ids, tmp_path)
+    for name, model, logits, d in zip(SLICED, models, plain, dirs):
+        with torch.no_grad():
+            expected = model(ids).logits
+        assert rel_err(logits, expected) <= 1e-6, name
+        again = load_pruned(d)
+        with torch.no_grad():
+            assert torch.equal(again(ids).logits, expected), name
+        config = json.loads((d / "config.json").read_text())
+        assert config["residual_widths"][0] == 88 and config["tie_word_embeddings"] is False
+        assert (d / "modeling_sliced.py").is_file() and not (d / "modeling_pruned.py").exists()
+        assert again.get_input_embeddings().weight.shape[1] == 88

@@ -57,7 +57,7 @@ def test_minimal_config_gets_every_default(tmp_path, registry):
     assert config["recovery"] is None  # no LoRA recovery unless asked for
 
 
-@pytest.mark.parametrize("name,cells", [("smoke", 9), ("demo", 13), ("demo-full", 13), ("paper", 39)])
+@pytest.mark.parametrize("name,cells", [("smoke", 9), ("demo", 13), ("demo-full", 15), ("paper", 43)])
 def test_shipped_configs_load(name, cells):
     """Against the REAL method registry: the shipped configs' method options must exist."""
     config = load_config(CONFIGS / f"{name}.yaml")
@@ -278,3 +278,15 @@ def test_grid_method_options_are_checked_when_the_config_loads(tmp_path):
                     "methods: [{name: magnitude, options: {norm: l3}}]\n")
     with pytest.raises(UserError, match=r"bad.yaml: methods\[0\]\.options: magnitude option norm='l3': choose one of l2, l1"):
         load_config(path)
+
+
+def test_a_method_entry_runs_only_on_its_models_and_names_only_grid_models(tmp_path, registry):
+    text = ("name: t\nmodels: [tiny-llama, tiny-opt]\nmethods: [random, {name: magnitude, models: [tiny-opt]}]\n"
+            "ratios: [0.2]\n")
+    cells = expand_cells(load_config(write(tmp_path, text)))
+    assert sorted((c["model"], c["method"]) for c in cells if c["method"] != "dense") == [
+        ("tiny-llama", "random"), ("tiny-opt", "magnitude"), ("tiny-opt", "random")]
+    plain = load_config(write(tmp_path, MINIMAL))
+    assert "models" not in plain["methods"][0]  # left out when not given: the grid's hash is unchanged
+    with pytest.raises(UserError, match=r"methods\[1\]\.models: 'tiny-bloom' is not one of the grid's models"):
+        load_config(write(tmp_path, text.replace("models: [tiny-opt]", "models: [tiny-bloom]")))

@@ -60,7 +60,7 @@ def test_cuda_formulas_recomputed_by_hand():
     B, N, S, ES = 2, 8, 32, 64                     # fp16 bytes, calibration windows x tokens, evaluation seqlen
     W, W_pruned = PARAMS * B, round(PARAMS * 0.75) * B
     largest = I * H
-    cells = by_method(cells_of(["tiny-llama"], ["wanda-sp", "flap", "magnitude", "llm-pruner",
+    cells = by_method(cells_of(["tiny-llama"], ["wanda-sp", "flap", "magnitude", "llm-pruner", "slicegpt",
                                                 {"name": "minillm", "options": {"batch_size": 2}},
                                                 {"name": "minillm", "label": "mb",
                                                  "options": {"gradient": "backprop"}}],
@@ -78,6 +78,11 @@ def test_cuda_formulas_recomputed_by_hand():
     flap = mm.predict(cells["flap"])
     assert flap["score"] == W + layer_pass(1) and flap["prune"] == W + largest * B
     assert mm.predict(cells["magnitude"])["score"] == W + 2 * largest * 8
+    # slicegpt: the untied head's copy, a LayerPass, two [H, H] float64 matrices, a float64 rotation
+    # of the largest matrix; transformed inside score, so its prune phase holds the pruned weights
+    sg = mm.predict(cells["slicegpt"])
+    assert sg["score"] == W + V * H * B + layer_pass(1) + 2 * H * H * 8 + 2 * largest * 8
+    assert sg["prune"] == W_pruned
     assert "calibrate" not in mm.predict(cells["magnitude"])
     assert p["prune"] == W_pruned
     ppl_tokens = k["perplexity_batch"] * ES

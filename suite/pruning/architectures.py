@@ -40,6 +40,7 @@ from suite.pruning.modeling_pruned import (
     _NoHeadsOPTAttention,
     _PrunedPhi3Attention,
 )
+from suite.pruning.modeling_sliced import LLAMA_LAYOUT, OPT_LAYOUT, PHI3_LAYOUT
 
 HEAD_MODES = ("q-head", "kv-group")
 
@@ -114,6 +115,11 @@ class Adapter:
     # Linear names (suffixes, PEFT's `target_modules`) that LoRA recovery adapts: LLM-Pruner's
     # q/k/v/o/gate/up/down for LLaMA and each family's equivalents
     lora_targets: tuple[str, ...] = ()
+    # where the residual stream is read and written (`modeling_sliced.Layout`), for slicing its width
+    # (`rotation.py`, SliceGPT); None, with the reason in `residual_refusal`, where rotating the
+    # residual stream cannot leave the model's function unchanged
+    residual_layout = None
+    residual_refusal: str = "no residual layout is known for this family"
 
     def layers(self, model) -> list[nn.Module]:
         raise NotImplementedError
@@ -230,6 +236,7 @@ class LlamaAdapter(Adapter):
     )
     channel_members = (("mlp.gate_proj", 0), ("mlp.up_proj", 0), ("mlp.down_proj", 1))
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    residual_layout = LLAMA_LAYOUT
 
     def layers(self, model):
         return list(model.model.layers)
@@ -282,6 +289,10 @@ class Gemma2Adapter(LlamaAdapter):
 
     model_types = ("gemma2",)
     lora_targets = LLAMA_LORA_TARGETS
+    residual_layout = None
+    residual_refusal = ("it normalises each block's output (post_attention_layernorm, post_feedforward_layernorm) "
+                        "before the residual add, and a per-channel norm does not commute with a rotation of the "
+                        "residual stream")
 
 
 class Gemma3Adapter(LlamaAdapter):
@@ -290,6 +301,10 @@ class Gemma3Adapter(LlamaAdapter):
 
     model_types = ("gemma3_text",)
     lora_targets = LLAMA_LORA_TARGETS
+    residual_layout = None
+    residual_refusal = ("it normalises each block's output (post_attention_layernorm, post_feedforward_layernorm) "
+                        "before the residual add, and a per-channel norm does not commute with a rotation of the "
+                        "residual stream")
 
 
 class Phi3Adapter(LlamaAdapter):
@@ -303,6 +318,7 @@ class Phi3Adapter(LlamaAdapter):
 
     model_types = ("phi3",)
     lora_targets = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    residual_layout = PHI3_LAYOUT
     head_members = (
         ("self_attn.qkv_proj", 0, "q"),
         ("self_attn.qkv_proj", 0, "kv"),
@@ -342,6 +358,7 @@ class OPTAdapter(Adapter):
     )
     channel_members = (("fc1", 0), ("fc2", 1))
     lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    residual_layout = OPT_LAYOUT
 
     def layers(self, model):
         return list(model.model.decoder.layers)
@@ -365,6 +382,9 @@ class BloomAdapter(Adapter):
     head_members = (("self_attention.query_key_value", 0, "qkv"), ("self_attention.dense", 1, "q"))
     channel_members = (("mlp.dense_h_to_4h", 0), ("mlp.dense_4h_to_h", 1))
     lora_targets = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+    residual_refusal = ("its attention adds the residual inside itself (BloomAttention's dropout_add) and its "
+                        "embeddings pass a LayerNorm (word_embeddings_layernorm) before the residual stream; "
+                        "neither is wired to the shortcut matrices here, so the rotation would not be exact")
 
     def layers(self, model):
         return list(model.transformer.h)

@@ -15,7 +15,10 @@ model. `load_pruned` reads this format with the suite's own copy of the modeling
 older one (dense config + plan.json, before the standard config existed) by deriving
 ``pruned_layers`` from the plan and the weights' keys; either way transformers builds the model on
 the meta device and loads the pruned tensors into it: the dense model is never materialised.
-A family that `modeling_pruned.FAMILIES` does not list yet is saved and loaded as before (dense
+A model whose residual stream was rotated and sliced (SliceGPT, `rotation.py`: ``residual_widths``
+in its config) is saved the same way with `modeling_sliced.py` as its modeling file (its config
+states every width, the shortcut matrices are weights), and `load_pruned` loads it with that file's
+class. A family that `modeling_pruned.FAMILIES` does not list yet is saved and loaded as before (dense
 config + plan.json, rebuilt and sliced), so adding an architecture adapter never breaks saving.
 Every file gets the mode of a file this process creates (0644 under the usual umask 022):
 safetensors writes its file 0600, the rest follow the umask. Replacing an existing `out_dir` is the
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from suite.pruning import modeling_pruned
+from suite.pruning import modeling_pruned, modeling_sliced
 from suite.pruning.architectures import adapter_for
 from suite.pruning.errors import UserError
 from suite.pruning.layerwise import offloaded
@@ -40,6 +43,26 @@ from suite.pruning.plan import PLAN_ATTRIBUTE, Plan
 
 PLAN_FILE = "plan.json"
 MODELING_FILE = "modeling_pruned.py"
+SLICED_MODELING_FILE = "modeling_sliced.py"
+
+
+def residual_sliced(config) -> bool:
+    """Whether a config (object or dict) is a residual-sliced model's (`modeling_sliced.CONFIG_KEY`)."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    return get(modeling_sliced.CONFIG_KEY) is not None
+
+
+def sliced_config(config: dict) -> dict:
+    """A residual-sliced model's saved config made standard: `auto_map` and `architectures` naming its
+    class in `modeling_sliced.py` (the widths, norm epsilon and head bias are already in it)."""
+    cls = modeling_sliced.FAMILIES.get(config["model_type"])
+    if cls is None:
+        raise UserError(f"no standard sliced checkpoint for architecture {config['model_type']!r}; "
+                        f"supported: {', '.join(sorted(modeling_sliced.FAMILIES))}")
+    config = dict(config, tie_word_embeddings=False)
+    config["auto_map"] = {"AutoModelForCausalLM": f"{Path(SLICED_MODELING_FILE).stem}.{cls.__name__}"}
+    config["architectures"] = [cls.__name__]
+    return config
 
 
 def pruned_layers(model) -> list[dict]:
@@ -124,7 +147,12 @@ def save_pruned(model, tokenizer, plan: Plan, out_dir, extra: dict | None = None
         # offloaded weights are read back shard by shard: small shards bound the memory this takes
         shards = {"max_shard_size": OFFLOADED_SHARD_SIZE, "state_dict": _untied_state(model)} if offloaded(model) else {}
         model.save_pretrained(tmp, safe_serialization=True, **shards)
-        if standard_format(model.config):  # else: the dense config + plan.json
+        if residual_sliced(model.config):  # SliceGPT: narrower residual stream, shortcut matrices
+            config_path = tmp / "config.json"
+            config = sliced_config(json.loads(config_path.read_text()))
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            shutil.copyfile(modeling_sliced.__file__, tmp / SLICED_MODELING_FILE)
+        elif standard_format(model.config):  # else: the dense config + plan.json
             config_path = tmp / "config.json"
             config = standard_config(json.loads(config_path.read_text()), pruned_layers(model))
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -181,17 +209,18 @@ def load_pruned(path, dtype: torch.dtype = torch.float32):
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
-    if not standard_format(config):
+    sliced = residual_sliced(config)
+    if not sliced and not standard_format(config):
         return _load_by_slicing(path, config, dtype)
     plan = Plan.load(path / PLAN_FILE) if (path / PLAN_FILE).is_file() else None
-    if not hasattr(config, modeling_pruned.CONFIG_KEY):  # old format: dense config + plan.json
+    if not sliced and not hasattr(config, modeling_pruned.CONFIG_KEY):  # old format: dense config + plan.json
         keys = set()
         for shard in sorted(path.glob("*.safetensors")):
             with safe_open(shard, "pt") as f:
                 keys.update(f.keys())
         layers = _layers_from_plan(config, plan, keys)
         setattr(config, modeling_pruned.CONFIG_KEY, layers)
-    cls = modeling_pruned.FAMILIES[config.model_type]
+    cls = (modeling_sliced if sliced else modeling_pruned).FAMILIES[config.model_type]
     model, info = cls.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
     tied = {k for k in info["missing_keys"] if k.endswith("lm_head.weight") and config.tie_word_embeddings}
     missing, unexpected = set(info["missing_keys"]) - tied, set(info["unexpected_keys"])

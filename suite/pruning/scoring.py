@@ -44,6 +44,19 @@ layers 0..l). It then defines:
 
 `wanda-sp` is the example (`baselines/wanda_sp.py`: sequential by default, `sequential=false` for
 the one-shot variant, whose `score` calls the same `score_layer` on dense statistics).
+
+A method may instead TRANSFORM the model itself, removing parameters that are not heads or channels
+(SliceGPT deletes directions of the residual stream). It then defines, in place of `score`:
+
+    transform(model, windows, ratio, options, seed, round_to) -> Transform
+                changes `model` in place so that it keeps as close to (1 − ratio) of ALL its
+                parameters as the method's own unit allows (`round_to`: the width's multiple,
+                None: 1) and reports what it removed. `suite.pipeline.prune` then skips
+                selection and slicing (there are no groups to select): the scope and the layer
+                range do not apply, and a model so transformed is not pruned again by another
+                method (its checkpoint format holds one kind of change).
+
+`slicegpt` is the example (`baselines/slicegpt.py`, on the engine's `suite/pruning/rotation.py`).
 """
 from __future__ import annotations
 
@@ -59,6 +72,21 @@ class Scoring:
     scores: dict  # (layer, "heads"|"channels") -> 1-D tensor, higher = more important
     compensate: Callable | None = None  # compensate(model, plan) after slicing
     info: dict = field(default_factory=dict)  # method diagnostics recorded with the result
+
+
+@dataclass
+class Transform:
+    """What a transforming method (`transform`, above) did: parameters it aimed to remove and removed
+    (net, as counted on the model before and after), and its diagnostics for the record."""
+
+    target_removed: int
+    removed: int
+    info: dict = field(default_factory=dict)
+
+
+def transforms(method) -> bool:
+    """Whether the method module transforms the model itself (`transform`) instead of scoring groups."""
+    return callable(getattr(method, "transform", None))
 
 
 def checked_options(method, given: dict | None, scope: str | None = None, name: str | None = None) -> dict:
