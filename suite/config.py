@@ -311,7 +311,7 @@ def _line(exc: pydantic.ValidationError) -> str:
 
 # --------------------------------------------------------------------------- methods registry
 def _method_registry() -> dict | None:
-    """`suite.methods.METHODS` (name -> method module or its import path) if that module exists."""
+    """`suite.methods.METHODS` (name -> `Method` entry, a method module or its import path) if that module exists."""
     try:
         module = importlib.import_module("suite.methods")
     except ModuleNotFoundError as exc:
@@ -325,6 +325,7 @@ def _method_module(name: str):
     """The registered method module of `name`, or None: no registry, not registered, or a broken
     module (that one fails its own cells, with the error in the record)."""
     module = (_method_registry() or {}).get(name)
+    module = getattr(module, "module", module)  # a `suite.methods.Method` entry: its import path
     try:
         return importlib.import_module(module) if isinstance(module, str) else module
     except ImportError:

@@ -22,7 +22,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from suite.tables import METHOD_ORDER, TUNE, latest, split_recovered  # noqa: E402
+from suite.methods import method_order  # noqa: E402
+from suite.tables import TUNE, latest, split_recovered  # noqa: E402
 
 CORPORA = {"wikitext2": "WikiText-2", "ptb": "PTB"}
 FIGSIZE = (13, 8)
@@ -34,8 +35,9 @@ RATIO_HATCHES = ["", "//", "..", "xx"]
 
 def _rank(label: str) -> tuple:
     """Plot methods in the table's order; a label like "minillm-fo" sorts with its method."""
-    base = next((m for m in METHOD_ORDER if label == m or label.startswith((m + "-", m + "_", m + " "))), None)
-    return (METHOD_ORDER.index(base) if base else len(METHOD_ORDER), label)
+    order = method_order()
+    base = next((m for m in order if label == m or label.startswith((m + "-", m + "_", m + " "))), None)
+    return (order.index(base) if base else len(order), label)
 
 
 def _ok(records: list[dict]) -> list[dict]:

@@ -2,7 +2,8 @@
 
 Conventions (the paper's Table 1 layout):
   - rows grouped by model (first-seen order), then by ratio; the dense row once, on top of its
-    model; inside a ratio, methods in METHOD_ORDER (unknown methods after, in first-seen order);
+    model; inside a ratio, methods in the registry's order (`suite.methods.method_order`; unknown
+    methods after, in first-seen order);
   - perplexity: 2 decimals, lower is better; zero-shot: lm-eval's `acc` (not `acc_norm`) x 100,
     2 decimals; Average: mean of the shown tasks, only for a row that has all of them;
   - several seeds of one cell are averaged, and then each perplexity and task cell reads
@@ -41,7 +42,8 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-METHOD_ORDER = ["dense", "magnitude", "random", "wanda-sp", "flap", "llm-pruner", "minillm"]
+from suite.methods import method_order
+
 PERPLEXITY = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
 TASKS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
          "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
@@ -161,7 +163,8 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
                    *spread.columns, *errors.columns, "_failed"]].reset_index(drop=True)
     models = _grid_order(frame["Model"], records, lambda r: r.get("model"))
     labels = _grid_order(frame["Method"], records, lambda r: _identity(r)[1])
-    rank = lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)
+    order = method_order()
+    rank = lambda m: order.index(m) if m in order else len(order)
     frame["_order"] = [(models[model], ratio, rank(method), labels[label]) for model, ratio, method, label
                        in zip(frame["Model"], frame["Ratio"], frame["_method"], frame["Method"])]
     frame = frame.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
