@@ -218,6 +218,7 @@ class Setting:
     spec: str = ""             # the model spec (for a method that reads a meta-device model)
     offload: str | None = None  # the grid's `offload` (cpu | disk), where the config has it
     device_memory: int | None = None  # its cap on the device's weights (bytes)
+    ratio_of: str = "all"      # what `ratio` is a fraction of (suite.pipeline.RATIO_OF)
 
     @property
     def B(self) -> int:
@@ -244,8 +245,10 @@ class Setting:
 
     @property
     def W_pruned(self) -> int:
-        """The pruned model's weights: the ratio is of ALL parameters (suite/pruning/select.py's budget)."""
-        return round(self.shapes.params * (1 - self.ratio)) * self.B
+        """The pruned model's weights: the ratio is of ALL parameters (suite/pruning/select.py's budget),
+        or with `ratio_of: layers` of the parameters outside the embeddings and head (final norm included: tiny)."""
+        counted = self.shapes.params if self.ratio_of == "all" else self.shapes.params - self.shapes.embed_params
+        return round(self.shapes.params - counted * self.ratio) * self.B
 
     @property
     def W_sliced(self) -> int:
@@ -271,7 +274,8 @@ def setting(cell: dict, s: Shapes) -> Setting:
     cap = cell.get("device_memory")
     return Setting(s, str(cell.get("device", "cpu")).split(":")[0], cell.get("dtype", "float32"), method_name,
                    options, calib, float(cell.get("ratio", 0.0)), cell.get("evaluation") or {}, cell.get("recovery"),
-                   cell["model"], cell.get("offload"), None if cap is None else parse_size(cap))
+                   cell["model"], cell.get("offload"), None if cap is None else parse_size(cap),
+                   cell.get("ratio_of", "all"))
 
 
 # --------------------------------------------------------------------------- one formula per phase

@@ -43,6 +43,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from suite.methods import method_order
+from suite.records import cell_identity as _identity
 
 PERPLEXITY = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
 TASKS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
@@ -55,11 +56,6 @@ MISSING = "–"
 STD = " std"  # suffix of a metric's seed standard-deviation column
 SE = " se"  # suffix of an accuracy's standard-error column (x 100)
 TUNE = (" w/o tune", " w/ tune")  # row suffixes of a recovered cell (split_recovered)
-
-
-def _identity(record: dict) -> tuple:
-    ratio = record.get("ratio_target", record.get("ratio", 0.0)) or 0.0
-    return record.get("model"), record.get("label") or record.get("method"), float(ratio), record.get("seed", 0)
 
 
 def latest(records: list[dict]) -> list[dict]:

@@ -181,7 +181,7 @@ def test_missing_file(tmp_path):
     (MINIMAL.replace("[random]", "random"), "methods: expected list, got 'random'"),
     (MINIMAL.replace("[random]", "[{name: random, options: [1]}]"), "methods[0].options: expected mapping, got [1]"),
     (MINIMAL + "7: x\n", "7: unknown key (known keys: name, models, methods, ratios, seeds, calibration, "
-     "evaluation, device, dtype, offload, device_memory, hidden_on, dense, recovery)"),
+     "evaluation, device, dtype, offload, device_memory, hidden_on, ratio_of, dense, recovery)"),
     (MINIMAL + "calibration: {apply_to: some}\n", "calibration.apply_to: expected one of all, got 'some'"),
     (MINIMAL + "evaluation: {batch_size: 0}\n", "evaluation.batch_size: expected a positive integer, got 0"),
     (MINIMAL + "dtype: null\n", "dtype: expected one of float32, bfloat16, float16, got None"),
@@ -232,3 +232,19 @@ def test_a_method_variant_gets_its_own_default_label():
     assert default_label("flap", {"variance": "exact"}) == default_label("flap", {}) == "flap"
     assert default_label("wanda-sp", {"sequential": False}) == "wanda-sp (one-shot)"
     assert default_label("wanda-sp", {}) == "wanda-sp" and default_label("magnitude", {"norm": "l1"}) == "magnitude"
+
+
+def test_ratio_of_layers_reaches_every_pruned_cell_and_its_key(tmp_path):
+    """`ratio_of: layers` is in every cell (and so in its key); the default leaves cells, keys and the
+    grid's hash as they were without the key."""
+    from suite.config import expand_cells, grid_identity, validate
+    from suite.records import cell_key
+
+    base = {"name": "g", "models": ["tiny-llama"], "methods": ["magnitude"], "ratios": [0.2]}
+    plain, default = validate(dict(base)), validate({**base, "ratio_of": "all"})
+    layers = validate({**base, "ratio_of": "layers"})
+    assert grid_identity(plain) == grid_identity(default) != grid_identity(layers)
+    assert [cell_key(c) for c in expand_cells(plain)] == [cell_key(c) for c in expand_cells(default)]
+    cells = expand_cells(layers)
+    assert all(c["ratio_of"] == "layers" for c in cells)
+    assert cell_key(cells[1]) != cell_key(expand_cells(plain)[1])
