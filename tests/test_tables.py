@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 
 from suite.cli import main
-from suite.plots import FIGSIZE, DPI, make_figure
+from suite.plots import DPI, make_figure
 from suite.records import read_records
 from suite.tables import format_table, latest, results_frame, to_csv, to_latex, to_markdown
 
@@ -259,61 +259,73 @@ def test_published_file_schema_every_entry_has_a_source():
 
 
 # --------------------------------------------------------------------------- plots
-def test_figure_lines_match_records(records):
+def _drawn(ax) -> dict:
+    """{label: (x, y, error bar half-heights)} of an axes' error-bar series (an independent reading of
+    what matplotlib drew: the data line and the bar segments)."""
+    out = {}
+    for container in ax.containers:
+        if not hasattr(container, "has_yerr"):
+            continue
+        line, _, bars = container.lines
+        halves = [] if not bars else [(seg[1][1] - seg[0][1]) / 2 for seg in bars[0].get_segments()]
+        out[container.get_label()] = (list(line.get_xdata()), list(line.get_ydata()), halves)
+    return out
+
+
+def test_figure_one_row_per_model_with_error_bars(records):
+    import statistics
+
     fig, axes = make_figure(records)
-    ax_ppl, ax_mem = axes["wikitext2"], axes["memory"]
-    lines = {line.get_label(): line for line in ax_ppl.get_lines()}
-    assert ax_ppl.get_yscale() == "log"
-    assert list(lines["minillm_fo (tiny-llama)"].get_xdata()) == [0.2, 0.5]
-    assert list(lines["minillm_fo (tiny-llama)"].get_ydata()) == [130.0, 400.0]
-    assert list(lines["random (tiny-llama)"].get_ydata()) == [180.123]  # the 50% cell failed
-    assert list(lines["random (tiny-opt)"].get_ydata()) == [155.0]  # mean of two seeds
-    (seed_dots,) = ax_ppl.collections  # ... and each seed as a dot: only that cell has several
+    assert {model for model, _ in axes} == {"tiny-llama", "tiny-opt", "huggyllama/llama-7b"}
+    assert [p for m, p in axes if m == "tiny-llama"] == ["wikitext2", "ptb", "accuracy", "memory"]
+    assert [p for m, p in axes if m == "huggyllama/llama-7b"] == ["wikitext2", "ptb", "accuracy"]  # no scoring phase
+    for ax in fig.axes:  # no empty panel: every visible axes draws data
+        assert not ax.get_visible() or ax.get_lines() or ax.patches or ax.collections
+    wiki = _drawn(axes[("tiny-llama", "wikitext2")])
+    assert axes[("tiny-llama", "wikitext2")].get_yscale() == "log"
+    assert wiki["minillm_fo"][:2] == ([0.2, 0.5], [130.0, 400.0])
+    assert wiki["random"][1] == [180.123]  # the 50% cell failed
+    seeds = [r["perplexity"]["wikitext2"] for r in records if r["model"] == "tiny-opt" and r["label"] == "random"]
+    x, y, halves = _drawn(axes[("tiny-opt", "wikitext2")])["random"]
+    assert y == [statistics.mean(seeds)] and halves == pytest.approx([statistics.stdev(seeds)])
+    (seed_dots,) = axes[("tiny-opt", "wikitext2")].collections[-1:]  # each seed as a dot beside the mean
     assert sorted(map(tuple, seed_dots.get_offsets().tolist())) == [(0.2, 150.0), (0.2, 160.0)]
-    dense = lines["dense (tiny-opt)"]
-    assert set(dense.get_ydata()) == {90.0} and dense.get_linestyle() != "-"
-    assert len(lines) == 7
-    ptb = {line.get_label(): list(line.get_ydata()) for line in axes["ptb"].get_lines()}
-    assert ptb["minillm_fo (tiny-llama)"] == [205.0, 700.0]
-    acc = {line.get_label(): list(line.get_ydata()) for line in axes["accuracy"].get_lines()}
-    ok = [r for r in latest(records) if r.get("status", "ok") == "ok"]
-    expect = {(r["model"], r["label"], r["ratio_target"]): 100 * r["zero_shot_mean"] for r in ok
-              if r["label"] == "magnitude" and r["model"] == "tiny-llama"}
-    assert acc["magnitude (tiny-llama)"] == pytest.approx([expect[("tiny-llama", "magnitude", 0.2)],
-                                                           expect[("tiny-llama", "magnitude", 0.5)]])
-    # memory: one bar per (method, ratio), not averaged: what scoring added; the labels: process peaks
+    dense = [l for l in axes[("tiny-opt", "wikitext2")].get_lines() if l.get_label() == "dense"]
+    assert len(dense) == 1 and set(dense[0].get_ydata()) == {90.0} and dense[0].get_linestyle() == "--"
+    assert all(set(l.get_ydata()) != {90.0} for l in axes[("tiny-llama", "wikitext2")].get_lines())
+    # accuracy: one seed -> the standard error of the mean accuracy, sqrt(sum se^2) / tasks
+    acc = _drawn(axes[("tiny-llama", "accuracy")])["magnitude"]
+    magnitude = next(r for r in records if r["model"] == "tiny-llama" and r["label"] == "magnitude")
+    se = [v["acc_stderr"] * 100 for v in magnitude["zero_shot"].values()]
+    assert acc[1][0] == pytest.approx(100 * magnitude["zero_shot_mean"])
+    assert acc[2][0] == pytest.approx((se[0] ** 2 + se[1] ** 2) ** 0.5 / 2)
+    # memory: one bar per (method, ratio) of the row's model; labels: process peaks
+    ok = [r for r in latest(records) if r.get("status", "ok") == "ok" and r["model"] == "tiny-llama"]
     scored = [r for r in ok if (r.get("phases") or {}).get("score")]
-    bars = sorted(round(p.get_height(), 6) for p in ax_mem.patches)
-    cells = {}
-    for r in scored:
-        cells.setdefault((r["model"], r["label"], r["ratio_target"]), []).append(r["phases"]["score"])
-    added = lambda ps: sum(p.get("peak_delta_mb", 0.0) for p in ps) / len(ps)
-    assert bars == sorted(round(added(ps), 6) for ps in cells.values())
-    totals = sorted(float(t.get_text().replace(",", "")) for t in ax_mem.texts)
-    assert totals == sorted(round(sum(p["peak_mb"] for p in ps) / len(ps)) for ps in cells.values())
-    assert len(ax_mem.patches) == len(cells) > len({k[:2] for k in cells})  # several ratios: several bars
-    assert "tiny-llama" in fig._suptitle.get_text()
+    bars = sorted(round(p.get_height(), 6) for p in axes[("tiny-llama", "memory")].patches)
+    assert bars == sorted(r["phases"]["score"]["peak_delta_mb"] for r in scored)
+    totals = sorted(float(t.get_text().replace(",", "")) for t in axes[("tiny-llama", "memory")].texts)
+    assert totals == sorted(round(r["phases"]["score"]["peak_mb"]) for r in scored)
     legend = fig.legends[0]  # outside the panels: to the right of every axes
     fig.canvas.draw()
     right = max(ax.get_position().x1 for ax in axes.values())
     assert legend.get_window_extent().x0 / fig.bbox.width >= right
+    assert "ratio (fraction of all parameters removed)" == axes[("tiny-opt", "ptb")].get_xlabel()
 
 
 def test_figure_one_ratio_no_ptb_several_models_stays_readable():
-    """The README's smoke grid: one ratio, no PTB, three models. Ticks are the grid's ratios, a corpus
-    no record evaluated says so instead of an empty frame, models differ by marker (one point per line
-    shows no line style), and the memory axis starts at 0."""
+    """The README's smoke grid: one ratio, no PTB, two models: no PTB panel at all, ticks are the grid's
+    ratios, each model its own row and axis."""
     records = [{"model": m, "method": meth, "label": meth, "ratio_target": r, "status": "ok",
                 "perplexity": {"wikitext2": ppl}, "zero_shot_mean": None,
                 "phases": {"score": {"peak_mb": 600.0, "peak_delta_mb": 0.0, "seconds": 0.1}} if r else {}}
                for m, meth, r, ppl in [("tiny-a", "dense", 0.0, 50.0), ("tiny-a", "random", 0.2, 90.0),
                                        ("tiny-b", "dense", 0.0, 60.0), ("tiny-b", "random", 0.2, 80.0)]]
     fig, axes = make_figure(records)
-    assert list(axes["wikitext2"].get_xticks()) == [0.2]
-    assert [t.get_text() for t in axes["ptb"].texts] == ["not evaluated in these records"]
-    markers = {line.get_label(): line.get_marker() for line in axes["wikitext2"].get_lines() if "random" in line.get_label()}
-    assert len(set(markers.values())) == 2
-    assert axes["memory"].get_ylim()[0] == 0 and axes["memory"].get_ylim()[1] >= 1
+    assert sorted(axes) == [("tiny-a", "memory"), ("tiny-a", "wikitext2"), ("tiny-b", "memory"), ("tiny-b", "wikitext2")]
+    assert list(axes[("tiny-a", "wikitext2")].get_xticks()) == [0.2]
+    assert axes[("tiny-a", "wikitext2")] is not axes[("tiny-b", "wikitext2")]
+    assert axes[("tiny-b", "memory")].get_ylim()[0] == 0 and axes[("tiny-b", "memory")].get_ylim()[1] >= 1
 
 
 def test_plot_command_writes_png(tmp_path):
@@ -322,4 +334,5 @@ def test_plot_command_writes_png(tmp_path):
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     width, height = struct.unpack(">II", data[16:24])  # IHDR
-    assert (width, height) == (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)
+    fig, _ = make_figure(read_records(RESULTS))
+    assert (width, height) == (round(fig.get_figwidth() * DPI), round(fig.get_figheight() * DPI))
