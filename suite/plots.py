@@ -220,12 +220,16 @@ def make_figure(records: list[dict]):
                     ax.set_title("Zero-shot accuracy (higher is better)", fontsize="medium")
                 else:
                     if any(label != "dense" for label in series):
-                        from matplotlib.ticker import FuncFormatter
+                        from matplotlib.ticker import FuncFormatter, NullFormatter
 
                         ax.set_yscale("log")
                         plain = FuncFormatter(lambda v, _: f"{v:g}")  # 150, not 1.5 x 10^2
                         ax.yaxis.set_major_formatter(plain)
-                        ax.yaxis.set_minor_formatter(plain)
+                        low, high = ax.get_ylim()
+                        if high / low < 10:  # within a decade the minor ticks carry the numbers; wider, they would overlap
+                            ax.yaxis.set_minor_formatter(plain)
+                        else:
+                            ax.yaxis.set_minor_formatter(NullFormatter())
                     ax.set_ylabel(f"{CORPORA.get(panel, panel)} perplexity (log)")
                     ax.set_title(f"{CORPORA.get(panel, panel)} perplexity (lower is better)", fontsize="medium")
             ax.set_title(f"{model}\n{ax.get_title()}", fontsize="medium")  # each row's model on each panel
