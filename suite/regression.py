@@ -3,7 +3,8 @@
 A cell is (model, label, target ratio, seed). For every reference cell the fresh one must:
 
     keep the same groups        exactly: the kept heads, kv-heads and channels of every layer
-                                (the record's `kept`, `kept_indices`); a change is reported with the
+                                (the record's `kept`, `kept_indices`: ranges or a hex bitmask,
+                                `compact`); a change is reported with the
                                 number of groups whose kept/removed status differs
     parameter counts            exactly (dense and pruned)
     achieved ratio              within 1e-6 (absolute)
@@ -34,9 +35,13 @@ KINDS = ("heads", "kv_heads", "channels")
 
 # --------------------------------------------------------------------------- kept indices, compactly
 def compact(indices) -> str:
-    """Sorted indices as ranges: [0, 1, 2, 5, 7, 8] -> "0-2,5,7-8" ("" for none)."""
+    """Sorted indices as ranges, [0, 1, 2, 5, 7, 8] -> "0-2,5,7-8" ("" for none), or, where the ranges
+    run past 64 characters and the mask is shorter (hundreds of scattered channels), as "x" + the hex
+    digits of the bitmask sum(2**i): every kept
+    MLP channel of a SmolLM2 layer in ~400 characters."""
+    indices = sorted(int(i) for i in indices)
     out, run = [], []
-    for i in sorted(int(i) for i in indices):
+    for i in indices:
         if run and i == run[-1] + 1:
             run.append(i)
             continue
@@ -45,11 +50,16 @@ def compact(indices) -> str:
         run = [i]
     if run:
         out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(out)
+    ranges = ",".join(out)
+    mask = "x" + format(sum(1 << i for i in indices), "x") if indices else ""
+    return mask if len(ranges) > 64 and len(mask) < len(ranges) else ranges  # readable where short
 
 
 def expand(text: str) -> set[int]:
-    """The inverse of `compact`."""
+    """The inverse of `compact` (either form)."""
+    if text.startswith("x"):
+        bits = int(text[1:], 16)
+        return {i for i in range(bits.bit_length()) if bits >> i & 1}
     out = set()
     for part in filter(None, text.split(",")):
         first, _, last = part.partition("-")
