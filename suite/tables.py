@@ -186,11 +186,13 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
 
 def relative_to_dense(frame: pd.DataFrame) -> pd.DataFrame:
     """The "% of dense" view: every metric (and its std and se) as 100 x value / its model's dense
-    value (the dense row: 100). A model without a dense row keeps NaN."""
+    value (the dense row: 100); a published row relative to the published dense row. A model
+    without a dense row keeps NaN."""
     out = frame.copy()
-    dense = frame[frame["_method"] == "dense"].drop_duplicates("Model").set_index("Model")
+    keys = list(zip(frame["Model"], frame["_published"]))
+    dense = {key: i for i, key in reversed(list(enumerate(keys))) if frame["_method"].iloc[i] == "dense"}
     for column in frame.attrs["metrics"]:
-        base = frame["Model"].map(dense[column]) if len(dense) else pd.Series(math.nan, index=frame.index)
+        base = pd.Series([frame[column].iloc[dense[k]] if k in dense else math.nan for k in keys], index=frame.index)
         for name in (column, column + STD, column + SE):
             if name in out:
                 out[name] = 100 * frame[name] / base
