@@ -275,6 +275,8 @@ class GridConfig(_Schema):
     offload: Optional(Choice(Literal["cpu", "disk"])) = None
     device_memory: _checked(int | str | None, _optional(_size)) = None
     hidden_on: Choice(Literal["device", "cpu"]) = "device"
+    # what a ratio is a fraction of (suite.pipeline.RATIO_OF): all parameters, or the decoder layers'
+    ratio_of: Choice(Literal["all", "layers"]) = "all"
     dense: Boolean = True
     # LoRA recovery after pruning (LLM-Pruner's post-training; suite/recovery.py): null = none
     recovery: Recovery = None
@@ -283,6 +285,8 @@ class GridConfig(_Schema):
         """Plain dicts in the declared order; keys added after a grid's hash existed are left out
         when not given (the grid calibration's `apply_to`, a method entry's `calibration` and `models`)."""
         config = self.model_dump()
+        if config["ratio_of"] == "all":
+            del config["ratio_of"]  # the default, as before the key existed: grids keep their hash
         if config["calibration"]["apply_to"] is None:
             del config["calibration"]["apply_to"]
         for entry in config["methods"]:
@@ -314,7 +318,7 @@ def _line(exc: pydantic.ValidationError) -> str:
 
 # --------------------------------------------------------------------------- methods registry
 def _method_registry() -> dict | None:
-    """`suite.methods.METHODS` (name -> method module or its import path) if that module exists."""
+    """`suite.methods.METHODS` (name -> `Method` entry, a method module or its import path) if that module exists."""
     try:
         module = importlib.import_module("suite.methods")
     except ModuleNotFoundError as exc:
@@ -328,6 +332,7 @@ def _method_module(name: str):
     """The registered method module of `name`, or None: no registry, not registered, or a broken
     module (that one fails its own cells, with the error in the record)."""
     module = (_method_registry() or {}).get(name)
+    module = getattr(module, "module", module)  # a `suite.methods.Method` entry: its import path
     try:
         return importlib.import_module(module) if isinstance(module, str) else module
     except ImportError:
@@ -557,6 +562,8 @@ def expand_cells(config: dict) -> list[dict]:
     grid_calib = {k: config["calibration"][k] for k in CALIBRATION_KEYS}
     shared.update({key: config[key] for key in RUNTIME_KEYS if config.get(key) not in (None, "device")})
     shared["grid"] = grid_identity(config)
+    if config.get("ratio_of", "all") != "all":
+        shared["ratio_of"] = config["ratio_of"]  # in the cell key (OPTIONAL_CELL_KEYS) only when not the default
     cells = []
     for model in config["models"]:
         if config["dense"]:

@@ -218,6 +218,7 @@ class Setting:
     spec: str = ""             # the model spec (for a method that reads a meta-device model)
     offload: str | None = None  # the grid's `offload` (cpu | disk), where the config has it
     device_memory: int | None = None  # its cap on the device's weights (bytes)
+    ratio_of: str = "all"      # what `ratio` is a fraction of (suite.pipeline.RATIO_OF)
 
     @property
     def B(self) -> int:
@@ -244,8 +245,10 @@ class Setting:
 
     @property
     def W_pruned(self) -> int:
-        """The pruned model's weights: the ratio is of ALL parameters (suite/pruning/select.py's budget)."""
-        return round(self.shapes.params * (1 - self.ratio)) * self.B
+        """The pruned model's weights: the ratio is of ALL parameters (suite/pruning/select.py's budget),
+        or with `ratio_of: layers` of the parameters outside the embeddings and head (final norm included: tiny)."""
+        counted = self.shapes.params if self.ratio_of == "all" else self.shapes.params - self.shapes.embed_params
+        return round(self.shapes.params - counted * self.ratio) * self.B
 
     @property
     def W_sliced(self) -> int:
@@ -271,7 +274,8 @@ def setting(cell: dict, s: Shapes) -> Setting:
     cap = cell.get("device_memory")
     return Setting(s, str(cell.get("device", "cpu")).split(":")[0], cell.get("dtype", "float32"), method_name,
                    options, calib, float(cell.get("ratio", 0.0)), cell.get("evaluation") or {}, cell.get("recovery"),
-                   cell["model"], cell.get("offload"), None if cap is None else parse_size(cap))
+                   cell["model"], cell.get("offload"), None if cap is None else parse_size(cap),
+                   cell.get("ratio_of", "all"))
 
 
 # --------------------------------------------------------------------------- one formula per phase
@@ -361,52 +365,101 @@ def _llm_pruner_batch(c: Setting) -> tuple[int, bool]:
 
 
 def score(c: Setting) -> int:
-    """score: the dense weights (all read now) plus the method's own:
-    - magnitude / random: a float64 copy of the largest matrix (norms) — no calibration;
-    - wanda-sp, flap (LayerPass): hidden states N·S·H·B carried + the layer's outputs + one
+    """score: the dense weights (all read now) plus the method's own, by the formula its registry
+    entry names (`suite.methods.Method.memory`), else `generic_score`:
+    - magnitude / random (`score_data_free`): a float64 copy of the largest matrix (norms);
+    - wanda-sp, flap (`score_layer_pass`): hidden states N·S·H·B carried + the layer's outputs + one
       micro-batch's layer activations and float64 statistics (`_layer_pass`); sequential
       (wanda-sp's default) also slices inside this phase (`slicing`) and recomputes a pruned
       layer's outputs while the first ones are alive: one stream more;
-    - llm-pruner: .grad per parameter next to the backprop of one micro-batch (`with_gradients`,
-      `backprop`), a float64 importance product of the largest matrix (×2); `importance=element2`
-      adds W of Fisher sums;
-    - minillm gradient=backprop: the same with its own `batch_size` and the chunked loss;
-    - minillm forward-only (zo, none, noise; every space): the statistics LayerPass, a no-grad
+    - llm-pruner (`score_llm_pruner`): .grad per parameter next to the backprop of one micro-batch
+      (`with_gradients`, `backprop`), a float64 importance product of the largest matrix (×2);
+      `importance=element2` adds W of Fisher sums;
+    - minillm (`score_minillm`) gradient=backprop: the same with its own `batch_size` and the
+      chunked loss; forward-only (zo, none, noise; every space): the statistics LayerPass, a no-grad
       forward of one micro-batch (layer activations + a loss chunk), one tensor of the weight
       snapshot and ĝ of one Linear (fp32) — and, layer by layer (`minillm_layerwise`), (2q + 1)
       hidden-state streams."""
-    s, opts = c.shapes, c.options
-    base = c.Wd - unread(c)
-    if c.method in ("magnitude", "random"):
-        return base + 2 * s.largest_matrix * 8
-    if c.method in ("wanda-sp", "flap"):
-        batch = max(1, int(opts.get("batch_size", 1)))
-        if sequential(c):
-            return base + slicing(c) + _layer_pass(c, batch, streams=2)
-        return base + _layer_pass(c, batch)
+    import importlib
+
+    from suite.methods import registered
+
+    where = registered(c.method).memory
+    if where is None:
+        return generic_score(c)
+    module, function = where.split(":")
+    return getattr(importlib.import_module(module), function)(c)
+
+
+def _base(c: Setting) -> int:
+    """The dense weights resident while scoring (those a LayerPass method never reads excepted)."""
+    return c.Wd - unread(c)
+
+
+def score_data_free(c: Setting) -> int:
+    """A data-free criterion: weights + a float64 copy of the largest matrix and its square."""
+    return _base(c) + 2 * c.shapes.largest_matrix * 8
+
+
+def score_layer_pass(c: Setting) -> int:
+    """A LayerPass statistics method (wanda-sp, flap); sequential: slicing inside the phase, one stream more."""
+    batch = max(1, int(c.options.get("batch_size", 1)))
+    if sequential(c):
+        return _base(c) + slicing(c) + _layer_pass(c, batch, streams=2)
+    return _base(c) + _layer_pass(c, batch)
+
+
+def score_llm_pruner(c: Setting) -> int:
+    """LLM-Pruner: gradients of every weight next to one micro-batch's backprop, + Fisher sums for element2."""
+    s, n, seq = c.shapes, c.calibration["nsamples"], c.calibration["seqlen"]
+    batch, chunked = _llm_pruner_batch(c)
+    fisher = c.W if c.options.get("importance") == "element2" else 0
+    grads = with_gradients(s, backprop(s, batch, seq, c.B, chunked), -(-n // batch), c.B)
+    return _base(c) + grads + fisher + 2 * s.largest_matrix * 8
+
+
+def score_minillm(c: Setting) -> int:
+    """MINI-LLM: backprop variants as LLM-Pruner's (own batch_size, chunked loss); forward-only ones a
+    LayerPass with (2q + 1) streams next to a no-grad forward and one Linear's snapshot and ĝ."""
+    s, opts, n, seq = c.shapes, c.options, c.calibration["nsamples"], c.calibration["seqlen"]
+    batch = min(n, max(1, int(opts.get("batch_size", 4))))
+    if "backprop" in (opts.get("gradient"), opts.get("fms_gradient")):
+        grads = with_gradients(s, backprop(s, batch, seq, c.B, True), -(-n // batch), c.B)
+        return _base(c) + grads + 2 * s.largest_matrix * 8
+    tokens = batch * seq
+    streams = 2 * int(opts.get("directions", 16)) + 1 if CONSTANTS["minillm_layerwise"] else 1
+    forward = layer_forward(s, tokens, seq, c.B) + chunked_loss(s, tokens)
+    return _base(c) + max(_layer_pass(c, batch, streams), forward) + 3 * s.largest_matrix * 4
+
+
+def score_slicegpt(c: Setting) -> int:
+    """SliceGPT (suite/pruning/rotation.py): fuse (the head untied: one more V×H copy; mapped on CPU
+    every weight is written anew while the file's pages stay: + W), then a LayerPass (hidden states +
+    outputs), two [H, H] float64 matrices (the Gram matrix and eigh's eigenvectors) and a float64
+    copy of the largest matrix while it is rotated."""
+    s, batch = c.shapes, max(1, int(c.options.get("batch_size", 1)))
+    return (_base(c) + (c.W if c.mapped else 0) + s.vocab * s.hidden * c.B + _layer_pass(c, batch)
+            + 2 * s.hidden * s.hidden * 8 + 2 * s.largest_matrix * 8)
+
+
+def generic_score(c: Setting) -> int:
+    """A method whose registry entry names no formula, from what the entry and module declare:
+    data-free (CALIBRATION None): `score_data_free`; forward-only: a statistics LayerPass of the
+    method's `batch_size` (default 1) plus a float64 copy of the largest matrix; backprop
+    (`forward_only=False`): a .grad per weight next to one micro-batch's backprop with full logits
+    (micro-batch: `batch_size`, 0 or absent = all N windows) plus the float64 importance product.
+    An upper-side estimate for a new method: `--compare` shows how far it is from a measured run."""
+    from suite.methods import registered
+
+    if c.calibration is None:
+        return score_data_free(c)
     n, seq = c.calibration["nsamples"], c.calibration["seqlen"]
-    if c.method == "llm-pruner":
-        batch, chunked = _llm_pruner_batch(c)
-        fisher = c.W if opts.get("importance") == "element2" else 0
-        grads = with_gradients(s, backprop(s, batch, seq, c.B, chunked), -(-n // batch), c.B)
-        return base + grads + fisher + 2 * s.largest_matrix * 8
-    if c.method == "minillm":
-        batch = min(n, max(1, int(opts.get("batch_size", 4))))
-        if "backprop" in (opts.get("gradient"), opts.get("fms_gradient")):
-            grads = with_gradients(s, backprop(s, batch, seq, c.B, True), -(-n // batch), c.B)
-            return base + grads + 2 * s.largest_matrix * 8
-        tokens = batch * seq
-        streams = 2 * int(opts.get("directions", 16)) + 1 if CONSTANTS["minillm_layerwise"] else 1
-        forward = layer_forward(s, tokens, seq, c.B) + chunked_loss(s, tokens)
-        return base + max(_layer_pass(c, batch, streams), forward) + 3 * s.largest_matrix * 4
-    if c.method == "slicegpt":  # suite/pruning/rotation.py: fuse (the head untied: one more V×H copy;
-        # mapped on CPU every weight is written anew while the file's pages stay: + W), then a
-        # LayerPass (hidden states + outputs), two [H, H] float64 matrices (the Gram matrix and
-        # eigh's eigenvectors) and a float64 copy of the largest matrix while it is rotated
-        batch = max(1, int(opts.get("batch_size", 1)))
-        return (base + (c.W if c.mapped else 0) + s.vocab * s.hidden * c.B + _layer_pass(c, batch)
-                + 2 * s.hidden * s.hidden * 8 + 2 * s.largest_matrix * 8)
-    raise UserError(f"memory model: no formula for method {c.method!r}")
+    size = int(c.options.get("batch_size", 0) or 0)
+    if registered(c.method).forward_only:
+        return _base(c) + _layer_pass(c, max(1, size)) + 2 * c.shapes.largest_matrix * 8
+    batch = min(n, size) if size > 0 else n
+    grads = with_gradients(c.shapes, backprop(c.shapes, batch, seq, c.B, False), -(-n // batch), c.B)
+    return _base(c) + grads + 2 * c.shapes.largest_matrix * 8
 
 
 def slicing(c: Setting) -> int:

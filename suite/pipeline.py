@@ -18,6 +18,29 @@ from suite.pruning.select import Selection, parse_layer_range, select
 from suite.measure import measure
 from suite.methods import get_method
 from suite.models import count_parameters
+from suite.regression import kept_indices
+
+
+RATIO_OF = {"all": "all parameters (embeddings and output head included)",
+            "layers": "the decoder layers' parameters (embeddings, output head and final norm excluded)"}
+
+
+def decoder_layer_parameters(model) -> int:
+    """Parameters of the decoder layers (what `ratio_of: layers` takes its fraction of)."""
+    return sum(p.numel() for layer in adapter_for(model).layers(model) for p in layer.parameters())
+
+
+def budget_ratio(model, ratio: float, ratio_of: str = "all") -> float:
+    """The fraction of ALL parameters the engine's budget (suite/pruning/select.py) removes for `ratio`
+    under the convention `ratio_of` (RATIO_OF): "all" as given (LLM-Pruner, FLAP count all parameters);
+    "layers": ratio x decoder-layer parameters / all parameters (Bonsai and most later papers count the
+    decoder layers only; on a small model with a large vocabulary the two differ by a factor of 2 or
+    more). UserError for an unknown convention."""
+    if ratio_of not in RATIO_OF:
+        raise UserError(f"ratio_of must be one of {', '.join(RATIO_OF)}, got {ratio_of!r}")
+    if ratio_of == "all":
+        return float(ratio)
+    return float(ratio) * decoder_layer_parameters(model) / count_parameters(model)
 
 
 @dataclass
@@ -34,6 +57,8 @@ class PruneOutcome:
     warnings: list = field(default_factory=list)
     round_to: int | None = None
     calibration_origin: dict | None = None
+    ratio_of: str = "all"
+    params_dense_layers: int = 0  # the dense decoder layers' parameters
 
 
 def hidden_on_setting(given: dict | None, engine: str | None) -> str | None:
@@ -113,14 +138,17 @@ def calibration_settings(method, calib: dict | None) -> dict | None:
 def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, options: dict | None = None,
           calib: dict | None = None, head_mode: str = "q-head", scope: str | None = None, layers=None,
           allow_empty: bool = False, device: str = "cpu",
-          round_to: int | None = None, hidden_on: str | None = None) -> PruneOutcome:
+          round_to: int | None = None, hidden_on: str | None = None, ratio_of: str = "all") -> PruneOutcome:
     """Score, select and slice `model` in place; returns the selection and measured phases.
 
     scope: the selection scope ("layer" | "global"; None: the method's); layers: the layer range
     (`parse_layer_range`'s forms; None: the method's SELECTION["layers"]). `hidden_on` ("cpu" | "device" | None = the device): where the layer-by-layer passes keep the
-    calibration hidden states between layers (`layerwise.hidden_on`)."""
+    calibration hidden states between layers (`layerwise.hidden_on`). `ratio_of`: what `ratio`
+    is a fraction of (`RATIO_OF`, `budget_ratio`)."""
     if not 0.0 < float(ratio) < 1.0:
         raise UserError(f"ratio must be in (0, 1), got {ratio}")
+    dense_layers = decoder_layer_parameters(model)
+    ratio = budget_ratio(model, ratio, ratio_of)
     method = get_method(method_name)
     given, options = options, checked_options(method, options, scope)  # as the CLI and the grid config check them
     hidden_on = hidden_on_setting(given, hidden_on)
@@ -185,15 +213,21 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
             scoring.compensate(model, selection.plan)
     pruned = count_parameters(model)
     return PruneOutcome(selection, scoring, options, settings, layer_range, scope, phases, dense, pruned,
-                        warnings=warnings, round_to=round_to, calibration_origin=calibration_origin(method, calib))
+                        warnings=warnings, round_to=round_to, calibration_origin=calibration_origin(method, calib),
+                        ratio_of=ratio_of, params_dense_layers=dense_layers)
 
 
 def outcome_record(outcome: PruneOutcome, ratio: float) -> dict:
-    """The pruning part of a result record."""
+    """The pruning part of a result record. `ratio_target` is in the convention `ratio_of`; both
+    achieved fractions are recorded: of all parameters (`ratio_achieved`) and of the dense decoder
+    layers' parameters (`ratio_achieved_layers`)."""
     sel = outcome.selection
+    removed = outcome.params_dense - outcome.params_pruned
     return {
         "ratio_target": float(ratio),
-        "ratio_achieved": round(1 - outcome.params_pruned / outcome.params_dense, 6),
+        "ratio_of": outcome.ratio_of,
+        "ratio_achieved": round(removed / outcome.params_dense, 6),
+        "ratio_achieved_layers": round(removed / outcome.params_dense_layers, 6),
         "params": {"dense": outcome.params_dense, "pruned": outcome.params_pruned},
         "options": outcome.options,
         "calibration": outcome.calibration,
@@ -201,6 +235,7 @@ def outcome_record(outcome: PruneOutcome, ratio: float) -> dict:
         "selection": {"scope": outcome.scope, "layers": outcome.layer_range, "round_to": outcome.round_to,
                       "target_removed": sel.target_removed, "removed": sel.removed},
         "plan_summary": plan_summary(sel.plan),
+        "kept": kept_indices(sel.plan),  # the kept groups themselves, compactly (`suite check` compares them)
         "method_info": {k: v for k, v in outcome.scoring.info.items() if k != "layer_weights"},
         # a method with a sequential kind says which variant ran (default label: "NAME (one-shot)")
         **({"variant": "sequential" if outcome.scoring.info["sequential"] else "one-shot"}
@@ -278,7 +313,8 @@ def run_cell(cell: dict) -> dict:
         dense_speed = [speed(model, bench, **SPEED_PROBE) for _ in range(2)]
     if cell["method"] == "dense":
         n = count_parameters(model)
-        record.update(ratio_target=0.0, ratio_achieved=0.0, params={"dense": n, "pruned": n}, options={},
+        record.update(ratio_target=0.0, ratio_of=cell.get("ratio_of", "all"), ratio_achieved=0.0,
+                      ratio_achieved_layers=0.0, params={"dense": n, "pruned": n}, options={},
                       calibration=None, phases=phases)
     else:
         calib = dict(cell.get("calibration") or {})
@@ -288,7 +324,8 @@ def run_cell(cell: dict) -> dict:
         options = dict(cell.get("options") or {})
         common = {k: options.pop(k) for k in ("head_mode", "scope", "layers", "allow_empty", "round_to") if k in options}
         outcome = prune(model, tokenizer, cell["method"], cell["ratio"], seed=cell.get("seed", 0),
-                        options=options, calib=calib, device=device, hidden_on=cell.get("hidden_on"), **common)
+                        options=options, calib=calib, device=device, hidden_on=cell.get("hidden_on"),
+                        ratio_of=cell.get("ratio_of", "all"), **common)
         record.update(outcome_record(outcome, cell["ratio"]))
         warnings = record.pop("warnings", []) + warnings
         record["phases"] = {**phases, **outcome.phases}

@@ -30,7 +30,7 @@ PACKAGES = ("torch", "transformers", "lm_eval", "datasets", "numpy", "safetensor
 # may change when a grid is resumed on another machine; dtype changes the numbers, so it counts.
 CELL_KEYS = ("model", "method", "options", "ratio", "seed", "calibration", "evaluation", "dtype")
 # Keys that count only when a cell has them, so adding one leaves older cells' keys unchanged
-OPTIONAL_CELL_KEYS = ("recovery",)
+OPTIONAL_CELL_KEYS = ("recovery", "ratio_of")
 
 
 def canonical_json(obj) -> str:
@@ -54,6 +54,13 @@ def cell_key(cell: dict) -> str:
     if device != "cpu":
         fields["device"] = device
     return sha256_hex(fields)
+
+
+def cell_identity(record: dict) -> tuple:
+    """(model, label, target ratio, seed): what a record is a result OF, in tables and `suite check`
+    (the label defaults to the method; a dense record's ratio is 0)."""
+    ratio = record.get("ratio_target", record.get("ratio", 0.0)) or 0.0
+    return record.get("model"), record.get("label") or record.get("method"), float(ratio), record.get("seed", 0)
 
 
 # --------------------------------------------------------------------------- provenance

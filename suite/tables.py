@@ -1,37 +1,41 @@
-"""Results table: records -> one row per (model, method label, ratio) -> Markdown, LaTeX or CSV.
+"""Results tables for a paper: records -> one row per (model, method label, ratio) -> Markdown, LaTeX or CSV.
 
-Conventions (the paper's Table 1 layout):
-  - rows grouped by model (first-seen order), then by ratio; the dense row once, on top of its
-    model; inside a ratio, methods in METHOD_ORDER (unknown methods after, in first-seen order);
-  - perplexity: 2 decimals, lower is better; zero-shot: lm-eval's `acc` (not `acc_norm`) x 100,
-    2 decimals; Average: mean of the shown tasks, only for a row that has all of them;
-  - several seeds of one cell are averaged, and then each perplexity and task cell reads
-    "mean ± s" (s: the sample standard deviation over the seeds; the Average column stays a mean);
-    a single seed shows the value alone. When a cell is in the file more than once (a rerun), its
-    last `ok` record wins over older ones and over errors;
-  - accuracies carry lm-eval's standard error (`acc_stderr`, x 100; a several-seed cell: the
-    error of the seeds' mean, sqrt(sum se_i^2) / n; Average: sqrt(sum se_t^2) / n_tasks over its
-    tasks, the tasks taken as independent). `stderr="auto"` (the default) shows it as "acc ± se"
-    when any record's evaluation had a question `limit`; "on"/"off" force it. A several-seed cell
-    shows the seeds' spread instead (above);
-  - best value of each (model, ratio) group with at least two rows in bold: `**x**` / `\\textbf{x}`;
-    an accuracy (or Average) only when it is significantly ahead of the next best: lead >
-    1.96 * sqrt(se_best^2 + se_next^2) (a two-sided 5 % z-test of the difference of two independent
-    estimates; stricter than "outside the best's standard error", deliberately: with a 50-question
-    limit one question is 2 points and each error ~7, so noise is never "best"). Without a
-    recorded error (older records) every value equal to the best is bold. Perplexity has no error
-    here and is bolded as before;
-  - a caption line states the evaluation caps read from the records (`cell.evaluation`: window
-    length, token cap, questions per task) and these conventions; LaTeX comes as a `table`
-    environment with \\caption and \\label (`bare=True`: the `tabular` alone, caption as comments);
-  - a cell recovered by LoRA (`recovery:` in the config) gives two rows, as the papers: "label
-    w/o tune" (the pruned model) and "label w/ tune" (after recovery), see `split_recovered`;
-  - a cell that only failed stays in the table as a row "label (failed)" with empty metrics, and
-    its error is listed under the table (Markdown) or as `%` comments after it (LaTeX).
-CSV holds the raw numbers (no rounding, no bold) plus `Error`, `Seeds` (the ok seeds averaged) and,
-per perplexity and task column, `<column> std` (empty for a single seed).
-The seed statistics are pandas' `groupby().agg`; the LaTeX `tabular` is pandas' `Styler.to_latex`
-with booktabs rules; Markdown is tabulate's `github` format.
+Quality and cost are separate tables: `format_table` gives the quality table (perplexity, zero-shot
+accuracy, their Average), `format_costs` (`suite table --costs`) every phase's memory and time.
+
+Rows: grouped by model (first-seen order), then by ratio; the dense row once, on top of its model;
+inside a ratio, methods in the registry's order (`suite.methods.method_order`; unknown methods after,
+in first-seen order). A cell recovered by LoRA gives two rows, "label w/o tune" and "label w/ tune"
+(`split_recovered`); a cell that only failed stays as "label (failed)" with its error under the table.
+When a cell is in the file more than once (a rerun), its last `ok` record wins.
+
+Columns: Ratio (the target) and Achieved (the measured fraction removed), both in the records'
+convention (`ratio_of`: of all parameters, or of the decoder layers'; named in the caption); Params;
+perplexity per corpus (lower is better); lm-eval's `acc` x 100 per task; Average (mean of the
+tasks, only for a row that has all); Seeds (where a cell has several).
+
+One uncertainty convention, stated in the caption: "±" is the sample standard deviation over seeds
+where a cell has >= 2 seeds (every column, Average included: the std of the seeds' Averages), and
+otherwise the standard error of the task (lm-eval's `acc_stderr` x 100; Average: sqrt(Σ se²) / n_tasks,
+the tasks taken as independent; shown when an evaluation capped its questions or `stderr="on"`). A
+single-seed perplexity has no uncertainty here.
+
+Bold: the best of each (model, ratio) group of at least two rows, only when it leads the next best
+by more than Z_BOLD x the standard error of the difference, sqrt(u_best² + u_next²), where u is the
+uncertainty of each row's value as an estimate (seeds: std / sqrt(n); one seed: the task's standard
+error): a two-sided 5 % z-test. Perplexity included; only where neither row has any uncertainty (single
+seeds) is the best value bold on its value alone, and the caption says so.
+
+Views: `relative=True` ("% of dense") shows every metric as a percentage of its model's dense row
+(uncertainties scaled alike). `published=True` adds, under each reproduced row whose method, model,
+ratio (and what it counts) and tuning match an entry of suite/published.yaml, a row "label (published)"
+with the published values and the reproduction's difference from each in percent; the caption lists
+the protocol differences that remain (window length, tokens, calibration).
+
+LaTeX: booktabs rules (pandas' `Styler.to_latex`), a `table*` spanning both columns when the table
+has more than `NARROW_COLUMNS` columns (else `table`), with caption and label (`bare=True`: the
+`tabular` alone, caption as comments). Markdown is tabulate's `github` format. CSV holds the raw
+numbers (no rounding, no bold) plus `Error`, `Seeds`, and per metric `<column> std` and `<column> se`.
 """
 from __future__ import annotations
 
@@ -41,23 +45,21 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-METHOD_ORDER = ["dense", "magnitude", "random", "wanda-sp", "flap", "slicegpt", "llm-pruner", "minillm"]
+from suite.methods import method_order
+from suite.records import cell_identity as _identity
+
 PERPLEXITY = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
 TASKS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
          "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
-# Score mem: the process's peak while scoring (model, libraries and method); Score added: its rise
-# over the phase's start, what the method itself needs above the loaded model (suite/measure.py)
-COSTS = {"Score mem (MB)": ("peak_mb", "{:.1f}"), "Score added (MB)": ("peak_delta_mb", "{:.1f}"),
-         "Score time (s)": ("seconds", "{:.2f}")}
 MISSING = "–"
 STD = " std"  # suffix of a metric's seed standard-deviation column
-SE = " se"  # suffix of an accuracy's standard-error column (x 100)
+SE = " se"  # suffix of a metric's standard-error column (x 100 for accuracies)
 TUNE = (" w/o tune", " w/ tune")  # row suffixes of a recovered cell (split_recovered)
-
-
-def _identity(record: dict) -> tuple:
-    ratio = record.get("ratio_target", record.get("ratio", 0.0)) or 0.0
-    return record.get("model"), record.get("label") or record.get("method"), float(ratio), record.get("seed", 0)
+PUBLISHED = " (published)"  # suffix of a published row's label
+NARROW_COLUMNS = 8  # more columns than this: a LaTeX table* (both text columns)
+Z_BOLD = 1.96  # two-sided 5 % z-test of best minus next best
+RATIO_WORDS = {"all": "all parameters (embeddings and output head included)",
+               "layers": "the decoder layers' parameters"}
 
 
 def latest(records: list[dict]) -> list[dict]:
@@ -108,18 +110,25 @@ def _grid_order(names, records: list[dict], name_of) -> dict:
     return {name: (first.get(name, math.inf), i) for i, name in enumerate(dict.fromkeys(names))}
 
 
+def ratio_of(record: dict) -> str:
+    """What the record's ratio counts: "all" (the default, and every record before the key existed) or "layers"."""
+    return record.get("ratio_of") or "all"
+
+
 def _seed_values(record: dict, corpora: list[str], tasks: list[str]) -> dict:
     """One record's numbers under the table's column names (None: the record has no value)."""
     model, label, ratio, seed = _identity(record)
     ok = record.get("status", "ok") == "ok"
     get = (lambda value: value) if ok else (lambda value: None)  # a failed seed counts in no statistic
-    row = {"Model": model, "Method": label, "_method": record.get("method", label), "Ratio": ratio, "_ok": ok,
-           "_error": None if ok else f"seed {seed}: {record.get('error', 'failed')}",
-           "Params": get((record.get("params") or {}).get("pruned"))}
+    achieved = record.get("ratio_achieved_layers") if ratio_of(record) == "layers" else record.get("ratio_achieved")
+    row = {"Model": model, "Method": label, "_method": record.get("method", label), "Ratio": ratio,
+           "_ratio_of": ratio_of(record), "_ok": ok, "_error": None if ok else f"seed {seed}: {record.get('error', 'failed')}",
+           "Achieved": get(achieved), "Params": get((record.get("params") or {}).get("pruned"))}
     row |= {PERPLEXITY.get(c, c): get((record.get("perplexity") or {}).get(c)) for c in corpora}
-    row |= {TASKS.get(t, t): get(_acc(record, t)) for t in tasks}
+    accs = {TASKS.get(t, t): get(_acc(record, t)) for t in tasks}
+    row |= accs
+    row["Average"] = (sum(accs.values()) / len(accs) if accs and None not in accs.values() else None)
     row |= {TASKS.get(t, t) + SE: get(_acc(record, t, "acc_stderr")) for t in tasks}
-    row |= {column: get(((record.get("phases") or {}).get("score") or {}).get(key)) for column, (key, _) in COSTS.items()}
     return row
 
 
@@ -128,8 +137,9 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
 
     Per cell (pandas `groupby().agg` over its ok seeds): the mean of each value (a seed without it
     is skipped; a NaN in a record makes the mean NaN), the sample std (n − 1; NaN below two seeds)
-    of each perplexity and accuracy (`<column> std`), the standard error of the accuracies' mean
-    (`_mean_se`, `<column> se`), `Seeds` (ok seeds), `Error` (the failed seeds' errors) and `_failed`.
+    of each perplexity, accuracy and Average (`<column> std`: the Average's is the std of the seeds'
+    Averages), the standard error of the accuracies' and Average's mean (`_mean_se`, `<column> se`),
+    `Seeds` (ok seeds), `Error` (the failed seeds' errors) and `_failed`.
     """
     records = split_recovered(latest(records))
     if not records:
@@ -139,34 +149,54 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
     cells = {key: i for i, key in enumerate(dict.fromkeys(_identity(r)[:3] for r in records))}
     seeds["_cell"] = [cells[_identity(r)[:3]] for r in records]  # first-seen order
     ppl, accs = [PERPLEXITY.get(c, c) for c in corpora], [TASKS.get(t, t) for t in tasks]
-    values = ["Params", *ppl, *accs, *COSTS]
+    metrics = [*ppl, *accs, *(["Average"] if accs else [])]
+    values = ["Achieved", "Params", *metrics]
     numbers = seeds[values + [a + SE for a in accs]].astype(float)  # None -> NaN, skipped by the statistics
     nan_in_record = seeds[values].apply(lambda column: column.map(lambda v: v is not None and math.isnan(v)))
     nan_in_record = nan_in_record.groupby(seeds["_cell"]).any()
     by_cell = numbers.groupby(seeds["_cell"])
+    first = lambda s: s.iloc[0]
     frame = seeds.groupby("_cell").agg(
-        Model=("Model", lambda s: s.iloc[0]), Method=("Method", lambda s: s.iloc[0]),
-        _method=("_method", lambda s: s.iloc[0]), Ratio=("Ratio", lambda s: float(s.iloc[0])),
+        Model=("Model", first), Method=("Method", first), _method=("_method", first),
+        Ratio=("Ratio", lambda s: float(s.iloc[0])), _ratio_of=("_ratio_of", first),
         Error=("_error", lambda errors: "; ".join(errors.dropna())), Seeds=("_ok", lambda ok: int(ok.sum())))
     frame = frame.join(by_cell[values].mean().mask(nan_in_record))
-    spread = by_cell[ppl + accs].std().mask(nan_in_record[ppl + accs]).add_suffix(STD)
+    spread = by_cell[metrics].std().mask(nan_in_record[metrics]).add_suffix(STD)
     errors = numbers[[a + SE for a in accs]][seeds["_ok"]].groupby(seeds["_cell"]).agg(_mean_se)
     errors = errors.reindex(frame.index)  # a cell with no ok seed: NaN
-    frame["Average"] = frame[accs].mean(axis=1, skipna=False) if accs else math.nan
-    errors["Average" + SE] = (np.sqrt((errors ** 2).sum(axis=1, skipna=False)) / len(accs)).where(
-        frame["Average"].notna()) if accs else math.nan
+    if accs:
+        errors["Average" + SE] = (np.sqrt((errors ** 2).sum(axis=1, skipna=False)) / len(accs)).where(
+            frame["Average"].notna())
     frame = frame.join(spread).join(errors)
     frame["_failed"] = frame["Seeds"] == 0
-    frame = frame[["Model", "Method", "_method", "Ratio", "Params", *ppl, *accs, "Average", *COSTS, "Error", "Seeds",
-                   *spread.columns, *errors.columns, "_failed"]].reset_index(drop=True)
+    frame = frame[["Model", "Method", "_method", "Ratio", "_ratio_of", "Achieved", "Params", *metrics, "Error",
+                   "Seeds", *spread.columns, *errors.columns, "_failed"]].reset_index(drop=True)
     models = _grid_order(frame["Model"], records, lambda r: r.get("model"))
     labels = _grid_order(frame["Method"], records, lambda r: _identity(r)[1])
-    rank = lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)
+    order = method_order()
+    rank = lambda m: order.index(m) if m in order else len(order)
     frame["_order"] = [(models[model], ratio, rank(method), labels[label]) for model, ratio, method, label
                        in zip(frame["Model"], frame["Ratio"], frame["_method"], frame["Method"])]
     frame = frame.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
+    frame["_published"] = False
     frame.attrs["lower_is_better"] = ppl
+    frame.attrs["metrics"] = metrics
     return frame
+
+
+def relative_to_dense(frame: pd.DataFrame) -> pd.DataFrame:
+    """The "% of dense" view: every metric (and its std and se) as 100 x value / its model's dense
+    value (the dense row: 100); a published row relative to the published dense row. A model
+    without a dense row keeps NaN."""
+    out = frame.copy()
+    keys = list(zip(frame["Model"], frame["_published"]))
+    dense = {key: i for i, key in reversed(list(enumerate(keys))) if frame["_method"].iloc[i] == "dense"}
+    for column in frame.attrs["metrics"]:
+        base = pd.Series([frame[column].iloc[dense[k]] if k in dense else math.nan for k in keys], index=frame.index)
+        for name in (column, column + STD, column + SE):
+            if name in out:
+                out[name] = 100 * frame[name] / base
+    return out
 
 
 def _acc(record: dict, task: str, metric: str = "acc"):
@@ -187,6 +217,42 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+# --------------------------------------------------------------------------- uncertainty and bold
+def uncertainty(frame: pd.DataFrame, column: str, show_se: bool) -> pd.Series:
+    """The "±" shown with each value of `column`: the seeds' sample std where a cell has >= 2 seeds,
+    else (show_se) the task's standard error; NaN where there is none."""
+    std = frame.get(column + STD, pd.Series(math.nan, index=frame.index))
+    se = frame.get(column + SE, pd.Series(math.nan, index=frame.index))
+    several = frame["Seeds"] >= 2
+    return std.where(several, se if show_se else math.nan)
+
+
+def estimate_error(frame: pd.DataFrame, column: str) -> pd.Series:
+    """The standard error of each row's value as an estimate, for the bold test: std / sqrt(seeds)
+    with >= 2 seeds, else the task's standard error (NaN: none, e.g. a single-seed perplexity)."""
+    std = frame.get(column + STD, pd.Series(math.nan, index=frame.index))
+    se = frame.get(column + SE, pd.Series(math.nan, index=frame.index))
+    several = frame["Seeds"] >= 2
+    return (std / np.sqrt(frame["Seeds"].clip(lower=1))).where(several, se)
+
+
+def _best(values: dict, lower_better: bool, errors: dict) -> list:
+    """Row indices to bold. Without any uncertainty on the best two (single-seed perplexity): every
+    value equal to the best. Otherwise only a unique best ahead of the next best by more than
+    Z_BOLD standard errors of the difference (a missing error counts as 0)."""
+    order = sorted(values, key=values.get, reverse=not lower_better)
+    best = [i for i in order if values[i] == values[order[0]]]
+    if len(order) < 2:
+        return best
+    pair = [errors.get(i, math.nan) for i in order[:2]]
+    if all(math.isnan(e) for e in pair):
+        return best
+    if len(best) > 1:
+        return []
+    spread = math.hypot(*(0.0 if math.isnan(e) else e for e in pair))
+    return best if abs(values[order[0]] - values[order[1]]) > Z_BOLD * spread else []
+
+
 # --------------------------------------------------------------------------- text cells
 def _params(n: float) -> str:
     for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
@@ -195,53 +261,44 @@ def _params(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _ratio_text(frame: pd.DataFrame, column: str) -> list[str]:
+    mixed = frame["_ratio_of"].nunique() > 1  # rows of both conventions: the layers' marked
+    mark = lambda of: " L" if mixed and of == "layers" else ""
+    digits = "{:.0f}" if column == "Ratio" else "{:.1f}"
+    return [MISSING if math.isnan(v) else digits.format(v * 100) + "%" + mark(of)
+            for v, of in zip(frame[column], frame["_ratio_of"])]
+
+
 def _cells(frame: pd.DataFrame, show_se: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The text of every cell, and a same-shaped mask of the best value of each (model, ratio) group."""
-    metrics = [c for c in frame.columns if c not in ("Model", "Method", "Ratio", "Params", "Error", "Seeds")
-               and not c.startswith("_") and not c.endswith((STD, SE))]
+    """The text of every cell, and a same-shaped mask of the values to bold."""
+    metrics = frame.attrs["metrics"]
     lower_better = frame.attrs["lower_is_better"]
     texts = pd.DataFrame(index=frame.index)
     texts["Model"] = frame["Model"]
     texts["Method"] = [m + " (failed)" if f else m for m, f in zip(frame["Method"], frame["_failed"])]
-    texts["Ratio"] = [f"{r * 100:.0f}%" for r in frame["Ratio"]]
+    texts["Ratio"] = _ratio_text(frame, "Ratio")
+    texts["Achieved"] = _ratio_text(frame, "Achieved")
     texts["Params"] = [MISSING if math.isnan(p) else _params(p) for p in frame["Params"]]
-    bold = pd.DataFrame(False, index=frame.index, columns=["Model", "Method", "Ratio", "Params", *metrics])
+    bold = pd.DataFrame(False, index=frame.index, columns=[*texts.columns, *metrics])
+    reproduced = frame[~frame["_published"]]
     for column in metrics:
-        fmt = COSTS[column][1] if column in COSTS else "{:.2f}"
-        texts[column] = [MISSING if math.isnan(v) else fmt.format(v) for v in frame[column]]
-        if column + STD in frame:  # several seeds: mean ± s
-            texts[column] = [t if math.isnan(sd) else f"{t} ± {sd:.2f}"
-                             for t, sd in zip(texts[column], frame[column + STD])]
-        if show_se and column + SE in frame:  # one seed: acc ± its standard error
-            texts[column] = [t if math.isnan(se) or "±" in t else f"{t} ± {se:.1f}"
-                             for t, se in zip(texts[column], frame[column + SE])]
-        if column in COSTS:
-            continue  # costs are reported, not ranked
-        for _, group in frame.groupby(["Model", "Ratio"], sort=False):
+        shown = uncertainty(frame, column, show_se)
+        texts[column] = [MISSING if math.isnan(v) else f"{v:.2f}" + ("" if math.isnan(u) else f" ± {u:.2f}")
+                         for v, u in zip(frame[column], shown)]
+        if "_difference" in frame:  # a published row: the reproduction's difference from it
+            texts[column] = [t if not p or math.isnan(d.get(column, math.nan)) else f"{t} ({d[column]:+.1f}%)"
+                             for t, p, d in zip(texts[column], frame["_published"], frame["_difference"])]
+        errors = estimate_error(frame, column)
+        for _, group in reproduced.groupby(["Model", "Ratio", "_ratio_of"], sort=False):
             values = {i: round(v, 2) for i, v in group[column].items() if not math.isnan(v) and not math.isinf(v)}
             if len(group) < 2 or not values:
                 continue
-            for i in _best(values, column in lower_better, frame[column + SE] if column + SE in frame else None):
+            for i in _best(values, column in lower_better, errors.to_dict()):
                 bold.loc[i, column] = True
-    return texts, bold
-
-
-Z_BOLD = 1.96  # two-sided 5 % z-test of best minus next best
-
-
-def _best(values: dict, lower_better: bool, errors) -> list:
-    """Row indices to bold: every value equal to the best; where the best has a standard error,
-    only a unique best ahead of the next by more than Z_BOLD standard errors of the difference."""
-    order = sorted(values, key=values.get, reverse=not lower_better)
-    best = [i for i in order if values[i] == values[order[0]]]
-    error = math.nan if errors is None else errors[order[0]]
-    if math.isnan(error):
-        return best
-    if len(best) > 1 or len(order) < 2:
-        return []
-    runner_up = errors[order[1]]
-    spread = math.hypot(error, 0.0 if math.isnan(runner_up) else runner_up)
-    return best if abs(values[order[0]] - values[order[1]]) > Z_BOLD * spread else []
+    if (frame["Seeds"] >= 2).any():
+        texts["Seeds"] = ["" if p else str(n) for n, p in zip(frame["Seeds"], frame["_published"])]
+        bold["Seeds"] = False
+    return texts, bold[texts.columns]
 
 
 def show_stderr(records: list[dict], stderr: str = "auto") -> bool:
@@ -253,13 +310,24 @@ def show_stderr(records: list[dict], stderr: str = "auto") -> bool:
     return any(((r.get("cell") or {}).get("evaluation") or {}).get("limit") for r in records)
 
 
-def caption(records: list[dict], show_se: bool) -> str:
-    """One sentence per convention: the evaluation caps found in the records, ±, bold."""
+def _evaluations(records: list[dict]) -> list[dict]:
     evals = [(r.get("cell") or {}).get("evaluation") for r in latest(records) if r.get("status", "ok") == "ok"]
-    evals = [e for e in evals if e]
+    return [e for e in evals if e]
+
+
+def caption(records: list[dict], show_se: bool, frame: pd.DataFrame | None = None, relative: bool = False) -> str:
+    """One sentence per convention: what the ratio counts, the evaluation caps, ±, bold, the view,
+    and (published rows) the protocol differences that remain."""
+    frame = results_frame(records) if frame is None else frame
+    evals = _evaluations(records)
     values = lambda key: sorted({e.get(key) for e in evals}, key=lambda v: (v is None, v or 0))
     count = lambda v, unit: f"all {unit}" if v is None else f"the first {v:,} {unit}"
-    parts = []
+    conventions = sorted(set(frame["_ratio_of"])) if len(frame) else ["all"]
+    if len(conventions) == 1:
+        parts = [f"Ratio: the fraction of {RATIO_WORDS[conventions[0]]} removed (target); Achieved: measured."]
+    else:
+        parts = [f"Ratio: the fraction of {RATIO_WORDS['all']} removed, or with L of {RATIO_WORDS['layers']} "
+                 "(target); Achieved: measured, same convention."]
     if evals:
         windows = "/".join(str(v) for v in values("seqlen"))
         tokens = " or ".join(count(v, "tokens") for v in values("max_tokens"))
@@ -269,12 +337,23 @@ def caption(records: list[dict], show_se: bool) -> str:
             parts.append(f"Zero-shot: lm-eval acc x 100 on {questions} questions of each task.")
     else:
         parts.append("Evaluation caps not recorded.")
-    if show_se:
-        parts.append("± on an accuracy: its standard error; on a several-seed cell: the seeds' sample std.")
-    parts.append("Score mem: the process's peak while scoring, loaded model included; Score added: what "
-                 "scoring adds above it.")
-    parts.append("Bold: best of its model and ratio; an accuracy only if significantly ahead of the next "
-                 f"(lead > {Z_BOLD} x the standard error of the difference).")
+    if relative:
+        parts.append("Every metric in % of its model's dense row.")
+    several = bool(len(frame)) and (frame["Seeds"] >= 2).any()
+    if several and show_se:
+        parts.append("±: the sample standard deviation over seeds where a cell has 2 or more (Seeds), otherwise "
+                     "the task's standard error (Average: sqrt(sum se^2) / tasks); a single-seed perplexity has none.")
+    elif several:
+        parts.append("±: the sample standard deviation over seeds (Seeds); single-seed cells show none.")
+    elif show_se:
+        parts.append("±: the task's standard error (Average: sqrt(sum se^2) / tasks); perplexity has none.")
+    parts.append(f"Bold: best of its model and ratio, only if ahead of the next best by more than {Z_BOLD} x the "
+                 "standard error of the difference (seeds: std / sqrt(n); one seed: the task's standard error)"
+                 + ("; a single-seed perplexity: the lowest." if frame.attrs.get("lower_is_better") else "."))
+    if len(frame) and frame["_published"].any():
+        parts.append("(published): the source's value, in parentheses the reproduction's difference from it "
+                     "(reproduced / published - 1, %).")
+        parts += frame.attrs.get("protocol_notes", [])
     return " ".join(parts)
 
 
@@ -296,8 +375,22 @@ def _latex_escape(text: str) -> str:
     return out.replace("±", "$\\pm$")
 
 
-def to_markdown(records: list[dict], stderr: str = "auto") -> str:
+def display_frame(records: list[dict], relative: bool = False, published: bool = False) -> pd.DataFrame:
+    """`results_frame`, in the "% of dense" view (`relative`), with published rows (`published`)."""
     frame = results_frame(records)
+    if frame.empty:
+        return frame
+    if published:
+        from suite.published import add_published
+
+        frame = add_published(frame, records)
+    if relative:
+        frame = relative_to_dense(frame)
+    return frame
+
+
+def to_markdown(records: list[dict], stderr: str = "auto", relative: bool = False, published: bool = False) -> str:
+    frame = display_frame(records, relative, published)
     if frame.empty:
         return "(no results)\n"
     show_se = show_stderr(records, stderr)
@@ -307,7 +400,7 @@ def to_markdown(records: list[dict], stderr: str = "auto") -> str:
     table = tabulate(texts.values.tolist(), list(texts.columns), tablefmt="github", disable_numparse=True,
                      colalign=align)
     notes = _notes(frame, records)
-    return (table + "\n\n" + caption(records, show_se) + "\n"
+    return (table + "\n\n" + caption(records, show_se, frame, relative) + "\n"
             + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else ""))
 
 
@@ -316,13 +409,15 @@ def _label(records: list[dict]) -> str:
     return "tab:" + (names.pop() if len(names) == 1 else "results")
 
 
-def to_latex(records: list[dict], stderr: str = "auto", bare: bool = False) -> str:
-    """A booktabs `table` with caption and label (`bare`: the `tabular` alone, caption as comments).
+def to_latex(records: list[dict], stderr: str = "auto", bare: bool = False, relative: bool = False,
+             published: bool = False) -> str:
+    """A booktabs `table` (`table*` above NARROW_COLUMNS columns) with caption and label (`bare`:
+    the `tabular` alone, caption as comments).
 
-    The `tabular` is pandas' `Styler.to_latex` (booktabs rules, best values `\\textbf` by the
+    The `tabular` is pandas' `Styler.to_latex` (booktabs rules, bold values `\\textbf` by the
     `textbf: --rwrap` style, cells escaped by `_latex_escape`), with a `\\midrule` between
-    (model, ratio) groups; the `table` environment (with `\\small`) is written around it here."""
-    frame = results_frame(records)
+    (model, ratio) groups; the environment (with `\\small`) is written around it here."""
+    frame = display_frame(records, relative, published)
     if frame.empty:
         return "% (no results)\n"
     show_se = show_stderr(records, stderr)
@@ -331,34 +426,37 @@ def to_latex(records: list[dict], stderr: str = "auto", bare: bool = False) -> s
               .apply(lambda _: np.where(bold, "textbf: --rwrap;", ""), axis=None))
     lines = styler.to_latex(column_format="ll" + "r" * (len(texts.columns) - 2), hrules=True).splitlines()
     first_row = lines.index("\\midrule") + 1  # after the header
-    groups = list(zip(frame["Model"], frame["Ratio"]))
+    groups = list(zip(frame["Model"], frame["Ratio"], frame["_ratio_of"]))
     for i in reversed(range(1, len(groups))):
         if groups[i] != groups[i - 1]:
             lines.insert(first_row + i, "\\midrule")
-    text = _latex_escape(caption(records, show_se))
+    text = _latex_escape(caption(records, show_se, frame, relative))
     if bare:
         lines += [f"% {text}"]
     else:
-        lines = (["\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{text}}}",
-                  f"\\label{{{_label(records)}}}"] + lines + ["\\end{table}"])
+        env = "table*" if len(texts.columns) > NARROW_COLUMNS else "table"
+        lines = ([f"\\begin{{{env}}}[t]", "\\centering", "\\small", f"\\caption{{{text}}}",
+                  f"\\label{{{_label(records)}}}"] + lines + [f"\\end{{{env}}}"])
     lines += [f"% {n}" for n in _notes(frame, records)]
     return "\n".join(lines) + "\n"
 
 
-def to_csv(records: list[dict]) -> str:
-    frame = results_frame(records)
+def to_csv(records: list[dict], relative: bool = False, published: bool = False) -> str:
+    frame = display_frame(records, relative, published)
+    if not frame.empty:
+        frame.insert(frame.columns.get_loc("Ratio") + 1, "Ratio of", frame["_ratio_of"])
     return frame.drop(columns=[c for c in frame.columns if c.startswith("_")]).round(6).to_csv(index=False)
 
 
 def format_table(records: list[dict], fmt: str = "md", stderr: str = "auto", bare: bool = False,
-                 costs: bool = False) -> str:
+                 costs: bool = False, relative: bool = False, published: bool = False) -> str:
     if costs:
         return format_costs(records, fmt)
     if fmt == "csv":
-        return to_csv(records)
+        return to_csv(records, relative, published)
     if fmt == "latex":
-        return to_latex(records, stderr=stderr, bare=bare)
-    return to_markdown(records, stderr=stderr)
+        return to_latex(records, stderr=stderr, bare=bare, relative=relative, published=published)
+    return to_markdown(records, stderr=stderr, relative=relative, published=published)
 
 
 # --------------------------------------------------------------------------- costs (`suite table --costs`)
@@ -370,7 +468,8 @@ SPEED = {"Prefill x": "prefill_speedup", "Prefill ctl": "prefill_dense_control",
 
 def costs_frame(records: list[dict]) -> pd.DataFrame:
     """One row per (model, label, ratio), seeds averaged, in the results table's order: every phase's
-    peak memory (MB, of the device the cell ran on: `peak_source` says which) and time (s), then the
+    peak memory (MB, of the device the cell ran on: `peak_source` says which) and time (s), what
+    scoring adds above the loaded model (`score added MB`), then the
     record's `throughput`: speed-ups over dense and dense/dense controls (prefill, decode; suite/speed.py)
     and prefill tokens/s. A value a record does not hold is NaN."""
     order = results_frame(records)
@@ -385,6 +484,8 @@ def costs_frame(records: list[dict]) -> pd.DataFrame:
             get = lambda r, key: ((r.get("phases") or {}).get(phase) or {}).get(key)
             out[f"{phase} MB"] = _mean([get(r, "peak_mb") for r in members])
             out[f"{phase} s"] = _mean([get(r, "seconds") for r in members])
+            if phase == "score":  # what scoring adds above the loaded model (suite/measure.py peak_delta_mb)
+                out["score added MB"] = _mean([get(r, "peak_delta_mb") for r in members])
         for column, key in SPEED.items():
             out[column] = _mean([(r.get("throughput") or {}).get(key) for r in members])
         rows.append(out)

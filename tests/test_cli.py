@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from suite.cli import build_parser, main
-from suite.methods import METHODS, SUMMARIES
+from suite.methods import METHODS
 from suite.models import load_model
 from tests.cli_output import one_error_line, one_line_error
 
@@ -207,9 +207,8 @@ def test_help_lists_methods_models_and_explains_every_option(capsys):
         main(["prune", "--help"])
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert set(SUMMARIES) == set(METHODS)
-    for method, summary in SUMMARIES.items():
-        assert f"{method} {' '.join(summary.split())}" in text
+    for method, entry in METHODS.items():
+        assert f"{method} {' '.join(entry.summary.split())}" in text
     for model in ("smollm2-135m", "tiny-llama", "tiny-llama-gqa", "tiny-opt", "tiny-bloom"):
         assert f"'{model}'" in text
     assert "Instruct" in text and "MINILLM_DATA" in text

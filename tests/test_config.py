@@ -182,7 +182,7 @@ def test_missing_file(tmp_path):
     (MINIMAL.replace("[random]", "random"), "methods: expected list, got 'random'"),
     (MINIMAL.replace("[random]", "[{name: random, options: [1]}]"), "methods[0].options: expected mapping, got [1]"),
     (MINIMAL + "7: x\n", "7: unknown key (known keys: name, models, methods, ratios, seeds, calibration, "
-     "evaluation, device, dtype, offload, device_memory, hidden_on, dense, recovery)"),
+     "evaluation, device, dtype, offload, device_memory, hidden_on, ratio_of, dense, recovery)"),
     (MINIMAL + "calibration: {apply_to: some}\n", "calibration.apply_to: expected one of all, got 'some'"),
     (MINIMAL + "evaluation: {batch_size: 0}\n", "evaluation.batch_size: expected a positive integer, got 0"),
     (MINIMAL + "dtype: null\n", "dtype: expected one of float32, bfloat16, float16, got None"),
@@ -290,3 +290,19 @@ def test_a_method_entry_runs_only_on_its_models_and_names_only_grid_models(tmp_p
     assert "models" not in plain["methods"][0]  # left out when not given: the grid's hash is unchanged
     with pytest.raises(UserError, match=r"methods\[1\]\.models: 'tiny-bloom' is not one of the grid's models"):
         load_config(write(tmp_path, text.replace("models: [tiny-opt]", "models: [tiny-bloom]")))
+
+
+def test_ratio_of_layers_reaches_every_pruned_cell_and_its_key(tmp_path):
+    """`ratio_of: layers` is in every cell (and so in its key); the default leaves cells, keys and the
+    grid's hash as they were without the key."""
+    from suite.config import expand_cells, grid_identity, validate
+    from suite.records import cell_key
+
+    base = {"name": "g", "models": ["tiny-llama"], "methods": ["magnitude"], "ratios": [0.2]}
+    plain, default = validate(dict(base)), validate({**base, "ratio_of": "all"})
+    layers = validate({**base, "ratio_of": "layers"})
+    assert grid_identity(plain) == grid_identity(default) != grid_identity(layers)
+    assert [cell_key(c) for c in expand_cells(plain)] == [cell_key(c) for c in expand_cells(default)]
+    cells = expand_cells(layers)
+    assert all(c["ratio_of"] == "layers" for c in cells)
+    assert cell_key(cells[1]) != cell_key(expand_cells(plain)[1])

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from suite.models import load_model
+from suite.models import byte_tokenizer, load_model
 from suite.pruning.errors import UserError
 from suite.pruning.plan import apply_plan, carried_plan, full_plan
 from suite.pruning.saving import load_pruned, save_pruned
@@ -184,3 +184,33 @@ def test_selection_on_a_gqa_model_whose_layer_became_mha(tmp_path, head_mode):
     ids = torch.randint(3, 259, (1, 16))
     assert rel_err(logits(load_pruned(out), ids), logits(model, ids)) <= 1e-5
     assert rel_err(masked_logits(load_model("tiny-llama-gqa"), carried_plan(model), ids), logits(model, ids)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
+def test_ratio_of_layers_removes_that_fraction_of_the_decoder_layers(name):
+    """`ratio_of="layers"`: the ratio is of the decoder layers' parameters (counted here from the
+    model's own modules, not the suite's adapter), and the record holds both achieved fractions."""
+    from suite.pipeline import outcome_record, prune
+
+    model = load_model(name)
+    dense = numel(model)
+    outer = numel(model.get_input_embeddings()) + (0 if model.config.tie_word_embeddings
+                                                   else numel(model.get_output_embeddings()))
+    blocks = model.model.decoder.layers if name == "tiny-opt" else model.model.layers
+    layers = sum(numel(block) for block in blocks)
+    assert layers < dense - outer + 1 and layers > 0
+    outcome = prune(model, byte_tokenizer(), "magnitude", 0.3, ratio_of="layers")
+    removed = dense - numel(model)
+    assert abs(removed / layers - 0.3) <= 0.01
+    assert removed / dense < 0.3 - 0.01  # the "all" convention would have removed more
+    record = outcome_record(outcome, 0.3)
+    assert record["ratio_of"] == "layers" and record["ratio_target"] == 0.3
+    assert record["ratio_achieved_layers"] == pytest.approx(removed / layers, abs=1e-6)
+    assert record["ratio_achieved"] == pytest.approx(removed / dense, abs=1e-6)
+
+
+def test_unknown_ratio_convention_is_one_error_line():
+    from suite.pipeline import prune
+
+    with pytest.raises(UserError, match="ratio_of must be one of all, layers"):
+        prune(load_model("tiny-llama"), byte_tokenizer(), "magnitude", 0.3, ratio_of="embeddings")

@@ -30,7 +30,11 @@ def add_arguments(parser):
     parser.add_argument("--model", required=True, help="model name, directory, .gguf file or hub id (below)")
     parser.add_argument("--method", required=True, metavar="METHOD",
                         help="pruning method: " + ", ".join(METHODS) + " (described below)")
-    parser.add_argument("--ratio", type=float, required=True, help="pruning ratio: fraction of ALL parameters (embeddings included) to remove, in (0, 1)")
+    parser.add_argument("--ratio", type=float, required=True, help="pruning ratio in (0, 1): the fraction of the parameters --ratio-of counts to remove")
+    parser.add_argument("--ratio-of", choices=("all", "layers"), default="all",
+                        help="what --ratio is a fraction of: all = ALL parameters, embeddings and output head "
+                             "included (default; LLM-Pruner, FLAP); layers = the decoder layers' parameters "
+                             "(Bonsai and later papers); the record holds both achieved fractions")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of calibration sampling and of random/SPSA draws (default 0)")
     parser.add_argument("--out", required=True, help="output directory (written atomically; must not exist "
@@ -133,7 +137,7 @@ def run(args) -> int:
     outcome = prune(model, tokenizer, args.method, args.ratio, seed=args.seed, options=options, calib=calib,
                     head_mode=args.head_mode, scope=args.scope, layers=args.layers,
                     allow_empty=args.allow_empty, device=args.device, round_to=args.round_to,
-                    hidden_on=args.hidden_on)
+                    hidden_on=args.hidden_on, ratio_of=args.ratio_of)
     if args.ppl:
         ppl["after"] = perplexity(model, tokenizer, args.ppl, max_tokens=args.max_tokens, quiet=args.quiet)
     record = {"model": args.model, "method": args.method, "label": default_label(args.method, outcome.options),
@@ -151,7 +155,8 @@ def run(args) -> int:
     sel = outcome.selection
     net = outcome.params_dense - outcome.params_pruned  # what the record and a reload count
     print(f"{args.method} on {args.model}: removed {net:,} of {outcome.params_dense:,} parameters "
-          f"({record['ratio_achieved']:.4f}; target {args.ratio}, {sel.target_removed:,})")
+          f"({record['ratio_achieved']:.4f} of all, {record['ratio_achieved_layers']:.4f} of the decoder layers; "
+          f"target {args.ratio} of {args.ratio_of}, {sel.target_removed:,})")
     if net != sel.removed:
         print(f"  (slicing removed {sel.removed:,}; the method then added {sel.removed - net:,}, e.g. biases)")
     score = outcome.phases["score"]
