@@ -24,7 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from suite.methods import method_order  # noqa: E402
-from suite.tables import TUNE, latest, split_recovered  # noqa: E402
+from suite.records import TUNE, latest  # noqa: E402
+from suite.tables import split_recovered  # noqa: E402
 
 CORPORA = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
 PANEL_SIZE = (4.3, 3.3)  # inches per panel

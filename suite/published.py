@@ -110,8 +110,7 @@ def match(published: Published, method: str, model: str, ratio: float, ratio_of:
 
 def _measured(records: list[dict]) -> dict:
     """{(model, label, ratio): (evaluation, calibration)} of the ok records, as the table's rows name them."""
-    from suite.records import cell_identity
-    from suite.tables import TUNE, latest
+    from suite.records import TUNE, cell_identity, latest
 
     out = {}
     for record in latest(records):
@@ -149,7 +148,7 @@ def protocol_note(entry: Entry, evaluation: dict, calibration: dict | None) -> s
 def add_published(frame: pd.DataFrame, records: list[dict], published: Published | None = None) -> pd.DataFrame:
     """`frame` (suite.tables.results_frame) with a published row under every matching reproduced row;
     `frame.attrs["protocol_notes"]` lists the remaining protocol differences."""
-    from suite.tables import TUNE
+    from suite.records import TUNE
 
     published = published or load()
     measured = _measured(records)

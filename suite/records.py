@@ -63,6 +63,19 @@ def cell_identity(record: dict) -> tuple:
     return record.get("model"), record.get("label") or record.get("method"), float(ratio), record.get("seed", 0)
 
 
+TUNE = (" w/o tune", " w/ tune")  # table-row suffixes of a recovered cell (suite.tables.split_recovered)
+
+
+def latest(records: list[dict]) -> list[dict]:
+    """One record per cell (model, label, ratio, seed): the last ok one, else the last error."""
+    chosen = {}
+    for record in records:
+        key = cell_identity(record)
+        if key not in chosen or record.get("status", "ok") == "ok" or chosen[key].get("status", "ok") != "ok":
+            chosen[key] = record
+    return [chosen[key] for key in dict.fromkeys(cell_identity(r) for r in records)]
+
+
 # --------------------------------------------------------------------------- provenance
 def _git(*args: str) -> str | None:
     try:

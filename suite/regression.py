@@ -170,7 +170,7 @@ class Report:
 
 def check(fresh: list[dict], reference: list[dict], tol: dict = TOLERANCES) -> Report:
     """Every reference cell against its fresh one (the last ok record of a cell wins, as in tables)."""
-    from suite.tables import latest
+    from suite.records import latest
 
     report = Report()
     fresh_cells = {identity(r): r for r in latest(fresh)}

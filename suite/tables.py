@@ -46,6 +46,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from suite.methods import method_order
+from suite.records import TUNE, latest
 from suite.records import cell_identity as _identity
 
 PERPLEXITY = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
@@ -54,22 +55,11 @@ TASKS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande
 MISSING = "–"
 STD = " std"  # suffix of a metric's seed standard-deviation column
 SE = " se"  # suffix of a metric's standard-error column (x 100 for accuracies)
-TUNE = (" w/o tune", " w/ tune")  # row suffixes of a recovered cell (split_recovered)
 PUBLISHED = " (published)"  # suffix of a published row's label
 NARROW_COLUMNS = 8  # more columns than this: a LaTeX table* (both text columns)
 Z_BOLD = 1.96  # two-sided 5 % z-test of best minus next best
 RATIO_WORDS = {"all": "all parameters (embeddings and output head included)",
                "layers": "the decoder layers' parameters"}
-
-
-def latest(records: list[dict]) -> list[dict]:
-    """One record per cell (model, label, ratio, seed): the last ok one, else the last error."""
-    chosen = {}
-    for record in records:
-        key = _identity(record)
-        if key not in chosen or record.get("status", "ok") == "ok" or chosen[key].get("status", "ok") != "ok":
-            chosen[key] = record
-    return [chosen[key] for key in dict.fromkeys(_identity(r) for r in records)]
 
 
 def split_recovered(records: list[dict]) -> list[dict]:

@@ -25,7 +25,8 @@ import pytest
 from suite.cli import main
 from suite.plots import DPI, make_figure
 from suite.records import read_records
-from suite.tables import format_table, latest, results_frame, to_csv, to_latex, to_markdown
+from suite.records import latest
+from suite.tables import format_table, results_frame, to_csv, to_latex, to_markdown
 
 DATA = Path(__file__).resolve().parent / "data"
 RESULTS = DATA / "results_small.jsonl"
