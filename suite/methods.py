@@ -15,6 +15,8 @@ METHODS = {
     "flap": "baselines.flap",
     "llm-pruner": "baselines.llm_pruner",
     "minillm": "minillm.method",
+    "shortgpt": "baselines.shortgpt",
+    "sleb": "baselines.sleb",
 }
 
 # One line each for `--help` (no import needed: help stays instant); the module docstring has the rest.
@@ -25,6 +27,8 @@ SUMMARIES = {
     "flap": "fluctuation of each channel's input x squared weight norm, global, bias compensation (FLAP)",
     "llm-pruner": "first-order Taylor |w . dL/dw| from real backprop on 10 windows (LLM-Pruner)",
     "minillm": "feature-map sensitivity |W . g . X| with g estimated by forward passes only (MINI-LLM, SPSA)",
+    "shortgpt": "whole layers of lowest Block Influence 1 - cos(layer input, output), one pass (ShortGPT; depth)",
+    "sleb": "whole layers removed greedily, each the one whose removal least raises calibration loss (SLEB; depth)",
 }
 
 

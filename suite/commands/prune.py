@@ -52,6 +52,9 @@ def add_arguments(parser):
     parser.add_argument("--allow-empty", action="store_true", help="allow a layer to lose every head or every channel (a whole attention/MLP block)")
     parser.add_argument("--round-to", type=int, default=None,
                         help="each pruned layer keeps a multiple of this many MLP channels (LLM-Pruner's round_to; off)")
+    parser.add_argument("--depth-rule", default=None, choices=["nearest", "not_above"],
+                        help="methods that remove whole layers (shortgpt, sleb): the number of layers nearest the ratio, "
+                        "or the most not above it (default nearest)")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
     parser.add_argument("--ppl", default=None, help="also report perplexity before/after, e.g. wikitext2")
     parser.add_argument("--max-tokens", type=int, default=16384, help="token cap for --ppl")
@@ -133,7 +136,7 @@ def run(args) -> int:
     outcome = prune(model, tokenizer, args.method, args.ratio, seed=args.seed, options=options, calib=calib,
                     head_mode=args.head_mode, scope=args.scope, layers=args.layers,
                     allow_empty=args.allow_empty, device=args.device, round_to=args.round_to,
-                    hidden_on=args.hidden_on)
+                    hidden_on=args.hidden_on, depth_rule=args.depth_rule)
     if args.ppl:
         ppl["after"] = perplexity(model, tokenizer, args.ppl, max_tokens=args.max_tokens, quiet=args.quiet)
     record = {"model": args.model, "method": args.method, "label": default_label(args.method, outcome.options),

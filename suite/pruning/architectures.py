@@ -114,8 +114,12 @@ class Adapter:
     # q/k/v/o/gate/up/down for LLaMA and each family's equivalents
     lora_targets: tuple[str, ...] = ()
 
-    def layers(self, model) -> list[nn.Module]:
+    def layer_list(self, model) -> nn.ModuleList:
+        """The decoder's ModuleList of layers itself (depth pruning deletes from it)."""
         raise NotImplementedError
+
+    def layers(self, model) -> list[nn.Module]:
+        return list(self.layer_list(model))
 
     def tail(self, model) -> list[nn.Module]:
         """Modules the decoder applies after its last layer, in order (the final norm), so that
@@ -230,8 +234,8 @@ class LlamaAdapter(Adapter):
     channel_members = (("mlp.gate_proj", 0), ("mlp.up_proj", 0), ("mlp.down_proj", 1))
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-    def layers(self, model):
-        return list(model.model.layers)
+    def layer_list(self, model):
+        return model.model.layers
 
     def num_kv_heads(self, layer) -> int:
         return layer.self_attn.k_proj.out_features // self.head_dim(layer)
@@ -368,8 +372,8 @@ class OPTAdapter(Adapter):
     channel_members = (("fc1", 0), ("fc2", 1))
     lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
-    def layers(self, model):
-        return list(model.model.decoder.layers)
+    def layer_list(self, model):
+        return model.model.decoder.layers
 
     def tail(self, model):
         decoder = model.model.decoder
@@ -391,8 +395,8 @@ class BloomAdapter(Adapter):
     channel_members = (("mlp.dense_h_to_4h", 0), ("mlp.dense_4h_to_h", 1))
     lora_targets = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
-    def layers(self, model):
-        return list(model.transformer.h)
+    def layer_list(self, model):
+        return model.transformer.h
 
     def tail(self, model):
         return [model.transformer.ln_f]
