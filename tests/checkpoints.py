@@ -35,22 +35,25 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 ids = load_file(sys.argv[1])["ids"]
+remote = {"remote": {"trust_remote_code": True}, "plain": {}}[sys.argv[3]]
 out = {}
-for i, path in enumerate(sys.argv[3:]):
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+for i, path in enumerate(sys.argv[4:]):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **remote).eval()
     with torch.no_grad():
         out[str(i)] = model(ids).logits.contiguous()
 save_file(out, sys.argv[2])
 """
 
 
-def plain_transformers_logits(dirs, ids, tmp_path) -> list[torch.Tensor]:
-    """Logits of each directory loaded by `AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True)`."""
+def plain_transformers_logits(dirs, ids, tmp_path, remote_code: bool = True) -> list[torch.Tensor]:
+    """Logits of each directory loaded by `AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True)`
+    (`remote_code=False`: without trust_remote_code, an ordinary checkpoint)."""
     save_file({"ids": ids.contiguous()}, tmp_path / "ids.safetensors")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")  # the remote-code copy, private to this test
     proc = subprocess.run([sys.executable, "-I", "-c", PLAIN_SCRIPT, str(tmp_path / "ids.safetensors"),
-                           str(tmp_path / "logits.safetensors"), *map(str, dirs)],
+                           str(tmp_path / "logits.safetensors"), "remote" if remote_code else "plain",
+                           *map(str, dirs)],
                           capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logits = load_file(tmp_path / "logits.safetensors")

@@ -293,6 +293,19 @@ def drop_layers(model, removed: list[int]) -> None:
     config.num_hidden_layers = len(kept)
 
 
+def apply_saved_plan(model, plan: Plan):
+    """Slice `model`, built from a pruned directory's config, to that directory's `plan` (original
+    numbering); returns the model. The config already has the kept layers only (depth pruning
+    leaves an ordinary config with fewer layers), so the kept layers' entries (`Plan.kept`) are
+    applied and the model then carries `plan` itself, so pruning it again composes."""
+    kept = plan.kept()
+    if len(kept.layers) != len(adapter_for(model).layers(model)):  # a directory written before depth pruning
+        raise UserError(f"plan keeps {len(kept.layers)} layers, the model has {len(adapter_for(model).layers(model))}")
+    apply_plan(model, kept)
+    setattr(model, PLAN_ATTRIBUTE, plan)
+    return model
+
+
 def _explicit_kv(plan: Plan, model) -> Plan:
     """A copy of `plan` listing kv heads for every GQA layer of `model` (as apply_plan reads them)."""
     adapter = adapter_for(model)
