@@ -317,7 +317,8 @@ def _explicit_kv(plan: Plan, model) -> Plan:
             kv = list(range(nkv))
         layers.append(LayerPlan(heads=list(lp.heads), channels=list(lp.channels),
                                 kv_heads=None if kv is None else list(kv)))
-    return Plan(arch=plan.arch, layers=layers, head_mode=plan.head_mode, allow_empty=plan.allow_empty)
+    return Plan(arch=plan.arch, layers=layers, head_mode=plan.head_mode, allow_empty=plan.allow_empty,
+                removed_layers=list(plan.removed_layers))
 
 
 def plan_from_keep(model, keep: dict, head_mode: str = "q-head", allow_empty: bool = False) -> Plan:
