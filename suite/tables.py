@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-METHOD_ORDER = ["dense", "magnitude", "random", "wanda-sp", "flap", "llm-pruner", "minillm"]
+METHOD_ORDER = ["dense", "magnitude", "random", "wanda-sp", "flap", "llm-pruner", "minillm", "shortgpt", "sleb"]
 PERPLEXITY = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
 TASKS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
          "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
