@@ -153,6 +153,9 @@ def run(args) -> int:
     net = outcome.params_dense - outcome.params_pruned  # what the record and a reload count
     print(f"{args.method} on {args.model}: removed {net:,} of {outcome.params_dense:,} parameters "
           f"({record['ratio_achieved']:.4f}; target {args.ratio}, {sel.target_removed:,})")
+    if outcome.depth_rule:
+        print(f"  whole layers removed: {sel.plan.removed_layers} (rule {outcome.depth_rule}: the layer count "
+              f"{'nearest' if outcome.depth_rule == 'nearest' else 'not above'} the target)")
     if net != sel.removed:
         print(f"  (slicing removed {sel.removed:,}; the method then added {sel.removed - net:,}, e.g. biases)")
     score = outcome.phases["score"]
