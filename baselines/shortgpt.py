@@ -50,6 +50,7 @@ from pydantic import Field
 from suite.pruning.layerwise import LayerPass
 from suite.pruning.options import Bool, Int, MethodOptions
 from suite.pruning.scoring import Scoring
+from suite.pruning.select import whole_layers
 
 NAME = "shortgpt"
 
@@ -60,13 +61,13 @@ class Options(MethodOptions):
     batch_size: Annotated[Int, Field(ge=1)] = 1
 
 
-OPTIONS = Options.defaults()
 CALIBRATION = {
     "corpus": "c4", "nsamples": 128, "seqlen": 256,
     "source": "ShortGPT shortgpt/run_shortgpt.py: all PG19 validation books in 256-token chunks (stride=256); "
               "here C4 (PG19 not mirrored) and 128 windows of the authors' 256 tokens",
 }
-SELECTION = {"scope": "global", "unit": "layers", "layers": "all"}
+SELECTION = whole_layers()
+OPTIONS = Options.defaults()
 
 
 def block_influence(inputs: torch.Tensor, outputs: torch.Tensor, angular: bool = False) -> torch.Tensor:

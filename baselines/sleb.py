@@ -46,11 +46,15 @@ from suite.pruning.errors import UserError
 from suite.pruning.layerwise import LayerPass
 from suite.pruning.options import Int, MethodOptions
 from suite.pruning.scoring import Scoring
+from suite.pruning.select import whole_layers
 
 NAME = "sleb"
 
 
 class Options(MethodOptions):
+    """SLEB's `sleb()` arguments: the barriers (layers never removed at either end); batch_size: windows
+    per forward (its `get_loss(bs=1)`)."""
+
     early_barrier: Annotated[Int, Field(ge=0)] = 1
     latter_barrier: Annotated[Int, Field(ge=0)] = 1
     batch_size: Annotated[Int, Field(ge=1)] = 1
@@ -62,7 +66,7 @@ CALIBRATION = {
     "source": "SLEB sleb.py: nsamples=128 windows of model.seqlen=2048 (utils/model_utils.py) from WikiText-2 train, "
               "seed 0; here C4 (only WikiText-2 test is mirrored: calibrating on it leaks into its perplexity)",
 }
-SELECTION = {"scope": "global", "unit": "layers", "layers": "all"}
+SELECTION = whole_layers()
 
 
 def _run(lp: LayerPass, hidden: list, layers) -> list:

@@ -316,6 +316,12 @@ def _close_gap(sets, target, removed, removed_n, taken, skipped, allow_empty) ->
 DEPTH_RULES = ("nearest", "not_above")
 
 
+def whole_layers(layers="all") -> dict:
+    """The SELECTION of a method that chooses whole decoder layers (scoring.py): unit "layers", the
+    layer range `layers` (default all); the scope reads "global" (layers of the range compete)."""
+    return {"scope": "global", "unit": "layers", "layers": layers}
+
+
 @dataclass
 class DepthBudget:
     """The budget of a method that removes whole decoder layers (SELECTION unit "layers").
