@@ -129,6 +129,16 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
     n_layers = len(adapter_for(model).layers(model))
     layer_range = parse_layer_range(layers if layers is not None else method.SELECTION.get("layers", "all"), n_layers)
     scope = scope or method.SELECTION.get("scope", "layer")
+    if depth_rule is not None and not removes_layers(method):
+        raise UserError(f"depth_rule applies to methods that remove whole layers; {method_name} removes heads "
+                        "and channels")
+    if removes_layers(method):
+        ignored = [name for name, given in (("--scope layer", scope == "layer"), ("--round-to", round_to),
+                                            ("--allow-empty", allow_empty)) if given]
+        if ignored:
+            raise UserError(f"{method_name} removes whole layers: {', '.join(ignored)} would do nothing; leave it out")
+        depth_rule = depth_rule or "nearest"  # the ratio as a number of layers, before calibrating
+        budget = depth_budget(model, ratio, layer_range, depth_rule)
     settings = calibration_settings(method, calib)
     warnings = []
     if settings is not None:
@@ -147,12 +157,7 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
     torch.manual_seed(seed)
     hidden = None if hidden_on in (None, "device") else hidden_on
     group_sets = all_group_sets(model, head_mode)
-    if depth_rule is not None and not removes_layers(method):
-        raise UserError(f"depth_rule applies to methods that remove whole layers; {method_name} removes heads "
-                        "and channels")
-    if removes_layers(method):  # whole layers: the budget is a number of layers, fixed before scoring
-        depth_rule = depth_rule or "nearest"
-        budget = depth_budget(model, ratio, layer_range, depth_rule)
+    if removes_layers(method):  # whole layers: the budget (a number of layers) was fixed above
         with measure(device) as phases["score"], hidden_states_on(hidden):
             scoring = method.score_layers(model, windows, budget, options, seed)
     elif is_sequential(method, options):  # score, select and slice one layer at a time (suite/pruning/sequential.py)

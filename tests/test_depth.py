@@ -172,3 +172,20 @@ def test_a_plan_removing_every_layer_is_refused():
     plan.removed_layers = [0, 1, 2, 3]
     with pytest.raises(UserError, match="keep at least one"):
         apply_plan(model, plan)
+
+
+@pytest.mark.parametrize("setting,words", [({"scope": "layer"}, "--scope layer"), ({"round_to": 8}, "--round-to"),
+                                           ({"allow_empty": True}, "--allow-empty")])
+def test_width_selection_settings_are_refused_for_whole_layer_methods(setting, words):
+    from suite.pipeline import prune
+
+    with pytest.raises(UserError, match=f"shortgpt removes whole layers: {words} would do nothing"):
+        prune(load_model("tiny-llama"), byte_tokenizer(), "shortgpt", 0.3, calib={"nsamples": 2, "seqlen": 16},
+              **setting)
+
+
+def test_depth_rule_is_refused_for_width_methods():
+    from suite.pipeline import prune
+
+    with pytest.raises(UserError, match="depth_rule applies to methods that remove whole layers"):
+        prune(load_model("tiny-llama"), byte_tokenizer(), "magnitude", 0.3, depth_rule="nearest")
