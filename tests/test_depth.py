@@ -189,3 +189,19 @@ def test_depth_rule_is_refused_for_width_methods():
 
     with pytest.raises(UserError, match="depth_rule applies to methods that remove whole layers"):
         prune(load_model("tiny-llama"), byte_tokenizer(), "magnitude", 0.3, depth_rule="nearest")
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-bloom"])
+def test_width_then_depth_directory_reloads_with_the_kept_layers_types_and_logits(name, tmp_path):
+    ids = token_ids(2, SEQ, seed=8)
+    model = load_model(name).eval()
+    apply_plan(model, heterogeneous_plan(model, empty_attention_layer=None))
+    depth = full_plan(model)
+    depth.removed_layers = [0]
+    apply_plan(model, depth)
+    d = save_pruned(model, byte_tokenizer(), carried_plan(model), tmp_path / name)
+    again = load_model(str(d))
+    assert again.config.num_hidden_layers == 3
+    assert getattr(again.config, "layer_types", None) == getattr(model.config, "layer_types", None)
+    assert carried_plan(again).to_json() == carried_plan(model).to_json()
+    torch.testing.assert_close(logits(again, ids), logits(model, ids), rtol=0, atol=0)
