@@ -356,13 +356,14 @@ def _layer_range_spec(value):
 
 
 # A method entry's selection options: the checks of `suite prune`'s --head-mode, --scope, --layers,
-# --allow-empty and --round-to (the pipeline takes them out before calling the method's scorer).
+# --allow-empty, --round-to and --depth-rule (the pipeline takes them out before calling the method's scorer).
 SELECTION_CHECKS = {
     "head_mode": _one_of(("q-head", "kv-group")),  # architectures.HEAD_MODES (not imported here: it loads torch)
     "scope": _one_of(("layer", "global")),
     "layers": _layer_range_spec,
     "allow_empty": lambda v: _expect(bool, v),
     "round_to": _optional(_positive_int),
+    "depth_rule": _one_of(("nearest", "not_above")),  # suite.pruning.select.DEPTH_RULES (methods removing whole layers)
 }
 SELECTION_OPTIONS = tuple(SELECTION_CHECKS)  # options every method accepts (suite/memory_model.py takes them out too)
 

@@ -252,7 +252,10 @@ class Setting:
 
     @property
     def W_sliced(self) -> int:
-        """Bytes slicing writes anew: the decoder layers' kept weights (embeddings are not sliced)."""
+        """Bytes slicing writes anew: the decoder layers' kept weights (embeddings are not sliced);
+        none for a method removing whole layers."""
+        if removes_layers(self):
+            return 0
         return max(0, (self.shapes.params - self.shapes.embed_params) * self.B - (self.W - self.W_pruned))
 
 
@@ -330,7 +333,7 @@ def sequential(c: Setting) -> bool:
 def heap_residue(c: Setting) -> int:
     """CPU: what a wanda-sp / flap LayerPass leaves in the RSS after it: its heap's high-water of
     `cpu_heap_streams` streams when the micro-batch tensors are sub-MiB (`_sub_mib`), else nothing."""
-    if c.method not in ("wanda-sp", "flap") or c.calibration is None:
+    if c.method not in LAYER_PASS_METHODS or c.calibration is None:
         return 0
     batch = max(1, int(c.options.get("batch_size", 1)))
     if not _sub_mib(c, batch):
@@ -342,7 +345,10 @@ def heap_residue(c: Setting) -> int:
 def unread(c: Setting) -> int:
     """Mapped on CPU, the weight pages a LayerPass method never reads before evaluation: the
     embeddings (the input embedding only at the calibration tokens' rows, an output head not at all)."""
-    return c.shapes.embed_params * c.B if c.mapped and c.method in ("wanda-sp", "flap") else 0
+    return c.shapes.embed_params * c.B if c.mapped and c.method in LAYER_PASS_METHODS else 0
+
+
+LAYER_PASS_METHODS = ("wanda-sp", "flap", "shortgpt", "sleb")  # one-shot LayerPass statistics or losses
 
 
 def _llm_pruner_batch(c: Setting) -> tuple[int, bool]:
@@ -442,6 +448,20 @@ def score_slicegpt(c: Setting) -> int:
             + 2 * s.hidden * s.hidden * 8 + 2 * s.largest_matrix * 8)
 
 
+def score_shortgpt(c: Setting) -> int:
+    """ShortGPT (LayerPass): as flap's pass (inputs and outputs of one layer; float64 cosines of one
+    micro-batch, within the statistics term)."""
+    return _base(c) + _layer_pass(c, max(1, int(c.options.get("batch_size", 1))))
+
+
+def score_sleb(c: Setting) -> int:
+    """SLEB (LayerPass): three carried streams (the embeddings' output, the shared prefix, the
+    candidate's run) + outputs, and the float64 logits and log-softmax of one micro-batch (2 fp64 =
+    4 fp32 copies) for its loss."""
+    batch = max(1, int(c.options.get("batch_size", 1)))
+    return _base(c) + _layer_pass(c, batch, streams=3) + logits(c.shapes, batch * c.calibration["seqlen"], 4, c.B)
+
+
 def generic_score(c: Setting) -> int:
     """A method whose registry entry names no formula, from what the entry and module declare:
     data-free (CALIBRATION None): `score_data_free`; forward-only: a statistics LayerPass of the
@@ -465,8 +485,19 @@ def generic_score(c: Setting) -> int:
 def slicing(c: Setting) -> int:
     """What slicing adds to the dense weights: on CUDA (or CPU without mapping) each sliced Linear's
     new copy while its old one is alive: the largest matrix. Mapped on CPU, the dense pages stay
-    and the kept layer weights are new memory: W_sliced."""
+    and the kept layer weights are new memory: W_sliced. Methods removing whole layers (shortgpt,
+    sleb) copy nothing: 0."""
+    if removes_layers(c):
+        return 0
     return c.W_sliced if c.mapped else c.shapes.largest_matrix * c.B
+
+
+def removes_layers(c) -> bool:
+    """Whether the cell's method removes whole layers (suite/pipeline.py removes_layers): nothing sliced."""
+    from suite.methods import get_method
+    from suite.pipeline import removes_layers as whole_layers
+
+    return c.method != "dense" and whole_layers(get_method(c.method))
 
 
 def prune(c: Setting) -> int:

@@ -48,6 +48,12 @@ METHODS: dict[str, Method] = {
     "minillm": Method(
         module="minillm.method", memory="suite.memory_model:score_minillm",
         summary="feature-map sensitivity |W . g . X| with g estimated by forward passes only (MINI-LLM, SPSA)"),
+    "shortgpt": Method(
+        module="baselines.shortgpt", memory="suite.memory_model:score_shortgpt",
+        summary="whole layers of lowest Block Influence 1 - cos(layer input, output), one pass (ShortGPT; depth)"),
+    "sleb": Method(
+        module="baselines.sleb", memory="suite.memory_model:score_sleb",
+        summary="whole layers removed greedily, each the one whose removal least raises calibration loss (SLEB; depth)"),
 }
 
 

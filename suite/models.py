@@ -480,10 +480,10 @@ def skeleton(name_or_path: str):
     if kind == "pruned":
         from safetensors import safe_open
 
-        from suite.pruning.plan import Plan, apply_plan
+        from suite.pruning.plan import Plan, apply_saved_plan
         from suite.pruning.saving import PLAN_FILE
 
-        apply_plan(model, Plan.load(where / PLAN_FILE))
+        apply_saved_plan(model, Plan.load(where / PLAN_FILE))
         for shard in sorted(where.glob("*.safetensors")):
             with safe_open(str(shard), framework="pt") as f:  # the header only
                 for key in f.keys():

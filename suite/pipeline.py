@@ -14,7 +14,7 @@ from suite.pruning.errors import UserError
 from suite.pruning.layerwise import hidden_on as hidden_states_on
 from suite.pruning.plan import PLAN_ATTRIBUTE, apply_plan, carried_plan, full_plan, plan_summary
 from suite.pruning.scoring import Scoring, checked_options, transforms
-from suite.pruning.select import Selection, parse_layer_range, select
+from suite.pruning.select import Selection, depth_budget, parse_layer_range, select, select_layers
 from suite.measure import measure
 from suite.methods import get_method
 from suite.models import count_parameters
@@ -59,6 +59,7 @@ class PruneOutcome:
     calibration_origin: dict | None = None
     ratio_of: str = "all"
     params_dense_layers: int = 0  # the dense decoder layers' parameters
+    depth_rule: str | None = None  # methods that remove whole layers: the budget's rule (select.depth_budget)
 
 
 def hidden_on_setting(given: dict | None, engine: str | None) -> str | None:
@@ -71,6 +72,11 @@ def hidden_on_setting(given: dict | None, engine: str | None) -> str | None:
     if own is not None and engine is not None and own != engine:
         raise UserError(f"--opt hidden_on={own} contradicts --hidden-on {engine}: they are one setting, give it once")
     return engine if engine is not None else own
+
+
+def removes_layers(method) -> bool:
+    """Whether the method chooses whole decoder layers (SELECTION unit "layers", scoring.py)."""
+    return method.SELECTION.get("unit") == "layers"
 
 
 def is_sequential(method, options: dict) -> bool:
@@ -138,8 +144,12 @@ def calibration_settings(method, calib: dict | None) -> dict | None:
 def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, options: dict | None = None,
           calib: dict | None = None, head_mode: str = "q-head", scope: str | None = None, layers=None,
           allow_empty: bool = False, device: str = "cpu",
-          round_to: int | None = None, hidden_on: str | None = None, ratio_of: str = "all") -> PruneOutcome:
+          round_to: int | None = None, hidden_on: str | None = None, ratio_of: str = "all",
+          depth_rule: str | None = None) -> PruneOutcome:
     """Score, select and slice `model` in place; returns the selection and measured phases.
+
+    depth_rule: for a method that removes whole layers, how the ratio becomes a number of layers
+    ("nearest" | "not_above"; None: "nearest"; `select.depth_budget`); refused for other methods.
 
     scope: the selection scope ("layer" | "global"; None: the method's); layers: the layer range
     (`parse_layer_range`'s forms; None: the method's SELECTION["layers"]). `hidden_on` ("cpu" | "device" | None = the device): where the layer-by-layer passes keep the
@@ -162,6 +172,16 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
     n_layers = len(adapter_for(model).layers(model))
     layer_range = parse_layer_range(layers if layers is not None else method.SELECTION.get("layers", "all"), n_layers)
     scope = scope or method.SELECTION.get("scope", "layer")
+    if depth_rule is not None and not removes_layers(method):
+        raise UserError(f"depth_rule applies to methods that remove whole layers; {method_name} removes heads "
+                        "and channels")
+    if removes_layers(method):
+        ignored = [name for name, given in (("--scope layer", scope == "layer"), ("--round-to", round_to),
+                                            ("--allow-empty", allow_empty)) if given]
+        if ignored:
+            raise UserError(f"{method_name} removes whole layers: {', '.join(ignored)} would do nothing; leave it out")
+        depth_rule = depth_rule or "nearest"  # the ratio as a number of layers, before calibrating
+        budget = depth_budget(model, ratio, layer_range, depth_rule)
     settings = calibration_settings(method, calib)
     warnings = []
     if settings is not None:
@@ -187,6 +207,9 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
         selection = Selection(full_plan(model), done.target_removed, done.removed, dense)
         if carried_plan(model) is None:  # every head and channel kept: what a save writes as plan.json
             setattr(model, PLAN_ATTRIBUTE, selection.plan)
+    elif removes_layers(method):  # whole layers: the budget (a number of layers) was fixed above
+        with measure(device) as phases["score"], hidden_states_on(hidden):
+            scoring = method.score_layers(model, windows, budget, options, seed)
     elif is_sequential(method, options):  # score, select and slice one layer at a time (suite/pruning/sequential.py)
         if scope != "layer":
             raise UserError(f"{method_name} with sequential=true prunes every layer to its own budget: "
@@ -201,7 +224,10 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
         with measure(device) as phases["score"], hidden_states_on(hidden):
             scoring = method.score(model, windows, group_sets, options, seed)
     with measure(device) as phases["prune"]:
-        if not scoring.info.get("sequential") and not transforms(method):
+        if removes_layers(method):
+            selection = select_layers(model, scoring.scores, budget)
+            apply_plan(model, selection.plan)
+        elif not scoring.info.get("sequential") and not transforms(method):
             selection = select(model, scoring.scores, ratio, scope=scope, layers=layer_range, head_mode=head_mode,
                                allocation_weights=scoring.info.get("layer_weights"), allow_empty=allow_empty,
                                round_to=round_to)
@@ -214,7 +240,7 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
     pruned = count_parameters(model)
     return PruneOutcome(selection, scoring, options, settings, layer_range, scope, phases, dense, pruned,
                         warnings=warnings, round_to=round_to, calibration_origin=calibration_origin(method, calib),
-                        ratio_of=ratio_of, params_dense_layers=dense_layers)
+                        ratio_of=ratio_of, params_dense_layers=dense_layers, depth_rule=depth_rule)
 
 
 def outcome_record(outcome: PruneOutcome, ratio: float) -> dict:
@@ -233,7 +259,10 @@ def outcome_record(outcome: PruneOutcome, ratio: float) -> dict:
         "calibration": outcome.calibration,
         "calibration_origin": outcome.calibration_origin,
         "selection": {"scope": outcome.scope, "layers": outcome.layer_range, "round_to": outcome.round_to,
-                      "target_removed": sel.target_removed, "removed": sel.removed},
+                      "target_removed": sel.target_removed, "removed": sel.removed,
+                      # depth pruning: the rule that turned the ratio into a number of layers, and which went
+                      **({"depth_rule": outcome.depth_rule, "removed_layers": list(sel.plan.removed_layers)}
+                         if outcome.depth_rule else {})},
         "plan_summary": plan_summary(sel.plan),
         "kept": kept_indices(sel.plan),  # the kept groups themselves, compactly (`suite check` compares them)
         "method_info": {k: v for k, v in outcome.scoring.info.items() if k != "layer_weights"},
@@ -322,7 +351,8 @@ def run_cell(cell: dict) -> dict:
         # issue 11 has none: its grid values then applied to every method
         calib["origin"] = cell.get("calibration_origin") or {k: "grid" for k, v in calib.items() if v is not None}
         options = dict(cell.get("options") or {})
-        common = {k: options.pop(k) for k in ("head_mode", "scope", "layers", "allow_empty", "round_to") if k in options}
+        common = {k: options.pop(k) for k in ("head_mode", "scope", "layers", "allow_empty", "round_to", "depth_rule")
+                  if k in options}
         outcome = prune(model, tokenizer, cell["method"], cell["ratio"], seed=cell.get("seed", 0),
                         options=options, calib=calib, device=device, hidden_on=cell.get("hidden_on"),
                         ratio_of=cell.get("ratio_of", "all"), **common)

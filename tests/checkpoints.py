@@ -49,10 +49,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 ids = load_file(sys.argv[1])["ids"]
 generate = int(sys.argv[3])
+remote = {"remote": {"trust_remote_code": True}, "plain": {}}[sys.argv[4]]
 out = {}
-for i, path in enumerate(sys.argv[4:]):
+for i, path in enumerate(sys.argv[5:]):
     path, _, adapter = path.partition("+")  # BASE+ADAPTER: PEFT's adapter on the plain base
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **remote).eval()
     if adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter).eval()
@@ -66,16 +67,18 @@ save_file(out, sys.argv[2])
 """
 
 
-def plain_transformers_run(dirs, ids, tmp_path, generate=0) -> list[dict]:
+def plain_transformers_run(dirs, ids, tmp_path, generate=0, remote_code: bool = True) -> list[dict]:
     """Per directory, loaded by `AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True)` in a
-    process without the suite (an entry "BASE+ADAPTER" adds `PeftModel.from_pretrained(base, ADAPTER)`):
+    process without the suite (`remote_code=False`: without trust_remote_code, an ordinary checkpoint;
+    an entry "BASE+ADAPTER" adds `PeftModel.from_pretrained(base, ADAPTER)`):
     {"logits": [batch, seq, vocab]} and, with `generate` > 0, the greedy token ids [batch, seq +
     generate] decoded with ("cache1") and without ("cache0") the KV cache."""
     save_file({"ids": ids.contiguous()}, tmp_path / "ids.safetensors")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")  # the remote-code copy, private to this test
     proc = subprocess.run([sys.executable, "-I", "-c", PLAIN_SCRIPT, str(tmp_path / "ids.safetensors"),
-                           str(tmp_path / "logits.safetensors"), str(generate), *map(str, dirs)],
+                           str(tmp_path / "logits.safetensors"), str(generate),
+                           "remote" if remote_code else "plain", *map(str, dirs)],
                           capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = load_file(tmp_path / "logits.safetensors")
@@ -83,9 +86,10 @@ def plain_transformers_run(dirs, ids, tmp_path, generate=0) -> list[dict]:
             for i in range(len(dirs))]
 
 
-def plain_transformers_logits(dirs, ids, tmp_path) -> list[torch.Tensor]:
-    """Logits of each directory loaded by `AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True)`."""
-    return [run["logits"] for run in plain_transformers_run(dirs, ids, tmp_path)]
+def plain_transformers_logits(dirs, ids, tmp_path, remote_code: bool = True) -> list[torch.Tensor]:
+    """Logits of each directory loaded by `AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True)`
+    (`remote_code=False`: without trust_remote_code, an ordinary checkpoint)."""
+    return [run["logits"] for run in plain_transformers_run(dirs, ids, tmp_path, remote_code=remote_code)]
 
 
 def heterogeneous_plan(model, seed=0, empty_attention_layer=1, head_mode="q-head", empty_mlp_layer=None):

@@ -58,6 +58,9 @@ def test_minimal_config_gets_every_default(tmp_path, registry):
 
 
 @pytest.mark.parametrize("name,cells", [("smoke", 9), ("demo", 13), ("demo-full", 15), ("paper", 43)])
+
+
+@pytest.mark.parametrize("name,cells", [("smoke", 9), ("demo", 13), ("demo-full", 17), ("paper", 51)])
 def test_shipped_configs_load(name, cells):
     """Against the REAL method registry: the shipped configs' method options must exist."""
     config = load_config(CONFIGS / f"{name}.yaml")

@@ -60,7 +60,8 @@ def _offloaded(path, name, tmp_path):
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-bloom"])
 @pytest.mark.parametrize("method,options", [("wanda-sp", {}), ("flap", {}), ("magnitude", {}),
-                                            ("llm-pruner", {"layers": "all"}), ("minillm", {})])
+                                            ("llm-pruner", {"layers": "all"}), ("minillm", {}), ("shortgpt", {}),
+                                            ("sleb", {})])
 def test_offloaded_pruning_equals_resident(saved, tmp_path, name, method, options):
     from suite.pipeline import prune
 

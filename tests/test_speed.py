@@ -306,3 +306,26 @@ def test_bench_speed_refuses_a_model_pruned_from_another_base(tmp_path, capsys, 
         assert "(pruning.json names tiny-llama)" in err
     with pytest.raises(Timed):  # the model it was pruned from: accepted, timing starts
         main(["bench-speed", "--model", "tiny-llama", *args])
+
+
+def test_bench_speed_times_a_depth_pruned_directory_against_its_dense_model(tmp_path, monkeypatch, capsys):
+    """A shortgpt directory (fewer layers, an ordinary checkpoint) is recognised as pruned from its dense
+    model by its plan's layer count, and timed; a dense model of another depth is refused."""
+    import suite.speed
+    from suite.cli import main
+    from suite.commands.bench_speed import base_mismatch
+    from suite.models import load_model
+
+    pruned = tmp_path / "shortgpt"
+    assert main(["prune", "--model", "tiny-llama", "--method", "shortgpt", "--ratio", "0.45", "--nsamples", "2",
+                 "--seqlen", "32", "--out", str(pruned), "--quiet"]) == 0
+    loaded = load_model(str(pruned))
+    assert loaded.config.num_hidden_layers == 2 and base_mismatch(load_model("tiny-llama"), loaded) is None
+    shallow = load_model("tiny-llama")
+    shallow.config.num_hidden_layers = 3
+    assert "num_hidden_layers is 4, the dense model's 3" in base_mismatch(shallow, loaded)
+    monkeypatch.setattr(suite.speed, "_time_block", lambda fn, number: fn() or 0.25)
+    capsys.readouterr()
+    assert main(["bench-speed", "--model", "tiny-llama", "--pruned", str(pruned), "--runs", "1", "--rounds", "2",
+                 "--threads", "1", "--batch-size", "1", "--seqlen", "16", "--quiet"]) == 0
+    assert any(line.startswith(str(pruned)[-32:]) for line in capsys.readouterr().out.splitlines())

@@ -32,16 +32,23 @@ def add_arguments(parser):
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_attention_heads",
               "num_key_value_heads", "head_dim", "intermediate_size", "ffn_dim", "word_embed_proj_dim")
 
 
 def base_mismatch(dense, pruned) -> str | None:
     """Why `pruned` was not pruned from `dense`, or None. A pruned model's config is its dense
     model's (suite/pruning/saving.py), so the dense shape fields must agree; pruning and LoRA recovery never
-    touch the input embeddings, so they must be equal too (this catches another model of the same shapes)."""
+    touch the input embeddings, so they must be equal too (this catches another model of the same shapes).
+    Depth: a model that lost whole layers has fewer; its plan (original numbering) has the dense count."""
     import torch
 
+    from suite.pruning.plan import carried_plan
+
+    plan = carried_plan(pruned)
+    depth = len(plan.layers) if plan is not None else pruned.config.num_hidden_layers
+    if depth != dense.config.num_hidden_layers:
+        return f"its dense num_hidden_layers is {depth}, the dense model's {dense.config.num_hidden_layers}"
     for key in SHAPE_KEYS:
         mine, theirs = getattr(pruned.config, key, None), getattr(dense.config, key, None)
         if mine is not None and theirs is not None and mine != theirs:

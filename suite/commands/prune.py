@@ -56,6 +56,9 @@ def add_arguments(parser):
     parser.add_argument("--allow-empty", action="store_true", help="allow a layer to lose every head or every channel (a whole attention/MLP block)")
     parser.add_argument("--round-to", type=int, default=None,
                         help="each pruned layer keeps a multiple of this many MLP channels (LLM-Pruner's round_to; off)")
+    parser.add_argument("--depth-rule", default=None, choices=["nearest", "not_above"],
+                        help="methods that remove whole layers (shortgpt, sleb): the number of layers nearest the ratio, "
+                        "or the most not above it (default nearest)")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
     parser.add_argument("--ppl", default=None, help="also report perplexity before/after, e.g. wikitext2")
     parser.add_argument("--max-tokens", type=int, default=16384, help="token cap for --ppl")
@@ -137,7 +140,7 @@ def run(args) -> int:
     outcome = prune(model, tokenizer, args.method, args.ratio, seed=args.seed, options=options, calib=calib,
                     head_mode=args.head_mode, scope=args.scope, layers=args.layers,
                     allow_empty=args.allow_empty, device=args.device, round_to=args.round_to,
-                    hidden_on=args.hidden_on, ratio_of=args.ratio_of)
+                    hidden_on=args.hidden_on, ratio_of=args.ratio_of, depth_rule=args.depth_rule)
     if args.ppl:
         ppl["after"] = perplexity(model, tokenizer, args.ppl, max_tokens=args.max_tokens, quiet=args.quiet)
     record = {"model": args.model, "method": args.method, "label": default_label(args.method, outcome.options),
@@ -157,6 +160,9 @@ def run(args) -> int:
     print(f"{args.method} on {args.model}: removed {net:,} of {outcome.params_dense:,} parameters "
           f"({record['ratio_achieved']:.4f} of all, {record['ratio_achieved_layers']:.4f} of the decoder layers; "
           f"target {args.ratio} of {args.ratio_of}, {sel.target_removed:,})")
+    if outcome.depth_rule:
+        print(f"  whole layers removed: {sel.plan.removed_layers} (rule {outcome.depth_rule}: the layer count "
+              f"{'nearest' if outcome.depth_rule == 'nearest' else 'not above'} the target)")
     if net != sel.removed:
         print(f"  (slicing removed {sel.removed:,}; the method then added {sel.removed - net:,}, e.g. biases)")
     score = outcome.phases["score"]

@@ -9,11 +9,13 @@ One flow, one module per step (the harness in `suite/` strings them together, `s
   gates.py            multiplicative gates on groups' feature maps (masked evaluation without slicing)
   scoring.py          the method contract (`Scoring`) and `checked_options`
   options.py          the option schema methods declare (`MethodOptions`), one-line errors
-  select.py           a parameter budget -> an allocation over the layer range -> a plan
+  select.py           a parameter budget -> an allocation over the layer range -> a plan (or a
+                      number of whole layers: `depth_budget`, `select_layers`)
   sequential.py       the sequential loop: score, select and slice one layer at a time
-  plan.py             plans (kept indices) and exact physical slicing
+  plan.py             plans (kept indices, removed layers) and exact physical slicing
   compensation.py     FLAP's bias compensation (Eq. 6) for the removed groups
-  saving.py           pruned checkpoints: safetensors, config, tokenizer, plan.json
+  saving.py           pruned checkpoints: safetensors, config, tokenizer, plan.json (depth alone:
+                      an ordinary transformers checkpoint)
   modeling_pruned.py  the modeling file copied beside a pruned checkpoint (torch + transformers only)
   errors.py           `UserError`: bad input, one line, exit 2
 

@@ -121,8 +121,12 @@ class Adapter:
     residual_layout = None
     residual_refusal: str = "no residual layout is known for this family"
 
-    def layers(self, model) -> list[nn.Module]:
+    def layer_list(self, model) -> nn.ModuleList:
+        """The decoder's ModuleList of layers itself (depth pruning deletes from it)."""
         raise NotImplementedError
+
+    def layers(self, model) -> list[nn.Module]:
+        return list(self.layer_list(model))
 
     def tail(self, model) -> list[nn.Module]:
         """Modules the decoder applies after its last layer, in order (the final norm), so that
@@ -238,8 +242,8 @@ class LlamaAdapter(Adapter):
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     residual_layout = LLAMA_LAYOUT
 
-    def layers(self, model):
-        return list(model.model.layers)
+    def layer_list(self, model):
+        return model.model.layers
 
     def num_kv_heads(self, layer) -> int:
         return layer.self_attn.k_proj.out_features // self.head_dim(layer)
@@ -360,8 +364,8 @@ class OPTAdapter(Adapter):
     lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
     residual_layout = OPT_LAYOUT
 
-    def layers(self, model):
-        return list(model.model.decoder.layers)
+    def layer_list(self, model):
+        return model.model.decoder.layers
 
     def tail(self, model):
         decoder = model.model.decoder
@@ -386,8 +390,8 @@ class BloomAdapter(Adapter):
                         "embeddings pass a LayerNorm (word_embeddings_layernorm) before the residual stream; "
                         "neither is wired to the shortcut matrices here, so the rotation would not be exact")
 
-    def layers(self, model):
-        return list(model.transformer.h)
+    def layer_list(self, model):
+        return model.transformer.h
 
     def tail(self, model):
         return [model.transformer.ln_f]

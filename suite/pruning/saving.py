@@ -24,6 +24,15 @@ Every file gets the mode of a file this process creates (0644 under the usual um
 safetensors writes its file 0600, the rest follow the umask. Replacing an existing `out_dir` is the
 caller's decision (`suite prune --force`). A loaded model carries its plan
 (`suite.pruning.plan.carried_plan`, from plan.json), so pruning it again composes.
+
+Depth pruning (whole layers removed, `plan.drop_layers`) leaves an ordinary model with fewer
+layers: its config has the new ``num_hidden_layers`` and the kept layers' own ``layer_types``.
+A model whose kept layers all have their dense shapes (`width_pruned` false: depth pruning alone)
+is saved as an ORDINARY checkpoint (no ``pruned_layers``, no ``auto_map``, the transformers class
+in ``architectures``): ``AutoModelForCausalLM.from_pretrained(DIR)`` loads it without
+trust_remote_code or this suite. With narrowed layers too, ``pruned_layers`` lists the KEPT
+layers, and the mechanism above applies unchanged. plan.json keeps the original numbering
+(``removed_layers``) either way.
 """
 from __future__ import annotations
 
@@ -113,6 +122,29 @@ def standard_format(config) -> bool:
     return not (get("model_type") == "bloom" and (get("pretraining_tp") or 1) > 1 and get("slow_but_exact"))
 
 
+def width_pruned(model) -> bool:
+    """Whether any kept layer of `model` differs from its dense shape (heads, kv heads, channels, or
+    biases a method added), compared with the same architecture built from `model.config` on the
+    meta device (depth pruning alone: False)."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    if hasattr(config, modeling_pruned.CONFIG_KEY):
+        delattr(config, modeling_pruned.CONFIG_KEY)
+    with torch.device("meta"):
+        dense = AutoModelForCausalLM.from_config(config)
+    return pruned_layers(model) != pruned_layers(dense)
+
+
+def ordinary_config(config: dict, model) -> dict:
+    """A config dict as transformers writes a dense model's: no ``pruned_layers`` / ``auto_map``,
+    ``architectures`` naming the transformers class `model` is (or derives from)."""
+    config = {k: v for k, v in config.items() if k not in (modeling_pruned.CONFIG_KEY, "auto_map")}
+    base = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers.models."))
+    config["architectures"] = [base.__name__]
+    return config
+
+
 OFFLOADED_SHARD_SIZE = "500MB"
 
 
@@ -147,16 +179,19 @@ def save_pruned(model, tokenizer, plan: Plan, out_dir, extra: dict | None = None
         # offloaded weights are read back shard by shard: small shards bound the memory this takes
         shards = {"max_shard_size": OFFLOADED_SHARD_SIZE, "state_dict": _untied_state(model)} if offloaded(model) else {}
         model.save_pretrained(tmp, safe_serialization=True, **shards)
-        if residual_sliced(model.config):  # SliceGPT: narrower residual stream, shortcut matrices
-            config_path = tmp / "config.json"
-            config = sliced_config(json.loads(config_path.read_text()))
+        config_path = tmp / "config.json"
+        written = json.loads(config_path.read_text())
+        config, modeling = written, None  # else: the dense config + plan.json
+        if plan.removed_layers and not width_pruned(model):  # depth alone: an ordinary checkpoint
+            config = ordinary_config(written, model)
+        elif residual_sliced(model.config):  # SliceGPT: narrower residual stream, shortcut matrices
+            config, modeling = sliced_config(written), (modeling_sliced, SLICED_MODELING_FILE)
+        elif standard_format(model.config):
+            config, modeling = standard_config(written, pruned_layers(model)), (modeling_pruned, MODELING_FILE)
+        if config is not written:
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            shutil.copyfile(modeling_sliced.__file__, tmp / SLICED_MODELING_FILE)
-        elif standard_format(model.config):  # else: the dense config + plan.json
-            config_path = tmp / "config.json"
-            config = standard_config(json.loads(config_path.read_text()), pruned_layers(model))
-            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            shutil.copyfile(modeling_pruned.__file__, tmp / MODELING_FILE)
+        if modeling is not None:
+            shutil.copyfile(modeling[0].__file__, tmp / modeling[1])
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         plan.save(tmp / PLAN_FILE)
@@ -187,7 +222,7 @@ def _layers_from_plan(config, plan: Plan, keys: set[str]) -> list[dict]:
     names = _linear_names(adapter)
     prefix = {id(layer): name for name, layer in dense.named_modules()}
     out = []
-    for lp, layer in zip(plan.layers, adapter.layers(dense)):
+    for lp, layer in zip(plan.kept().layers, adapter.layers(dense)):  # the config has the kept layers only
         nq, nkv = adapter.num_heads(layer), adapter.num_kv_heads(layer)
         kv = lp.kv_heads if lp.kv_heads is not None else (lp.heads if nkv == nq else list(range(nkv)))
         spec = {"heads": len(lp.heads), "kv_heads": len(kv) if nkv != nq else len(lp.heads),
@@ -249,10 +284,10 @@ def _load_by_slicing(path: Path, config, dtype):
     from torch import nn
     from transformers import AutoModelForCausalLM
 
-    from suite.pruning.plan import apply_plan
+    from suite.pruning.plan import apply_saved_plan
 
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    apply_plan(model, Plan.load(path / PLAN_FILE))
+    apply_saved_plan(model, Plan.load(path / PLAN_FILE))
     state = {}
     for shard in sorted(path.glob("*.safetensors")):
         state.update(load_file(shard))

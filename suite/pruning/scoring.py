@@ -57,6 +57,19 @@ A method may instead TRANSFORM the model itself, removing parameters that are no
                 method (its checkpoint format holds one kind of change).
 
 `slicegpt` is the example (`baselines/slicegpt.py`, on the engine's `suite/pruning/rotation.py`).
+
+A method may instead choose WHOLE DECODER LAYERS (depth pruning: ShortGPT, SLEB). Its SELECTION
+then says ``"unit": "layers"`` and it defines, instead of `score`:
+
+    score_layers(model, windows, budget, options, seed) -> Scoring
+                `budget` (`select.DepthBudget`) says how many layers to remove (`budget.count`,
+                fixed from the ratio, the layer range and the rule `nearest` | `not_above` before
+                scoring: a greedy method stops there) and which may go (`budget.layers`);
+                scores {(layer, "layers"): one-element tensor} for every layer of the range,
+                higher = more important; `select.select_layers` removes the `count` lowest and
+                `plan.apply_plan` deletes them (`plan.drop_layers`).
+
+`shortgpt` (a score per layer, one pass) and `sleb` (a greedy order) are the examples.
 """
 from __future__ import annotations
 
@@ -69,7 +82,7 @@ import torch
 
 @dataclass
 class Scoring:
-    scores: dict  # (layer, "heads"|"channels") -> 1-D tensor, higher = more important
+    scores: dict  # (layer, "heads"|"channels"|"layers") -> 1-D tensor, higher = more important
     compensate: Callable | None = None  # compensate(model, plan) after slicing
     info: dict = field(default_factory=dict)  # method diagnostics recorded with the result
 

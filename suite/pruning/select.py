@@ -26,6 +26,10 @@ multiples of 8, or 64 for best speed). Heads are not rounded (a head is head_dim
 The achieved ratio then differs from the target by up to round_to/2 channels per layer; the
 selection reports what it removed. torch-pruning rounds the kept count up, and a count already a
 multiple up by one more multiple; this rounds to the nearest (a deliberate difference).
+
+Whole layers (depth pruning; a method whose SELECTION unit is "layers", `scoring.py`): the budget
+is a NUMBER of decoder layers (`depth_budget`, rule ``nearest`` or ``not_above`` the target), and
+`select_layers` removes that many lowest-scoring layers of the layer range (plan.removed_layers).
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ import torch
 from suite.pruning.architectures import adapter_for, all_group_sets
 from suite.pruning.errors import UserError
 from suite.pruning.layerwise import parameter_count
-from suite.pruning.plan import Plan, plan_from_keep
+from suite.pruning.plan import Plan, full_plan, plan_from_keep
 
 Scores = dict  # (layer, "heads"|"channels") -> 1-D tensor, one score per group (higher = keep)
 
@@ -311,3 +315,83 @@ def _close_gap(sets, target, removed, removed_n, taken, skipped, allow_empty) ->
             return trial
         return removed
     return removed
+
+
+# --------------------------------------------------------------------------- whole layers (depth)
+DEPTH_RULES = ("nearest", "not_above")
+
+
+def whole_layers(layers="all") -> dict:
+    """The SELECTION of a method that chooses whole decoder layers (scoring.py): unit "layers", the
+    layer range `layers` (default all); the scope reads "global" (layers of the range compete)."""
+    return {"scope": "global", "unit": "layers", "layers": layers}
+
+
+@dataclass
+class DepthBudget:
+    """The budget of a method that removes whole decoder layers (SELECTION unit "layers").
+
+    count: layers to remove; layers: the layer range (candidates, current numbering); params: each
+    decoder layer's parameter count (all layers); rule: how `count` was chosen from the target;
+    target_removed, total: parameters (the budget, the model's total)."""
+    count: int
+    layers: list
+    params: list
+    rule: str
+    target_removed: int
+    total: int
+
+
+def depth_budget(model, ratio: float, layers=None, rule: str = "nearest") -> DepthBudget:
+    """How many whole layers of the layer range remove `ratio` of ALL parameters.
+
+    Whole layers cannot hit a ratio exactly: with p the mean parameter count of the layer range's
+    layers (every layer's, equal, on an unsliced model), rule ``nearest`` removes round(target / p)
+    layers (the count whose removed parameters are nearest the target; halves round up) and
+    ``not_above`` floor(target / p) (never more than the target). The record carries the target, the
+    achieved ratio and the rule. Raises UserError for a ratio outside (0, 1), an unknown rule, a bad
+    layer range, a count of zero (the ratio is below what one layer holds, or half of it with
+    ``nearest``) or one that leaves no layer.
+    """
+    if not 0.0 < ratio < 1.0:
+        raise UserError(f"ratio must be in (0, 1), got {ratio}")
+    if rule not in DEPTH_RULES:
+        raise UserError(f"unknown depth rule {rule!r}; choose one of {', '.join(DEPTH_RULES)}")
+    all_layers = adapter_for(model).layers(model)
+    n_layers = len(all_layers)
+    layers = layer_range(n_layers) if layers is None else sorted(layers)
+    if not layers or not all(0 <= i < n_layers for i in layers):
+        raise UserError(f"prunable layers must be a non-empty subset of 0..{n_layers - 1}, got {layers}")
+    params = [sum(p.numel() for p in layer.parameters()) for layer in all_layers]
+    total = parameter_count(model)
+    target = round(ratio * total)
+    per = sum(params[i] for i in layers) / len(layers)
+    count = int(target / per + 0.5) if rule == "nearest" else int(target // per)
+    if count < 1:
+        raise UserError(f"ratio {ratio} removes {target:,} parameters, less than "
+                        f"{'half ' if rule == 'nearest' else ''}a decoder layer ({round(per):,}): no layer "
+                        f"to remove with rule {rule}")
+    if count > len(layers) or count >= n_layers:
+        raise UserError(f"ratio {ratio} needs {count} whole layers; the layer range has {len(layers)} of "
+                        f"{n_layers} (at least one layer must stay)")
+    return DepthBudget(count, layers, params, rule, target, total)
+
+
+def select_layers(model, scores: Scores, budget: DepthBudget) -> Selection:
+    """The plan removing the `budget.count` lowest-scoring layers of the range (ShortGPT's
+    `remove_layers`: ``np.argsort(importances)[:n]``; here a stable sort: ties go to the lower index).
+
+    scores: (layer, "layers") -> a one-element tensor per layer of the range (higher = keep).
+    Raises UserError when a layer of the range has no such score."""
+    values = []
+    for i in budget.layers:
+        s = scores.get((i, "layers"))
+        if s is None or torch.as_tensor(s).numel() != 1:
+            raise UserError(f"method gave no one-element score for layer {i} (kind 'layers')")
+        values.append(float(torch.as_tensor(s).reshape(())))
+    order = torch.argsort(torch.tensor(values, dtype=torch.float64), stable=True)[:budget.count]
+    removed = sorted(budget.layers[int(k)] for k in order)
+    plan = full_plan(model)
+    plan.removed_layers = removed
+    return Selection(plan=plan, target_removed=budget.target_removed,
+                     removed=sum(budget.params[i] for i in removed), total=budget.total)
