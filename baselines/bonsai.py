@@ -271,8 +271,8 @@ def _fit(xs_tr, ys_tr, xs_ts, ys_ts, base, hp, reg_type, nepochs, rng):
             (loss + reg).backward()
             opt.step()
         rng.permutation(len(ys_ts))  # their evaluation epoch draws a permutation too
-        with torch.no_grad():
-            tau = kendalltau((xs_ts @ beta + bias).numpy(), ys_ts.numpy()).statistic
+        with torch.no_grad():  # τ of fewer than 2 held-out masks is undefined (NaN, as scipy gives)
+            tau = kendalltau((xs_ts @ beta + bias).numpy(), ys_ts.numpy()).statistic if len(ys_ts) > 1 else math.nan
         if tau >= best_tau:
             best_tau, best, since = tau, (beta.detach().clone(), bias.detach().clone()), 0
         sched.step(tau)
