@@ -47,7 +47,8 @@ round(ratio · all parameters) removed, i.e. the authors' sparsity ratio · all 
 and prune_frac / tol are in the authors' convention. Calibration: the authors use nsamples 32
 windows of the model's context (`get_llm`: max_position_embeddings, 4096 for LLaMA-2) of
 WikiText-2 train; here 32 windows of 128 tokens (the suite's calibration length on a 2-core CPU)
-of WikiText-2 (the suite's windows; the corpus and length are settings of the grid).
+of C4, since the suite's WikiText-2 windows are drawn from the test text its perplexity reads
+(a grid entry may give `calibration: {corpus: wikitext2, seqlen: ...}`).
 
 Deliberate differences: (a) global removal through the engine's global selection: a head that
 would overshoot the round is skipped for finer channels (theirs stops at the first unit that
@@ -119,9 +120,10 @@ class Options(MethodOptions):
 
 OPTIONS = Options.defaults()
 CALIBRATION = {
-    "corpus": "wikitext2", "nsamples": 32, "seqlen": 128,
-    "source": "ldery/Bonsai main.py: --dataset wikitext2, --nsamples 32; windows of model.seqlen = "
-              "max_position_embeddings (4096 for LLaMA-2) there, 128 here (the suite's calibration length)",
+    "corpus": "c4", "nsamples": 32, "seqlen": 128,
+    "source": "ldery/Bonsai main.py: --nsamples 32 windows of model.seqlen = max_position_embeddings (4096 for "
+              "LLaMA-2) from --dataset wikitext2 (train); here 128-token windows (the suite's calibration length) "
+              "of C4: the suite's WikiText-2 windows come from the test text the perplexity reads",
 }
 SELECTION = {"scope": "global", "layers": "all"}
 PATIENCE = 5 * 2  # scoring_model.py get_linearmodel_hpdict: 'patience': [10]

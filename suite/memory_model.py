@@ -316,11 +316,15 @@ def _layer_pass(c: Setting, batch: int, streams: int = 1) -> int:
 
 
 def sequential(c: Setting) -> bool:
-    """Whether the method prunes layer by layer inside its score phase (suite/pipeline.py is_sequential)."""
+    """Whether the method slices the model inside its score phase: layer by layer (suite/pipeline.py
+    is_sequential) or in rounds of its own (`prunes_itself`: bonsai)."""
     from suite.methods import get_method
-    from suite.pipeline import is_sequential
+    from suite.pipeline import is_sequential, prunes_itself
 
-    return c.method != "dense" and is_sequential(get_method(c.method), c.options)
+    if c.method == "dense":
+        return False
+    method = get_method(c.method)
+    return is_sequential(method, c.options) or prunes_itself(method)
 
 
 def heap_residue(c: Setting) -> int:
@@ -374,7 +378,11 @@ def score(c: Setting) -> int:
     - minillm forward-only (zo, none, noise; every space): the statistics LayerPass, a no-grad
       forward of one micro-batch (layer activations + a loss chunk), one tensor of the weight
       snapshot and ĝ of one Linear (fp32) — and, layer by layer (`minillm_layerwise`), (2q + 1)
-      hidden-state streams."""
+      hidden-state streams;
+    - bonsai: its rounds slice inside this phase (`slicing`); the prior's LayerPass of `bsz`
+      windows, then the masked evaluations on `loss.LayerwiseLoss`: mask_batch + 1 hidden-state
+      streams of all N windows, one micro-batch of `bsz` windows in a layer with its gate's fp32
+      copy of the out-projection input (b·S·I·4), and a loss chunk."""
     s, opts = c.shapes, c.options
     base = c.Wd - unread(c)
     if c.method in ("magnitude", "random"):
@@ -399,6 +407,13 @@ def score(c: Setting) -> int:
         streams = 2 * int(opts.get("directions", 16)) + 1 if CONSTANTS["minillm_layerwise"] else 1
         forward = layer_forward(s, tokens, seq, c.B) + chunked_loss(s, tokens)
         return base + max(_layer_pass(c, batch, streams), forward) + 3 * s.largest_matrix * 4
+    if c.method == "bonsai":
+        batch = min(n, max(1, int(opts.get("bsz", 4))))
+        streams = min(int(opts.get("mask_batch", 16)), int(opts.get("masks_per_iter", 200))) + 1
+        tokens = batch * seq
+        gate = tokens * s.intermediate * 4  # gates.gated: an fp32 copy of the out-projection's input
+        forward = layer_forward(s, tokens, seq, c.B) + chunked_loss(s, tokens) + gate
+        return base + slicing(c) + max(_layer_pass(c, batch), _layer_pass(c, batch, streams) + gate, forward)
     raise UserError(f"memory model: no formula for method {c.method!r}")
 
 

@@ -15,6 +15,7 @@ METHODS = {
     "flap": "baselines.flap",
     "llm-pruner": "baselines.llm_pruner",
     "minillm": "minillm.method",
+    "bonsai": "baselines.bonsai",
 }
 
 # One line each for `--help` (no import needed: help stays instant); the module docstring has the rest.
@@ -25,7 +26,13 @@ SUMMARIES = {
     "flap": "fluctuation of each channel's input x squared weight norm, global, bias compensation (FLAP)",
     "llm-pruner": "first-order Taylor |w . dL/dw| from real backprop on 10 windows (LLM-Pruner)",
     "minillm": "feature-map sensitivity |W . g . X| with g estimated by forward passes only (MINI-LLM, SPSA)",
+    "bonsai": "rounds of sampled sub-models' calibration perplexity regressed on their masks (Bonsai; forward-only)",
 }
+
+# Methods that read how the calibration LOSS responds to pruning from forward passes only (no backward):
+# the question MINI-LLM and Bonsai both answer. The tables mark them (suite/tables.py FORWARD_MARK);
+# the data-free and activation-statistics baselines read no loss, llm-pruner backpropagates.
+FORWARD_ONLY = {"minillm", "bonsai"}
 
 
 def methods_help() -> str:

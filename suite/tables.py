@@ -41,7 +41,8 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-METHOD_ORDER = ["dense", "magnitude", "random", "wanda-sp", "flap", "llm-pruner", "minillm"]
+METHOD_ORDER = ["dense", "magnitude", "random", "wanda-sp", "flap", "llm-pruner", "minillm", "bonsai"]
+FORWARD_MARK = "†"  # after a forward-only method's label (suite/methods.py FORWARD_ONLY)
 PERPLEXITY = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
 TASKS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
          "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
@@ -202,7 +203,10 @@ def _cells(frame: pd.DataFrame, show_se: bool = False) -> tuple[pd.DataFrame, pd
     lower_better = frame.attrs["lower_is_better"]
     texts = pd.DataFrame(index=frame.index)
     texts["Model"] = frame["Model"]
-    texts["Method"] = [m + " (failed)" if f else m for m, f in zip(frame["Method"], frame["_failed"])]
+    from suite.methods import FORWARD_ONLY
+
+    texts["Method"] = [m + (FORWARD_MARK if k in FORWARD_ONLY else "") + (" (failed)" if f else "")
+                       for m, k, f in zip(frame["Method"], frame["_method"], frame["_failed"])]
     texts["Ratio"] = [f"{r * 100:.0f}%" for r in frame["Ratio"]]
     texts["Params"] = [MISSING if math.isnan(p) else _params(p) for p in frame["Params"]]
     bold = pd.DataFrame(False, index=frame.index, columns=["Model", "Method", "Ratio", "Params", *metrics])
@@ -269,6 +273,10 @@ def caption(records: list[dict], show_se: bool) -> str:
             parts.append(f"Zero-shot: lm-eval acc x 100 on {questions} questions of each task.")
     else:
         parts.append("Evaluation caps not recorded.")
+    from suite.methods import FORWARD_ONLY
+
+    if any(r.get("method") in FORWARD_ONLY for r in records):
+        parts.append(f"{FORWARD_MARK}: forward-only (the loss's response to pruning from forward passes, no backward).")
     if show_se:
         parts.append("± on an accuracy: its standard error; on a several-seed cell: the seeds' sample std.")
     parts.append("Score mem: the process's peak while scoring, loaded model included; Score added: what "
@@ -293,7 +301,7 @@ def _latex_escape(text: str) -> str:
     for char in "&%$#_{}":
         out = out.replace(char, "\\" + char)
     out = out.replace("~", "\\textasciitilde{}").replace("^", "\\textasciicircum{}").replace(MISSING, "--")
-    return out.replace("±", "$\\pm$")
+    return out.replace("±", "$\\pm$").replace(FORWARD_MARK, "$^\\dagger$")
 
 
 def to_markdown(records: list[dict], stderr: str = "auto") -> str:

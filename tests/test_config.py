@@ -56,7 +56,7 @@ def test_minimal_config_gets_every_default(tmp_path, registry):
     assert config["recovery"] is None  # no LoRA recovery unless asked for
 
 
-@pytest.mark.parametrize("name,cells", [("smoke", 9), ("demo", 13), ("demo-full", 13), ("paper", 39)])
+@pytest.mark.parametrize("name,cells", [("smoke", 9), ("demo", 13), ("demo-full", 15), ("paper", 45)])
 def test_shipped_configs_load(name, cells):
     """Against the REAL method registry: the shipped configs' method options must exist."""
     config = load_config(CONFIGS / f"{name}.yaml")
