@@ -244,3 +244,75 @@ def test_every_family_prunes_to_a_valid_plan_equal_to_the_masked_model(name, hea
     with torch.no_grad():
         sliced = model(ids).logits
     assert (sliced - masked).abs().max() <= 1e-4 * masked.abs().max()
+
+
+# ------------------------------------------------------------------ half precision, pipeline, errors
+def test_bf16_rounds_leave_a_model_equal_to_its_masked_dense_copy_and_scoring_changes_no_weight():
+    model = load_model("tiny-llama", dtype=torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    windows = token_ids(4, 16)
+    options = checked_options(bonsai, SMALL)
+    scoring = bonsai.score(model, windows, all_group_sets(model), options, seed=0)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # gates only, no weight touched
+    assert all(s.dtype == torch.float64 and s.shape == (gs.count,) for gs in all_group_sets(model)
+               for s in [scoring.scores[(gs.layer, gs.kind)]])
+    dense = copy.deepcopy(model)
+    sel, _ = bonsai.prune(model, windows, options, 0.1, layers=list(range(4)), seed=0)
+    sets = all_group_sets(dense)
+    gates = []
+    for gs in sets:
+        lp = sel.plan.layers[gs.layer]
+        g = torch.zeros(gs.count)
+        g[list(lp.channels if gs.kind == "channels" else lp.heads)] = 1.0
+        gates.append(g)
+    ids = token_ids(2, 16, seed=5)
+    with torch.no_grad(), gated(sets, gates):
+        masked = dense(ids).logits.float()
+    with torch.no_grad():
+        sliced = model(ids).logits.float()
+    assert (sliced - masked).abs().max() <= 2e-2 * masked.abs().max()
+
+
+def test_pipeline_prunes_with_bonsai_and_records_the_rounds():
+    from suite.models import byte_tokenizer
+    from suite.pipeline import outcome_record, prune
+
+    model = load_model("tiny-llama-gqa")
+    outcome = prune(model, byte_tokenizer(), "bonsai", 0.2, options=SMALL, calib={"nsamples": 4, "seqlen": 32},
+                    head_mode="kv-group")
+    record = outcome_record(outcome, 0.2)
+    assert record["params"]["dense"] - record["params"]["pruned"] == record["selection"]["removed"]
+    info = record["method_info"]
+    assert info["sub_model_evaluations"] == 6 * len(info["rounds"]) and info["forward_tokens"] > 0
+    assert {"authors_sparsity_target", "authors_sparsity_achieved", "ratio_target", "ratio_achieved"} <= set(info)
+    assert record["calibration"] == {"corpus": "c4", "nsamples": 4, "seqlen": 32}
+
+
+def test_round_to_and_bad_options_are_one_line_errors():
+    from suite.pruning.errors import UserError
+    from suite.pipeline import prune
+    from suite.models import byte_tokenizer
+
+    with pytest.raises(UserError, match="round_to is not supported"):
+        prune(load_model("tiny-llama"), byte_tokenizer(), "bonsai", 0.2, options=SMALL,
+              calib={"nsamples": 2, "seqlen": 16}, round_to=8)
+    with pytest.raises(UserError, match="prune_frac: must be < 0.5"):
+        checked_options(bonsai, {"prune_frac": 0.6})
+    with pytest.raises(UserError, match="sm_lin_model_type"):
+        checked_options(bonsai, {"sm_lin_model_type": "both"})
+
+
+def test_local_model_type_removes_each_modules_units_at_or_below_its_quantile():
+    """One round (ratio 0.05): per module, the removed units are those whose score is at or below
+    the prune_frac quantile of the module's scores (fixed units at 1e8), as update_mask_one_layer."""
+    _, model, sel, sc = run("tiny-llama", ratio=0.05, sm_lin_model_type="local")
+    assert len(sc.info["rounds"]) == 1 and len(sc.info["rounds"][0]["regression"]) == 2 * 4  # a fit per module
+    removed_any = False
+    for (layer, kind), s in sc.scores.items():
+        lp = sel.plan.layers[layer]
+        kept = set(lp.channels if kind == "channels" else lp.heads)
+        qt = torch.quantile(s.float(), 0.05)
+        expect = {i for i in range(len(s)) if float(s[i]) > float(qt)}
+        assert kept == expect, (layer, kind)
+        removed_any |= len(kept) < len(s)
+    assert removed_any
