@@ -341,13 +341,10 @@ def _kv_groups(model, gs, head_mode) -> int:
     return nkv if nkv != gs.count else 1
 
 
-def bonsai_round(model, windows, options: dict, pf: float, removal: int, layers, head_mode: str,
-                 allow_empty: bool, rng: np.random.Generator, seed: int):
-    """One round: prior, masks, masked perplexities, regression, removal. Returns (plan, scores, info).
-
-    pf: the round's prune fraction (authors' convention); removal: parameters the round removes."""
+def sub_model_data(model, windows, options: dict, pf: float, layers, head_mode: str, rng: np.random.Generator):
+    """A round's data: (sets, modules [(p, fixed, use, pf)], prior, masks [mask][module], y = −perplexity
+    per mask [masks], runner). Steps 1-3 of the module docstring."""
     o = options
-    t0 = time.perf_counter()
     sets = all_group_sets(model, head_mode, layers=set(layers))
     pri = prior(model, windows, sets, o["bsz"])
     modules = []
@@ -358,15 +355,30 @@ def bonsai_round(model, windows, options: dict, pf: float, removal: int, layers,
     masks = sample_masks(modules, o["masks_per_iter"], rng)
     runner = LayerwiseLoss(model, windows, o["bsz"])
     losses = masked_losses(runner, sets, masks, o["mask_batch"])
-    ppl = np.array([min(math.exp(min(l, 700.0)), INF) for l in losses])
-    y = -ppl
+    y = -np.array([min(math.exp(min(loss, 700.0)), INF) for loss in losses])
+    return sets, modules, pri, masks, y, runner
+
+
+def global_design(modules, masks) -> np.ndarray:
+    """[masks, sampled units of all modules] 0/1: the global model's inputs (modules concatenated)."""
+    return np.concatenate([np.stack([mk[k][use] for mk in masks]) for k, (_, _, use, _) in enumerate(modules)], 1)
+
+
+def bonsai_round(model, windows, options: dict, pf: float, removal: int, layers, head_mode: str,
+                 allow_empty: bool, rng: np.random.Generator, seed: int):
+    """One round: prior, masks, masked perplexities, regression, removal. Returns (plan, scores, info).
+
+    pf: the round's prune fraction (authors' convention); removal: parameters the round removes."""
+    o = options
+    t0 = time.perf_counter()
+    sets, modules, pri, masks, y, runner = sub_model_data(model, windows, o, pf, layers, head_mode, rng)
+    ppl = -y
     t_eval = time.perf_counter() - t0
     fit = {"reg_type": o["sm_reg_type"], "reg_weight": o["sm_reg_weight"], "lr_factor": o["sm_lr_factor"],
            "bsz": o["sm_bsz"], "nepochs": o["sm_nepochs"]}
     scores, hp = {}, []
     if o["sm_lin_model_type"] == "global":
-        x = np.concatenate([np.stack([mk[k][use] for mk in masks]) for k, (_, _, use, _) in enumerate(modules)], 1)
-        beta, fitted = score_model_hp(x, y, None, seed=seed, **fit)
+        beta, fitted = score_model_hp(global_design(modules, masks), y, None, seed=seed, **fit)
         hp.append(fitted)
         start = 0
         for gs, (_, fixed, use, _) in zip(sets, modules):
