@@ -69,10 +69,11 @@ from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationInfo, model_validator
 
 from suite.pruning.activations import input_stats
 from suite.pruning.architectures import adapter_for, all_group_sets, output_only
+from suite.pruning.errors import UserError
 from suite.pruning.gates import gated
 from suite.pruning.iterative import prune_in_rounds
 from suite.pruning.layerwise import parameter_count, resident_sets
@@ -117,6 +118,13 @@ class Options(MethodOptions):
     bsz: Annotated[Int, Field(ge=1)] = 4
     mask_batch: Annotated[Int, Field(ge=1)] = 16
 
+    @model_validator(mode="after")
+    def _scope(self, info: ValidationInfo):
+        if (info.context or {}).get("scope") == "layer":
+            raise UserError(f"{NAME} removes units by its own regression (sm_lin_model_type=global ranks all layers "
+                            f"together, local each module): scope 'layer' would be ignored")
+        return self
+
 
 OPTIONS = Options.defaults()
 CALIBRATION = {
@@ -126,7 +134,7 @@ CALIBRATION = {
               "of C4: the suite's WikiText-2 windows come from the test text the perplexity reads",
 }
 SELECTION = {"scope": "global", "layers": "all"}
-PATIENCE = 5 * 2  # scoring_model.py get_linearmodel_hpdict: 'patience': [10]
+PATIENCE = 10  # scoring_model.py get_linearmodel_hpdict: 'patience': [10]
 FOLDS = 5  # scoring_model.py ScoreModelHP.search_best_linear_fit: num_folds = 5
 
 
@@ -420,8 +428,6 @@ def prune(model, windows, options, ratio, *, layers, head_mode="q-head", allow_e
     the prune fraction, sub-model evaluations, forward tokens, times and regression settings, and
     the totals; the sparsity in both conventions (`authors_sparsity_*`: of the non-embedding
     parameters; `ratio_*`: of all). `round_to` is not supported (UserError)."""
-    from suite.pruning.errors import UserError
-
     if round_to:
         raise UserError("bonsai chooses its units round by round: round_to is not supported")
     o = dict(options)
@@ -439,15 +445,15 @@ def prune(model, windows, options, ratio, *, layers, head_mode="q-head", allow_e
         cur = removed / base
         if abs(cur - target) < o["tol"] or cur > target:
             return None
+        if index and removed == state.get("removed"):  # the last round removed nothing: it cannot progress
+            return None
+        state["removed"] = removed
         if cur + state["pf"] > target:  # clip the last round (kept for later rounds, as main.py)
             state["pf"] = abs(target - cur)
         plan, scores, info = bonsai_round(m, windows, o, state["pf"], round(state["pf"] * base), layers, head_mode,
                                           allow_empty, rng, seed + index)
         if index == 0:
             first.update(scores)
-        if index and removed == state.get("removed"):  # the last round removed nothing: it cannot progress
-            return None
-        state["removed"] = removed
         rounds.append(info)
         return plan
 
@@ -472,8 +478,9 @@ def prune(model, windows, options, ratio, *, layers, head_mode="q-head", allow_e
 def score(model, windows, group_sets, options, seed) -> Scoring:
     """One round's β on the unpruned model (no slicing): the scores `prune`'s first round removes by."""
     layers = sorted({gs.layer for gs in group_sets})
-    head_mode = "kv-group" if any(gs.kind == "heads" and gs.members[0].width != adapter_for(model).head_dim(gs.module)
-                                  for gs in group_sets) else "q-head"
+    adapter = adapter_for(model)
+    head_mode = "kv-group" if any(gs.kind == "heads" and gs.count != adapter.num_heads(gs.module)
+                                  for gs in group_sets) else "q-head"  # the mode the group sets were built in
     pf = float(options["prune_frac"])
     _, scores, info = bonsai_round(model, windows, options, pf, round(pf * nonembedding_count(model)), layers,
                                    head_mode, False, np.random.default_rng(seed), seed)

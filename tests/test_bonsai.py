@@ -300,6 +300,8 @@ def test_round_to_and_bad_options_are_one_line_errors():
         checked_options(bonsai, {"prune_frac": 0.6})
     with pytest.raises(UserError, match="sm_lin_model_type"):
         checked_options(bonsai, {"sm_lin_model_type": "both"})
+    with pytest.raises(UserError, match="scope 'layer' would be ignored"):
+        checked_options(bonsai, {}, scope="layer")
 
 
 def test_local_model_type_removes_each_modules_units_at_or_below_its_quantile():
