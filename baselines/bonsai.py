@@ -78,7 +78,7 @@ from suite.pruning.gates import gated
 from suite.pruning.iterative import prune_in_rounds
 from suite.pruning.layerwise import parameter_count, resident_sets
 from suite.pruning.loss import LayerwiseLoss
-from suite.pruning.options import Float, Int, MethodOptions
+from suite.pruning.options import Float, Int, MethodOptions, listed
 from suite.pruning.plan import plan_from_keep
 from suite.pruning.scoring import Scoring
 from suite.pruning.select import Allocation, select
@@ -110,9 +110,9 @@ class Options(MethodOptions):
     tol: Annotated[Float, Field(ge=0, lt=1)] = 0.02
     mlp_attn_ratio: Annotated[Float, Field(gt=0)] = 1.0
     sm_reg_type: Literal["l1", "l2"] = "l1"
-    sm_reg_weight: list[Annotated[Float, Field(ge=0)]] = [1e2, 1e-4, 0.0]
-    sm_lr_factor: list[Annotated[Float, Field(gt=0)]] = [100.0, 10.0, 1.0, 0.1]
-    sm_bsz: list[Annotated[Int, Field(ge=1)]] = [32, 64, 128]
+    sm_reg_weight: listed(Annotated[Float, Field(ge=0)]) = [1e2, 1e-4, 0.0]
+    sm_lr_factor: listed(Annotated[Float, Field(gt=0)]) = [100.0, 10.0, 1.0, 0.1]
+    sm_bsz: listed(Annotated[Int, Field(ge=1)]) = [32, 64, 128]
     sm_nepochs: Annotated[Int, Field(ge=1)] = 50
     sm_lin_model_type: Literal["global", "local"] = "global"
     bsz: Annotated[Int, Field(ge=1)] = 4

@@ -300,6 +300,11 @@ def test_round_to_and_bad_options_are_one_line_errors():
         checked_options(bonsai, {"prune_frac": 0.6})
     with pytest.raises(UserError, match="sm_lin_model_type"):
         checked_options(bonsai, {"sm_lin_model_type": "both"})
+    assert checked_options(bonsai, {"sm_reg_weight": "[1e2, 1e-4, 0]", "sm_bsz": "32,64"})["sm_bsz"] == [32, 64]
+    with pytest.raises(UserError, match="sm_lr_factor"):
+        checked_options(bonsai, {"sm_lr_factor": "1,-2"})
+    with pytest.raises(UserError, match="sm_bsz"):
+        checked_options(bonsai, {"sm_bsz": "[]"})
     with pytest.raises(UserError, match="scope 'layer' would be ignored"):
         checked_options(bonsai, {}, scope="layer")
 
