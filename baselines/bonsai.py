@@ -119,11 +119,11 @@ class Options(MethodOptions):
     mask_batch: Annotated[Int, Field(ge=1)] = 16
 
     @model_validator(mode="after")
-    def _scope(self, info: ValidationInfo):
-        if (info.context or {}).get("scope") == "layer":
-            raise UserError(f"{NAME} removes units by its own regression (sm_lin_model_type=global ranks all layers "
-                            f"together, local each module): scope 'layer' would be ignored")
-        return self
+    def _scope(self, info: ValidationInfo):  # its regression chooses the units: a selection scope does nothing
+        if (info.context or {}).get("scope") != "layer":
+            return self
+        raise UserError(f"{NAME} removes units by its own regression (sm_lin_model_type=global ranks all layers "
+                        f"together, local each module): scope 'layer' would be ignored")
 
 
 OPTIONS = Options.defaults()
