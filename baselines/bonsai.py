@@ -26,7 +26,8 @@ round on the model the earlier rounds physically left (`suite.pruning.iterative.
 3. Targets (`get_random_mask_scores`, `lib/eval.py::eval_ppl_trainonly`): y = −perplexity of the
    masked model on the same calibration windows for every mask (clipped at −1e8). Masks are gates
    on the groups' feature maps (`gates.gated`, exact removal) on the layer pass
-   (`loss.LayerwiseLoss`): `mask_batch` masks share each layer's residency as separate streams.
+   (`loss.LayerwiseLoss`): `mask_batch` masks share each layer's residency as separate streams,
+   or (`batched=true`) as one forward whose batch holds a copy of the windows per mask.
 4. Regression (`lib/scoring_model.py::ScoreModelHP`, `ScoreModel`, `LinearModel`; `score_model_hp`
    here): y ≈ βᵀm + b over the sampled units' 0/1 masks, Adam, L1 (or L2) penalty, its
    hyper-parameters (lr factor, penalty weight, batch size) chosen by 5-fold cross-validated
@@ -78,7 +79,7 @@ from suite.pruning.gates import gated
 from suite.pruning.iterative import prune_in_rounds
 from suite.pruning.layerwise import parameter_count, resident_sets
 from suite.pruning.loss import LayerwiseLoss
-from suite.pruning.options import Float, Int, MethodOptions, listed
+from suite.pruning.options import Bool, Float, Int, MethodOptions, listed
 from suite.pruning.plan import plan_from_keep
 from suite.pruning.scoring import Scoring
 from suite.pruning.select import Allocation, select
@@ -103,6 +104,7 @@ class Options(MethodOptions):
     sm_lin_model_type  global | local (`--sm_lin_model_type` global)
     bsz             windows per forward batch (`--bsz` 4): the prior averages per-batch values
     mask_batch      (ours) masks evaluated per layer residency; memory: that many hidden-state streams
+    batched         (ours) those masks in ONE forward per micro-batch (mask_batch·bsz windows, 2-D gates)
     """
 
     masks_per_iter: Annotated[Int, Field(ge=2)] = 200
@@ -117,6 +119,7 @@ class Options(MethodOptions):
     sm_lin_model_type: Literal["global", "local"] = "global"
     bsz: Annotated[Int, Field(ge=1)] = 4
     mask_batch: Annotated[Int, Field(ge=1)] = 16
+    batched: Bool = False
 
     @model_validator(mode="after")
     def _scope(self, info: ValidationInfo):  # its regression chooses the units: a selection scope does nothing
@@ -220,25 +223,27 @@ def sample_masks(modules: list, count: int, rng: np.random.Generator) -> list[li
 # --------------------------------------------------------------------------- 3. masked evaluation
 class _MaskStreams:
     """The `LayerwiseLoss` perturbation of a batch of masks: stream s is the model with mask s as
-    gates on every module of the layers the masks touch (`gates.gated`, hooked per resident layer)."""
+    gates on every module of the layers the masks touch (`gates.gated`, hooked per resident layer).
+    `batched`: ONE stream whose batch holds a copy of the windows per mask (2-D gates [masks, count])."""
 
-    def __init__(self, group_sets, masks: list[list[np.ndarray]]):
-        self.n = len(masks)
+    def __init__(self, group_sets, masks: list[list[np.ndarray]], batched: bool = False):
+        self.n = 1 if batched else len(masks)
         self.by_layer = {}
         for k, gs in enumerate(group_sets):
             self.by_layer.setdefault(gs.layer, []).append((k, gs))
         self.layers = set(self.by_layer)
-        self.masks = masks
+        self.masks, self.batched = masks, batched
 
     def enter(self, j):
         sets = [gs for _, gs in self.by_layer[j]]
-        self.gates = [torch.ones(gs.count) for gs in sets]
+        self.gates = [torch.ones((len(self.masks), gs.count) if self.batched else gs.count) for gs in sets]
         self._ctx = gated(sets, self.gates)
         self._ctx.__enter__()
 
     def apply(self, j, s):
         for gate, (k, _) in zip(self.gates, self.by_layer[j]):
-            gate.copy_(torch.from_numpy(self.masks[s][k]))
+            values = np.stack([m[k] for m in self.masks]) if self.batched else self.masks[s][k]
+            gate.copy_(torch.from_numpy(values))
 
     def leave(self, j):
         self._ctx.__exit__(None, None, None)
@@ -253,6 +258,22 @@ def masked_losses(runner: LayerwiseLoss, group_sets, masks: list, mask_batch: in
         part = masks[start:start + mask_batch]
         out += runner.losses(0, runner.lp.hidden, _MaskStreams(group_sets, part))
     return out
+
+
+def batched_masked_losses(model, windows: torch.Tensor, group_sets, masks: list, mask_batch: int,
+                          bsz: int) -> tuple[list[float], int]:
+    """As `masked_losses`, the `mask_batch` masks of a pass in ONE forward per micro-batch: each
+    micro-batch of `bsz` windows is repeated once per mask (mask_batch·bsz windows per forward) and
+    block r of its rows gated by mask r. Returns (losses, layer forwards)."""
+    out, forwards = [], 0
+    for start in range(0, len(masks), mask_batch):
+        part = masks[start:start + mask_batch]
+        copies = torch.cat([block.repeat(len(part), 1) for block in windows.split(bsz)])
+        runner = LayerwiseLoss(model, copies, len(part) * bsz)
+        got = runner.losses(0, runner.lp.hidden, _MaskStreams(group_sets, part, batched=True), blocks=len(part))[0]
+        out += got if len(part) > 1 else [got]
+        forwards += runner.layer_forwards
+    return out, forwards
 
 
 # --------------------------------------------------------------------------- 4. regression
@@ -351,7 +372,7 @@ def _kv_groups(model, gs, head_mode) -> int:
 
 def sub_model_data(model, windows, options: dict, pf: float, layers, head_mode: str, rng: np.random.Generator):
     """A round's data: (sets, modules [(p, fixed, use, pf)], prior, masks [mask][module], y = −perplexity
-    per mask [masks], runner). Steps 1-3 of the module docstring."""
+    per mask [masks], layer forwards). Steps 1-3 of the module docstring."""
     o = options
     sets = all_group_sets(model, head_mode, layers=set(layers))
     pri = prior(model, windows, sets, o["bsz"])
@@ -361,10 +382,13 @@ def sub_model_data(model, windows, options: dict, pf: float, layers, head_mode: 
         p, fixed, use = sampling_proba(pri[(gs.layer, gs.kind)].numpy(), this, _kv_groups(model, gs, head_mode))
         modules.append((p, fixed, use, this))
     masks = sample_masks(modules, o["masks_per_iter"], rng)
-    runner = LayerwiseLoss(model, windows, o["bsz"])
-    losses = masked_losses(runner, sets, masks, o["mask_batch"])
+    if o["batched"]:
+        losses, forwards = batched_masked_losses(model, windows, sets, masks, o["mask_batch"], o["bsz"])
+    else:
+        runner = LayerwiseLoss(model, windows, o["bsz"])
+        losses, forwards = masked_losses(runner, sets, masks, o["mask_batch"]), runner.layer_forwards
     y = -np.array([min(math.exp(min(loss, 700.0)), INF) for loss in losses])
-    return sets, modules, pri, masks, y, runner
+    return sets, modules, pri, masks, y, forwards
 
 
 def global_design(modules, masks) -> np.ndarray:
@@ -379,7 +403,7 @@ def bonsai_round(model, windows, options: dict, pf: float, removal: int, layers,
     pf: the round's prune fraction (authors' convention); removal: parameters the round removes."""
     o = options
     t0 = time.perf_counter()
-    sets, modules, pri, masks, y, runner = sub_model_data(model, windows, o, pf, layers, head_mode, rng)
+    sets, modules, pri, masks, y, forwards = sub_model_data(model, windows, o, pf, layers, head_mode, rng)
     ppl = -y
     t_eval = time.perf_counter() - t0
     fit = {"reg_type": o["sm_reg_type"], "reg_weight": o["sm_reg_weight"], "lr_factor": o["sm_lr_factor"],
@@ -414,7 +438,7 @@ def bonsai_round(model, windows, options: dict, pf: float, removal: int, layers,
                                                    [gs], 0, 0, 0).keep(gs, s)
         plan = plan_from_keep(model, keep, head_mode=head_mode, allow_empty=allow_empty)
     info = {"prune_frac": pf, "evaluations": len(masks), "units_sampled": int(sum(len(m[2]) for m in modules)),
-            "forward_tokens": int(len(masks) * windows.numel()), "layer_forwards": runner.layer_forwards,
+            "forward_tokens": int(len(masks) * windows.numel()), "layer_forwards": forwards,
             "evaluation_seconds": round(t_eval, 3), "seconds": round(time.perf_counter() - t0, 3),
             "ppl_min": float(ppl.min()), "ppl_max": float(ppl.max()), "regression": hp}
     return plan, scores, info

@@ -140,7 +140,7 @@ def test_q_head_gqa_sampler_fixes_units_within_each_kv_group():
 
 
 # ------------------------------------------------------------------ 3. masked evaluation
-def test_masked_losses_equal_the_physically_sliced_models():
+def test_masked_losses_streamed_or_batched_equal_the_physically_sliced_models():
     model = load_model("tiny-llama")
     windows = token_ids(4, 16)
     sets = all_group_sets(model)
@@ -153,6 +153,9 @@ def test_masked_losses_equal_the_physically_sliced_models():
     runner = LayerwiseLoss(model, windows, 2)
     losses = bonsai.masked_losses(runner, sets, masks, mask_batch=2)
     assert runner.layer_forwards == 2 * len(model.model.layers) * 2  # 2 passes x layers x 2 streams
+    batched, forwards = bonsai.batched_masked_losses(model, windows, sets, masks, mask_batch=3, bsz=3)
+    assert forwards == 2 * len(model.model.layers)  # 2 passes, one forward per layer each
+    np.testing.assert_allclose(batched, losses, rtol=1e-5)  # 3 + 1 masks x (3 + 1 windows) per forward
     for mk, loss in zip(masks, losses):
         sliced = copy.deepcopy(model)
         keep = {(gs.layer, gs.kind): np.flatnonzero(m).tolist() for gs, m in zip(sets, mk)}
