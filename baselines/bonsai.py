@@ -63,7 +63,6 @@ probabilities are zero (theirs stops on NaN).
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from typing import Annotated, Literal
