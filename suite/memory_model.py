@@ -323,11 +323,15 @@ def _layer_pass(c: Setting, batch: int, streams: int = 1) -> int:
 
 
 def sequential(c: Setting) -> bool:
-    """Whether the method prunes layer by layer inside its score phase (suite/pipeline.py is_sequential)."""
+    """Whether the method slices the model inside its score phase: layer by layer (suite/pipeline.py
+    is_sequential) or in rounds of its own (`prunes_itself`: bonsai)."""
     from suite.methods import get_method
-    from suite.pipeline import is_sequential
+    from suite.pipeline import is_sequential, prunes_itself
 
-    return c.method != "dense" and is_sequential(get_method(c.method), c.options)
+    if c.method == "dense":
+        return False
+    method = get_method(c.method)
+    return is_sequential(method, c.options) or prunes_itself(method)
 
 
 def heap_residue(c: Setting) -> int:
@@ -436,6 +440,19 @@ def score_minillm(c: Setting) -> int:
     streams = 2 * int(opts.get("directions", 16)) + 1 if CONSTANTS["minillm_layerwise"] else 1
     forward = layer_forward(s, tokens, seq, c.B) + chunked_loss(s, tokens)
     return _base(c) + max(_layer_pass(c, batch, streams), forward) + 3 * s.largest_matrix * 4
+
+
+def score_bonsai(c: Setting) -> int:
+    """Bonsai: rounds of masked sub-model losses on the LayerPass, `mask_batch` masks' streams (+ the
+    clean one) per layer residency, gates.gated's fp32 copy of the out-projection's input, next to a
+    no-grad forward; slicing inside the phase (each round prunes physically)."""
+    s, opts, n, seq = c.shapes, c.options, c.calibration["nsamples"], c.calibration["seqlen"]
+    batch = min(n, max(1, int(opts.get("bsz", 4))))
+    streams = min(int(opts.get("mask_batch", 16)), int(opts.get("masks_per_iter", 200))) + 1
+    tokens = batch * seq
+    gate = tokens * s.intermediate * 4  # gates.gated: an fp32 copy of the out-projection's input
+    forward = layer_forward(s, tokens, seq, c.B) + chunked_loss(s, tokens) + gate
+    return _base(c) + slicing(c) + max(_layer_pass(c, batch), _layer_pass(c, batch, streams) + gate, forward)
 
 
 def score_slicegpt(c: Setting) -> int:

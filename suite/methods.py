@@ -24,6 +24,7 @@ class Method:
     summary: str               # one line for `--help` (no import needed: help stays instant)
     forward_only: bool = True  # False: scoring backpropagates (gradients of the weights)
     memory: str | None = None  # "package.module:function" predicting the score phase's peak; None: generic
+    zeroth_order: bool = False  # reads the loss of perturbed or masked models by forward passes alone (tables: †)
 
 
 METHODS: dict[str, Method] = {
@@ -46,8 +47,11 @@ METHODS: dict[str, Method] = {
         module="baselines.llm_pruner", forward_only=False, memory="suite.memory_model:score_llm_pruner",
         summary="first-order Taylor |w . dL/dw| from real backprop on 10 windows (LLM-Pruner)"),
     "minillm": Method(
-        module="minillm.method", memory="suite.memory_model:score_minillm",
+        module="minillm.method", memory="suite.memory_model:score_minillm", zeroth_order=True,
         summary="feature-map sensitivity |W . g . X| with g estimated by forward passes only (MINI-LLM, SPSA)"),
+    "bonsai": Method(
+        module="baselines.bonsai", memory="suite.memory_model:score_bonsai", zeroth_order=True,
+        summary="rounds of sampled sub-models' calibration perplexity regressed on their masks (Bonsai; forward-only)"),
     "shortgpt": Method(
         module="baselines.shortgpt", memory="suite.memory_model:score_shortgpt",
         summary="whole layers of lowest Block Influence 1 - cos(layer input, output), one pass (ShortGPT; depth)"),
@@ -55,6 +59,12 @@ METHODS: dict[str, Method] = {
         module="baselines.sleb", memory="suite.memory_model:score_sleb",
         summary="whole layers removed greedily, each the one whose removal least raises calibration loss (SLEB; depth)"),
 }
+
+
+def zeroth_order() -> set[str]:
+    """The methods that estimate the loss's response to pruning from forward passes alone (MINI-LLM's
+    SPSA, Bonsai's sub-models): the papers' "forward-only" methods, marked † in tables."""
+    return {name for name, method in METHODS.items() if method.zeroth_order}
 
 
 def method_order() -> list[str]:

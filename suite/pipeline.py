@@ -85,6 +85,11 @@ def is_sequential(method, options: dict) -> bool:
     return bool(check and check(options))
 
 
+def prunes_itself(method) -> bool:
+    """Whether the method chooses and slices its groups itself, in rounds (its `prune`; scoring.py)."""
+    return callable(getattr(method, "prune", None))
+
+
 METHOD_DEFAULT = "method default"
 
 
@@ -220,6 +225,10 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
             selection, scoring = prune_sequentially(model, windows, method, options, ratio, layer_range,
                                                     head_mode=head_mode, allow_empty=allow_empty, round_to=round_to,
                                                     batch_size=int(options.get("batch_size", 1)))
+    elif prunes_itself(method):  # rounds of its own choosing, each sliced (suite/pruning/iterative.py)
+        with measure(device) as phases["score"], hidden_states_on(hidden):
+            selection, scoring = method.prune(model, windows, options, ratio, layers=layer_range, head_mode=head_mode,
+                                              allow_empty=allow_empty, round_to=round_to, seed=seed)
     else:
         with measure(device) as phases["score"], hidden_states_on(hidden):
             scoring = method.score(model, windows, group_sets, options, seed)
@@ -227,7 +236,7 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
         if removes_layers(method):
             selection = select_layers(model, scoring.scores, budget)
             apply_plan(model, selection.plan)
-        elif not scoring.info.get("sequential") and not transforms(method):
+        elif not (scoring.info.get("sequential") or transforms(method) or prunes_itself(method)):
             selection = select(model, scoring.scores, ratio, scope=scope, layers=layer_range, head_mode=head_mode,
                                allocation_weights=scoring.info.get("layer_weights"), allow_empty=allow_empty,
                                round_to=round_to)

@@ -45,10 +45,11 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from suite.methods import method_order
+from suite.methods import method_order, zeroth_order
 from suite.records import TUNE, latest
 from suite.records import cell_identity as _identity
 
+ZEROTH_ORDER_MARK = "†"  # after a zeroth-order method's label (suite/methods.py `Method.zeroth_order`)
 PERPLEXITY = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
 TASKS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
          "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
@@ -265,7 +266,9 @@ def _cells(frame: pd.DataFrame, show_se: bool = False) -> tuple[pd.DataFrame, pd
     lower_better = frame.attrs["lower_is_better"]
     texts = pd.DataFrame(index=frame.index)
     texts["Model"] = frame["Model"]
-    texts["Method"] = [m + " (failed)" if f else m for m, f in zip(frame["Method"], frame["_failed"])]
+    marked = zeroth_order()
+    texts["Method"] = [m + (ZEROTH_ORDER_MARK if k in marked else "") + (" (failed)" if f else "")
+                       for m, k, f in zip(frame["Method"], frame["_method"], frame["_failed"])]
     texts["Ratio"] = _ratio_text(frame, "Ratio")
     texts["Achieved"] = _ratio_text(frame, "Achieved")
     texts["Params"] = [MISSING if math.isnan(p) else _params(p) for p in frame["Params"]]
@@ -327,6 +330,9 @@ def caption(records: list[dict], show_se: bool, frame: pd.DataFrame | None = Non
             parts.append(f"Zero-shot: lm-eval acc x 100 on {questions} questions of each task.")
     else:
         parts.append("Evaluation caps not recorded.")
+    if any(r.get("method") in zeroth_order() for r in records):
+        parts.append(f"{ZEROTH_ORDER_MARK}: zeroth-order (the loss's response to pruning estimated from forward "
+                     "passes alone, no backward).")
     if relative:
         parts.append("Every metric in % of its model's dense row.")
     several = bool(len(frame)) and (frame["Seeds"] >= 2).any()
@@ -362,7 +368,7 @@ def _latex_escape(text: str) -> str:
     for char in "&%$#_{}":
         out = out.replace(char, "\\" + char)
     out = out.replace("~", "\\textasciitilde{}").replace("^", "\\textasciicircum{}").replace(MISSING, "--")
-    return out.replace("±", "$\\pm$")
+    return out.replace("±", "$\\pm$").replace(ZEROTH_ORDER_MARK, "$^\\dagger$")
 
 
 def display_frame(records: list[dict], relative: bool = False, published: bool = False) -> pd.DataFrame:

@@ -57,10 +57,7 @@ def test_minimal_config_gets_every_default(tmp_path, registry):
     assert config["recovery"] is None  # no LoRA recovery unless asked for
 
 
-@pytest.mark.parametrize("name,cells", [("smoke", 9), ("demo", 13), ("demo-full", 15), ("paper", 43)])
-
-
-@pytest.mark.parametrize("name,cells", [("smoke", 9), ("demo", 13), ("demo-full", 17), ("paper", 51)])
+@pytest.mark.parametrize("name,cells", [("smoke", 9), ("demo", 13), ("demo-full", 21), ("paper", 61)])
 def test_shipped_configs_load(name, cells):
     """Against the REAL method registry: the shipped configs' method options must exist."""
     config = load_config(CONFIGS / f"{name}.yaml")

@@ -63,7 +63,8 @@ def test_cuda_formulas_recomputed_by_hand():
     cells = by_method(cells_of(["tiny-llama"], ["wanda-sp", "flap", "magnitude", "llm-pruner", "slicegpt",
                                                 {"name": "minillm", "options": {"batch_size": 2}},
                                                 {"name": "minillm", "label": "mb",
-                                                 "options": {"gradient": "backprop"}}],
+                                                 "options": {"gradient": "backprop"}},
+                                                {"name": "bonsai", "options": {"bsz": 2, "mask_batch": 4}}],
                                recovery={"micro_batch_size": 2, "cutoff_len": 16}))
     fwd = lambda tokens, seq: tokens * per_token(k["layer_fwd"], seq) * B
     stats = lambda tokens: k["stats_fp64_copies"] * tokens * I * 8
@@ -107,6 +108,11 @@ def test_cuda_formulas_recomputed_by_hand():
     streams = 2 * 16 + 1 if k["minillm_layerwise"] else 1
     zo = max(layer_pass(2, streams), fwd(2 * S, S) + chunk(2 * S))
     assert mm.predict(cells["minillm"])["score"] == W + zo + 3 * largest * 4
+    # bonsai: slices in its rounds; the prior's pass, then 4 + 1 streams of masked evaluations with a gate copy
+    gate = 2 * S * I * 4
+    bonsai = mm.predict(cells["bonsai"])
+    assert bonsai["score"] == W + largest * B + max(layer_pass(2), layer_pass(2, 5) + gate, fwd(2 * S, S) + chunk(2 * S) + gate)
+    assert bonsai["prune"] == W_pruned
 
 
 def test_cpu_adds_the_baseline_and_mapped_weights(tmp_path):

@@ -62,6 +62,12 @@ def _offloaded(path, name, tmp_path):
 @pytest.mark.parametrize("method,options", [("wanda-sp", {}), ("flap", {}), ("magnitude", {}),
                                             ("llm-pruner", {"layers": "all"}), ("minillm", {}), ("shortgpt", {}),
                                             ("sleb", {})])
+
+
+                                            ("llm-pruner", {"layers": "all"}), ("minillm", {}),
+                                            ("bonsai", {"options": {"masks_per_iter": 4, "prune_frac": 0.15,
+                                                                    "sm_lr_factor": [1.0], "sm_bsz": [32],
+                                                                    "sm_reg_weight": [1e-4], "sm_nepochs": 3}})])
 def test_offloaded_pruning_equals_resident(saved, tmp_path, name, method, options):
     from suite.pipeline import prune
 
@@ -70,7 +76,7 @@ def test_offloaded_pruning_equals_resident(saved, tmp_path, name, method, option
     assert _bytes(ref) > CAP[name]
     off = _offloaded(path, name, tmp_path)
     assert count_parameters(off) == count_parameters(ref)  # meta parameters counted by shape
-    common = {k: options[k] for k in ("layers",) if k in options}
+    common = {k: options[k] for k in ("layers", "options") if k in options}
     a = prune(ref, tok, method, 0.3, calib=CALIB, **common)
     b = prune(off, tok, method, 0.3, calib=CALIB, hidden_on="cpu", **common)
     assert b.selection.plan.to_json() == a.selection.plan.to_json()

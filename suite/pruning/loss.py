@@ -135,14 +135,21 @@ class LayerwiseLoss:
     def depth(self) -> int:
         return len(self.lp.layers)
 
-    def loss(self, stream: list[torch.Tensor]) -> float:
-        """Mean next-token cross-entropy of a stream that has passed the last layer."""
-        total = 0.0
+    def loss(self, stream: list[torch.Tensor], blocks: int = 1):
+        """Mean next-token cross-entropy of a stream that has passed the last layer; with `blocks`
+        > 1, a list: the mean of each of `blocks` equal consecutive row blocks of every micro-batch
+        (m copies of the windows in one batch, `gates.gated` with 2-D gates)."""
+        totals = [0.0] * blocks
         with torch.no_grad():
             for h, t in zip(stream, self.targets, strict=True):
                 h = self.lp.finish(h.to(self.lp.device))[:, :-1]
-                total += float(head_loss_sum(self.head, h.reshape(-1, h.size(-1)), t.to(h.device)).double())
-        return total / self.count
+                rows, t = h.shape[0] // blocks, t.to(h.device).view(h.shape[0], -1)
+                for r in range(blocks):
+                    part = h[r * rows:(r + 1) * rows]
+                    totals[r] += float(head_loss_sum(self.head, part.reshape(-1, part.size(-1)),
+                                                     t[r * rows:(r + 1) * rows].reshape(-1)).double())
+        out = [total / (self.count / blocks) for total in totals]
+        return out[0] if blocks == 1 else out
 
     @staticmethod
     def _consumed(streams, s):
@@ -158,7 +165,8 @@ class LayerwiseLoss:
                 yield h
         return read()
 
-    def losses(self, start: int, inputs: list[torch.Tensor], perturbation, progress=None) -> list[float]:
+    def losses(self, start: int, inputs: list[torch.Tensor], perturbation, progress=None, blocks: int = 1) -> list:
+        """Each stream's `loss` (a list of `blocks` losses per stream when blocks > 1)."""
         streams = [inputs] * perturbation.n
         steps = range(start, self.depth)
         for j in (progress(steps) if progress else steps):
@@ -184,7 +192,7 @@ class LayerwiseLoss:
                     del done
         out = []
         for s in range(perturbation.n):
-            out.append(self.loss(streams[s]))
+            out.append(self.loss(streams[s], blocks))
             streams[s] = None
         return out
 

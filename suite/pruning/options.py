@@ -74,6 +74,25 @@ def _finite(value):
     return value
 
 
+def _list_word(value):
+    """A list option from the CLI: "[1e2, 1e-4, 0]" or "1e2,1e-4,0" -> ["1e2", "1e-4", "0"] (items then
+    converted by their own type); a list (YAML, Python) passes unchanged."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+def listed(item):
+    """The type of a list option whose items are `item` (e.g. `listed(Float)`), also given as one CLI
+    string (`--opt sm_reg_weight=1e2,1e-4,0` or `=[1e2,1e-4,0]`); an empty list is refused."""
+    from pydantic import Field
+
+    return Annotated[list[item], BeforeValidator(_list_word), Field(min_length=1)]
+
+
 Float = Annotated[float, BeforeValidator(_finite)]
 Int = Annotated[int, BeforeValidator(_whole)]
 Bool = Annotated[bool, BeforeValidator(_bool_word)]

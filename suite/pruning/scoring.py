@@ -42,6 +42,17 @@ layers 0..l). It then defines:
                 from shapes before layer 0) removes each kind's lowest-scoring groups; the layer is
                 sliced and its outputs recomputed before the next layer is scored.
 
+A method may also be SELF-PRUNING (it re-scores the model between removals, as Bonsai's rounds of
+`prune_frac`): it defines
+
+    prune(model, windows, options, ratio, *, layers, head_mode, allow_empty, round_to, seed)
+                -> (Selection, Scoring)
+                `suite.pipeline.prune` calls it instead of `score` + `select`; it slices the model
+                in place through `suite.pruning.iterative.prune_in_rounds` (each round's plan applied
+                by `plan.apply_plan`) and returns the Selection in the entry numbering with the
+                parameters it removed (the pipeline checks them against the model). `bonsai` is the
+                example (`baselines/bonsai.py`).
+
 `wanda-sp` is the example (`baselines/wanda_sp.py`: sequential by default, `sequential=false` for
 the one-shot variant, whose `score` calls the same `score_layer` on dense statistics).
 
