@@ -69,9 +69,13 @@ def expand(text: str) -> set[int]:
 
 def kept_indices(plan) -> list[dict]:
     """The record's `kept`: per decoder layer the kept heads, kv-heads (GQA) and channels of the plan
-    (`suite.pruning.plan.Plan`, original numbering) as `compact` ranges."""
-    out = []
-    for lp in plan.layers:
+    (`suite.pruning.plan.Plan`, original numbering) as `compact` ranges; a layer the plan removes
+    whole (depth pruning, `Plan.removed_layers`) is `{"removed": true}`."""
+    out, removed = [], set(plan.removed_layers)
+    for i, lp in enumerate(plan.layers):
+        if i in removed:
+            out.append({"removed": True})
+            continue
         entry = {"heads": compact(lp.heads), "channels": compact(lp.channels)}
         if lp.kv_heads is not None:
             entry["kv_heads"] = compact(lp.kv_heads)
@@ -80,10 +84,12 @@ def kept_indices(plan) -> list[dict]:
 
 
 def changed_groups(reference: list[dict], fresh: list[dict]) -> int:
-    """Groups (heads, kv-heads, channels, over all layers) kept in one plan and removed in the other."""
+    """Groups (heads, kv-heads, channels, over all layers) kept in one plan and removed in the other;
+    a layer removed whole in one plan only counts its groups kept in the other, plus one (the layer)."""
     if len(reference) != len(fresh):
         return sum(len(expand(layer.get(k, ""))) for layer in reference + fresh for k in KINDS)
-    return sum(len(expand(a.get(k, "")) ^ expand(b.get(k, ""))) for a, b in zip(reference, fresh) for k in KINDS)
+    return sum(len(expand(a.get(k, "")) ^ expand(b.get(k, ""))) for a, b in zip(reference, fresh) for k in KINDS) + \
+        sum(1 for a, b in zip(reference, fresh) if bool(a.get("removed")) != bool(b.get("removed")))
 
 
 # --------------------------------------------------------------------------- one cell

@@ -61,10 +61,7 @@ def _offloaded(path, name, tmp_path):
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-bloom"])
 @pytest.mark.parametrize("method,options", [("wanda-sp", {}), ("flap", {}), ("magnitude", {}),
                                             ("llm-pruner", {"layers": "all"}), ("minillm", {}), ("shortgpt", {}),
-                                            ("sleb", {})])
-
-
-                                            ("llm-pruner", {"layers": "all"}), ("minillm", {}),
+                                            ("sleb", {}),
                                             ("bonsai", {"options": {"masks_per_iter": 4, "prune_frac": 0.15,
                                                                     "sm_lr_factor": [1.0], "sm_bsz": [32],
                                                                     "sm_reg_weight": [1e-4], "sm_nepochs": 3}})])

@@ -130,3 +130,18 @@ def test_gate_sees_a_criterion_changed_from_l1_to_l2(tmp_path, monkeypatch):
         assert kept_indices(a) == next(r["kept"] for r in records["l1"] if r["model"] == model_name)
     assert changed >= 1 and report.exit_code() == 1
     print("\n".join(report.lines()))
+
+
+def test_a_changed_choice_of_whole_layers_is_a_changed_plan():
+    """Depth pruning: `kept` marks a layer removed whole; another removed layer is a plan change that
+    counts the groups the other plan keeps there plus the layer itself, and the same one is none."""
+    from suite.models import load_model
+    from suite.pruning.plan import full_plan
+
+    plan_a, plan_b = full_plan(load_model("tiny-llama")), full_plan(load_model("tiny-llama"))
+    plan_a.removed_layers, plan_b.removed_layers = [1], [2]
+    a, b = kept_indices(plan_a), kept_indices(plan_b)
+    assert a[1] == {"removed": True} and "heads" in a[2] and b[2] == {"removed": True}
+    groups = {i: len(plan_a.layers[i].heads) + len(plan_a.layers[i].channels) for i in (1, 2)}
+    assert changed_groups(a, b) == groups[1] + groups[2] + 2
+    assert changed_groups(a, kept_indices(plan_a)) == 0

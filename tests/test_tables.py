@@ -158,10 +158,14 @@ def test_csv_holds_raw_numbers_and_costs_are_their_own_table(records):
     assert (row["score s"], row["score added MB"]) == (1.234, 45.5)
 
 
-def test_forward_only_methods_are_marked(records):
-    """minillm (and bonsai) carry the forward-only mark and the caption explains it; others do not."""
+def test_zeroth_order_methods_are_marked(records):
+    """The registry's zeroth-order methods (minillm, bonsai: the papers' "forward-only" ones) carry the
+    mark and the caption explains it; the others do not."""
+    from suite.methods import METHODS, zeroth_order
+
+    assert zeroth_order() == {name for name in ("minillm", "bonsai") if name in METHODS}
     md = to_markdown(records)
-    assert "| minillm_fo† " in md and "| magnitude† " not in md and "†: forward-only" in md
+    assert "| minillm_fo† " in md and "| magnitude† " not in md and "†: zeroth-order" in md
     assert "minillm\\_fo$^\\dagger$" in to_latex(records)
     assert "†" not in to_markdown([r for r in records if r.get("method") != "minillm"])
 
