@@ -27,7 +27,7 @@ Option `batch_size` (default 1): windows per forward pass while collecting ||X_j
 feeds the calibration samples one at a time. Larger batches change nothing but the peak memory.
 Option `sequential` (default true, FLAP's `prune_wanda_sp`): see above. Fidelity: on SmolLM2-135M
 (128 x 128 C4 windows, seed 0, ratios 0.2 and 0.5) the kept heads and channels equal those of a
-plain-torch loop written from FLAP's code (tests/test_wanda_sp_fidelity.py; results/notes/layerwise.md).
+plain-torch loop written from FLAP's code (tests/test_wanda_sp.py; results/notes/layerwise.md).
 """
 from __future__ import annotations
 
