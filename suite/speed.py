@@ -59,11 +59,16 @@ def _device(model) -> torch.device:
 def _calls(model, batch: torch.Tensor) -> dict:
     """{"prefill": f, "decode": f}: zero-argument callables (run under torch.inference_mode) that do one
     prefill forward of `batch` [b, s] without cache, and one decode step against the batch's own cache."""
-    out = model(input_ids=batch, use_cache=True)
+    from transformers import DynamicCache
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    # a cache of full layers: a sliding-window layer cannot be cropped back once its window is full
+    # (Mistral, Qwen2, Gemma 2/3 past their window); the attention mask still applies the window, so
+    # the logits are the model's own, and dense and pruned models of a family are timed alike
+    out = model(input_ids=batch, use_cache=True, **{name: DynamicCache()})
     cache = out.get("cache") or out.get("past_key_values")  # transformers >= 5.2x names it `cache`
     step = out["logits"][:, -1:].argmax(-1)
     del out
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def prefill():
         model(input_ids=batch, use_cache=False)

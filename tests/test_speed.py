@@ -32,7 +32,7 @@ class Stub(torch.nn.Module):
         self.scale, self.seen = scale, []
 
     def forward(self, input_ids, use_cache=False, cache=None):
-        if cache is None:
+        if not isinstance(cache, Cache):  # none, or the empty cache the probe hands its prefill
             time.sleep(PREFILL_S * self.scale)
             new = Cache(input_ids.shape[1]) if use_cache else None
         else:
@@ -68,7 +68,7 @@ class Logged(torch.nn.Module):
         self.seen = []
 
     def forward(self, input_ids, use_cache=False, cache=None):
-        if cache is None:
+        if not isinstance(cache, Cache):  # none, or the empty cache the probe hands its prefill
             LOG.append((id(self), "prefill"))
             return {"logits": torch.zeros(*input_ids.shape, 7), "cache": Cache(input_ids.shape[1]) if use_cache else None}
         LOG.append((id(self), "decode"))
@@ -329,3 +329,31 @@ def test_bench_speed_times_a_depth_pruned_directory_against_its_dense_model(tmp_
     assert main(["bench-speed", "--model", "tiny-llama", "--pruned", str(pruned), "--runs", "1", "--rounds", "2",
                  "--threads", "1", "--batch-size", "1", "--seqlen", "16", "--quiet"]) == 0
     assert any(line.startswith(str(pruned)[-32:]) for line in capsys.readouterr().out.splitlines())
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-gemma2", "tiny-mistral"])
+def test_decode_probe_runs_past_a_sliding_window_and_matches_uncached_logits(name):
+    """The probe's decode step on a family with sliding-window layers, its context (48 tokens) past the
+    window (16): it runs again and again (the cache is cut back to the prefill each time), and the
+    step's logits equal the uncached model's at the same position."""
+    import torch
+
+    from suite.models import load_model
+    from suite.speed import _calls
+
+    model = load_model(name).eval()
+    assert model.config.sliding_window and model.config.sliding_window < 48
+    batch = torch.randint(3, 259, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        calls = _calls(model, batch)
+        for _ in range(3):
+            calls["decode"]()
+        step = model(input_ids=batch).logits[:, -1:].argmax(-1)
+        want = model(input_ids=torch.cat([batch, step], 1)).logits[:, -1]
+        seen = {}
+        handle = model.register_forward_hook(lambda m, a, out: seen.setdefault("logits", out.logits[:, -1]))
+        try:
+            calls["decode"]()
+        finally:
+            handle.remove()
+    assert float((seen["logits"] - want).abs().max() / want.abs().max()) <= 1e-5
