@@ -371,7 +371,7 @@ SELECTION_OPTIONS = tuple(SELECTION_CHECKS)  # options every method accepts (sui
 def _check_method(entry: MethodEntry) -> None:
     """A registered method name; its selection options (SELECTION_CHECKS) and its options checked by
     the method's own `Options` (with the entry's `scope`), converted in place (given keys only)."""
-    from suite.pruning.scoring import checked_options
+    from suite.pruning.scoring import check_selection, checked_options
 
     for key, check in SELECTION_CHECKS.items():
         if key in entry.options:
@@ -393,8 +393,11 @@ def _check_method(entry: MethodEntry) -> None:
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise _Invalid(f"options.{key}", f"unknown option of {entry.name} ({hint}known: {', '.join(known)})")
     given = {k: v for k, v in entry.options.items() if k not in SELECTION_OPTIONS}
+    o = entry.options
     try:
-        parsed = checked_options(module, given, entry.options.get("scope"), name=entry.name)
+        parsed = checked_options(module, given, o.get("scope"), name=entry.name)
+        check_selection(module, entry.name, o.get("scope"), o.get("layers"), o.get("head_mode"),
+                        bool(o.get("allow_empty")), o.get("round_to"), o.get("depth_rule"))
     except UserError as exc:
         raise _Invalid("options", str(exc)) from None
     entry.options.update({k: parsed[k] for k in given if k in parsed})  # an old spelling stays as given

@@ -512,7 +512,7 @@ def slicing(c: Setting) -> int:
 def removes_layers(c) -> bool:
     """Whether the cell's method removes whole layers (suite/pipeline.py removes_layers): nothing sliced."""
     from suite.methods import get_method
-    from suite.pipeline import removes_layers as whole_layers
+    from suite.pruning.scoring import removes_layers as whole_layers
 
     return c.method != "dense" and whole_layers(get_method(c.method))
 

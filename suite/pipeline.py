@@ -13,7 +13,7 @@ from suite.pruning.architectures import adapter_for, all_group_sets
 from suite.pruning.errors import UserError
 from suite.pruning.layerwise import hidden_on as hidden_states_on
 from suite.pruning.plan import PLAN_ATTRIBUTE, apply_plan, carried_plan, full_plan, plan_summary
-from suite.pruning.scoring import Scoring, checked_options, transforms
+from suite.pruning.scoring import Scoring, check_selection, checked_options, removes_layers, transforms
 from suite.pruning.select import Selection, depth_budget, parse_layer_range, select, select_layers
 from suite.measure import measure
 from suite.methods import get_method
@@ -72,11 +72,6 @@ def hidden_on_setting(given: dict | None, engine: str | None) -> str | None:
     if own is not None and engine is not None and own != engine:
         raise UserError(f"--opt hidden_on={own} contradicts --hidden-on {engine}: they are one setting, give it once")
     return engine if engine is not None else own
-
-
-def removes_layers(method) -> bool:
-    """Whether the method chooses whole decoder layers (SELECTION unit "layers", scoring.py)."""
-    return method.SELECTION.get("unit") == "layers"
 
 
 def is_sequential(method, options: dict) -> bool:
@@ -171,20 +166,11 @@ def prune(model, tokenizer, method_name: str, ratio: float, seed: int = 0, optio
         options["hidden_on"] = hidden_on or "device"
     check_offloadable(model, method_name, options)
     check_retransform(model, method_name)
-    if transforms(method) and (scope is not None or layers is not None):
-        raise UserError(f"{method_name} transforms the whole model (no groups to select): "
-                        f"{'--scope' if scope is not None else '--layers'} does not apply; leave it out")
+    check_selection(method, method_name, scope, layers, head_mode, allow_empty, round_to, depth_rule)
     n_layers = len(adapter_for(model).layers(model))
     layer_range = parse_layer_range(layers if layers is not None else method.SELECTION.get("layers", "all"), n_layers)
     scope = scope or method.SELECTION.get("scope", "layer")
-    if depth_rule is not None and not removes_layers(method):
-        raise UserError(f"depth_rule applies to methods that remove whole layers; {method_name} removes heads "
-                        "and channels")
     if removes_layers(method):
-        ignored = [name for name, given in (("--scope layer", scope == "layer"), ("--round-to", round_to),
-                                            ("--allow-empty", allow_empty)) if given]
-        if ignored:
-            raise UserError(f"{method_name} removes whole layers: {', '.join(ignored)} would do nothing; leave it out")
         depth_rule = depth_rule or "nearest"  # the ratio as a number of layers, before calibrating
         budget = depth_budget(model, ratio, layer_range, depth_rule)
     settings = calibration_settings(method, calib)

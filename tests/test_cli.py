@@ -212,3 +212,20 @@ def test_help_lists_methods_models_and_explains_every_option(capsys):
     for model in ("smollm2-135m", "tiny-llama", "tiny-llama-gqa", "tiny-opt", "tiny-bloom"):
         assert f"'{model}'" in text
     assert "Instruct" in text and "MINILLM_DATA" in text
+
+
+@pytest.mark.parametrize("method, flags, says", [
+    ("shortgpt", ["--head-mode", "kv-group"], "shortgpt removes whole layers: --head-mode kv-group would do nothing"),
+    ("sleb", ["--allow-empty"], "sleb removes whole layers: --allow-empty would do nothing"),
+    ("slicegpt", ["--allow-empty"], "slicegpt transforms the whole model (no groups to select): --allow-empty"),
+    ("slicegpt", ["--head-mode", "kv-group"], "slicegpt transforms the whole model (no groups to select): --head-mode"),
+])
+def test_prune_refuses_flags_the_method_kind_never_reads_before_loading(tmp_path, capsys, monkeypatch, method, flags, says):
+    from suite import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    out = tmp_path / "o"
+    assert main(["prune", "--model", "tiny-llama-gqa", "--method", method, "--ratio", "0.3", "--out", str(out),
+                 *flags]) == 2
+    assert says in one_line_error(capsys)
+    assert not out.exists()

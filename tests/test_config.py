@@ -306,3 +306,20 @@ def test_ratio_of_layers_reaches_every_pruned_cell_and_its_key(tmp_path):
     cells = expand_cells(layers)
     assert all(c["ratio_of"] == "layers" for c in cells)
     assert cell_key(cells[1]) != cell_key(expand_cells(plain)[1])
+
+
+@pytest.mark.parametrize("method, option, says", [
+    ("slicegpt", "scope: layer", "slicegpt transforms the whole model (no groups to select): --scope does not apply"),
+    ("slicegpt", "layers: '1:3'", "slicegpt transforms the whole model (no groups to select): --layers does not apply"),
+    ("slicegpt", "head_mode: kv-group", "slicegpt transforms the whole model (no groups to select): --head-mode kv-group"),
+    ("shortgpt", "scope: layer", "shortgpt removes whole layers: --scope layer would do nothing"),
+    ("shortgpt", "round_to: 64", "shortgpt removes whole layers: --round-to would do nothing"),
+    ("sleb", "head_mode: kv-group", "sleb removes whole layers: --head-mode kv-group would do nothing"),
+    ("wanda-sp", "depth_rule: nearest", "depth_rule applies to methods that remove whole layers; wanda-sp"),
+])
+def test_a_grid_refuses_the_selection_options_a_method_kind_never_reads_when_it_loads(tmp_path, method, option, says):
+    """The grid's check is the CLI's (`suite.pruning.scoring.check_selection`): refused when the grid
+    loads (and so by --dry-run), not inside each cell's process."""
+    with pytest.raises(UserError) as err:
+        load_grid(tmp_path, method, option)
+    assert f"methods[0].options: {says}" in str(err.value) and "\n" not in str(err.value)

@@ -100,7 +100,7 @@ def run(args) -> int:
     from suite.pruning.errors import UserError
     from suite.pruning.plan import carried_plan
     from suite.pruning.saving import save_pruned
-    from suite.pruning.scoring import checked_options
+    from suite.pruning.scoring import check_selection, checked_options
     from suite.data import require_source
     from suite.methods import get_method
     from suite.models import load_model, load_tokenizer, model_source
@@ -114,6 +114,8 @@ def run(args) -> int:
     method = get_method(args.method)  # fail fast on an unknown method, before loading anything
     options = parse_options(args.opt)
     merged = checked_options(method, options, args.scope)  # unknown keys, types, values, scope: before loading anything
+    check_selection(method, args.method, args.scope, args.layers, args.head_mode, args.allow_empty, args.round_to,
+                    args.depth_rule)  # flags the method's kind never reads: before loading anything
     hidden_on = hidden_on_setting(options, args.hidden_on)  # --hidden-on and --opt hidden_on: one setting
     check_out(Path(args.out), args.force)
     offload = offload_kwargs(args)  # bad sizes or combinations: one line before loading
@@ -161,7 +163,7 @@ def run(args) -> int:
           f"({record['ratio_achieved']:.4f} of all, {record['ratio_achieved_layers']:.4f} of the decoder layers; "
           f"target {args.ratio} of {args.ratio_of}, {sel.target_removed:,})")
     if outcome.depth_rule:
-        print(f"  whole layers removed: {sel.plan.removed_layers} (rule {outcome.depth_rule}: the layer count "
+        print(f"  whole layers removed (numbered as in the input model): {sel.plan.removed_layers} (rule {outcome.depth_rule}: the layer count "
               f"{'nearest' if outcome.depth_rule == 'nearest' else 'not above'} the target)")
     if net != sel.removed:
         print(f"  (slicing removed {sel.removed:,}; the method then added {sel.removed - net:,}, e.g. biases)")

@@ -89,6 +89,8 @@ from typing import Callable
 
 import torch
 
+from suite.pruning.errors import UserError
+
 
 
 @dataclass
@@ -148,3 +150,33 @@ def standardise(x: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(std) or std == 0:
         return torch.zeros_like(x)
     return ((x64 - x64.mean()) / std).to(x.dtype)
+
+
+def removes_layers(method) -> bool:
+    """Whether the method chooses whole decoder layers (SELECTION unit "layers")."""
+    return getattr(method, "SELECTION", {}).get("unit") == "layers"
+
+
+def check_selection(method, name: str, scope=None, layers=None, head_mode: str | None = None,
+                    allow_empty: bool = False, round_to=None, depth_rule=None) -> None:
+    """UserError (one line) for a selection setting the method's kind never reads, before any model
+    is loaded: `suite prune`'s flags, a grid entry's options and `suite.pipeline.prune` alike.
+    A transforming method (`transform`) selects no groups: no scope, layer range, kv-group head mode
+    or allow_empty; a method removing whole layers: no `layer` scope, round_to, allow_empty or
+    kv-group head mode; `depth_rule` is for those alone. None / False / "q-head": not given."""
+    if depth_rule is not None and not removes_layers(method):
+        raise UserError(f"depth_rule applies to methods that remove whole layers; {name} removes heads "
+                        "and channels")
+    if transforms(method):
+        ignored = [flag for flag, given in (("--scope", scope is not None), ("--layers", layers is not None),
+                                           ("--head-mode kv-group", head_mode == "kv-group"),
+                                           ("--allow-empty", allow_empty)) if given]
+        if ignored:
+            raise UserError(f"{name} transforms the whole model (no groups to select): {ignored[0]} does not "
+                            "apply; leave it out")
+    if removes_layers(method):
+        ignored = [flag for flag, given in (("--scope layer", scope == "layer"), ("--round-to", round_to),
+                                           ("--allow-empty", allow_empty),
+                                           ("--head-mode kv-group", head_mode == "kv-group")) if given]
+        if ignored:
+            raise UserError(f"{name} removes whole layers: {', '.join(ignored)} would do nothing; leave it out")
