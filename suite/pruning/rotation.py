@@ -52,7 +52,8 @@ def residual_layout(model) -> Layout:
     """The family's `Layout`, or UserError (one line) where the residual stream cannot be sliced:
     a family whose norms break the invariance (Gemma 2/3; BLOOM, see its adapter), OPT with its norm
     after the blocks (350m) or a projection around the decoder, a model already sliced this way, or
-    one whose heads or channels were pruned (a checkpoint with both is not a format this suite writes)."""
+    one already pruned otherwise: heads, channels or whole layers (a checkpoint with both is not a
+    format this suite writes)."""
     adapter = adapter_for(model)
     config = model.config
     if adapter.residual_layout is None:
@@ -61,8 +62,8 @@ def residual_layout(model) -> Layout:
         raise UserError("this model's residual stream was already rotated and sliced (SliceGPT); "
                         "prune the dense model instead")
     if getattr(config, "pruned_layers", None) is not None or getattr(model, "pruning_plan", None) is not None:
-        raise UserError("this model's heads or channels were pruned; slicing its residual stream too would need a "
-                        "checkpoint format for both: slice the dense model")
+        raise UserError("this model was pruned already (heads, channels or whole layers); slicing its residual "
+                        "stream too would need a checkpoint format for both: slice the dense model")
     if config.model_type == "opt" and (not getattr(config, "do_layer_norm_before", True)
                                        or getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size):
         raise UserError("OPT with the norm after its blocks or an embedding projection (opt-350m) keeps no "
