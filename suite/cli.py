@@ -16,7 +16,8 @@ import suite.commands
 
 DESCRIPTION = """\
 Benchmark suite for structured pruning of LLMs: MINI-LLM (forward-only gradients) against
-magnitude, random, Wanda-sp, FLAP and LLM-Pruner. Prune one model (`prune`), evaluate a model
+magnitude, random, Wanda-sp, FLAP, LLM-Pruner, Bonsai (forward-only sub-models), SliceGPT (residual
+width) and the depth pruners ShortGPT and SLEB. Prune one model (`prune`), evaluate a model
 (`eval`), run a whole grid of models x methods x ratios from a YAML config (`run`), then turn its
 results file into a table (`table`) or a figure (`plot`). `COMMAND --help` lists each command's
 options, methods and model names.
