@@ -517,10 +517,19 @@ def removes_layers(c) -> bool:
     return c.method != "dense" and whole_layers(get_method(c.method))
 
 
+def transformed(c: Setting) -> bool:
+    """Whether the cell's method transforms the model itself (suite/pruning/scoring.py `transforms`):
+    nothing is left to select or slice after its score phase."""
+    from suite.methods import get_method
+    from suite.pruning.scoring import transforms
+
+    return c.method != "dense" and transforms(get_method(c.method))
+
+
 def prune(c: Setting) -> int:
     """prune (select + slice): W + `slicing`; after a sequential method (sliced during score)
     what remains resident (`after_prune`)."""
-    if sequential(c) or c.method == "slicegpt":  # slicegpt: transformed inside score (nothing left to slice)
+    if sequential(c) or transformed(c):  # a transforming method (slicegpt) changed the model inside score
         return after_prune(c) - unread(c)
     return c.Wd - unread(c) + slicing(c) + heap_residue(c)
 
